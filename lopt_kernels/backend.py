@@ -1,0 +1,44 @@
+"""Which implementation of the fused ops runs on a given device.
+
+Triton on CUDA. On the CPU, Triton through its interpreter when ``TRITON_INTERPRET=1`` is set
+(slow, used by the tests), else the pure-PyTorch reference. ``LOPT_KERNELS_BACKEND=torch|triton``
+forces one.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("triton", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def current_backend(device: torch.device | str | None = None) -> str:
+    """Return ``"triton"`` or ``"torch"``: the implementation the ops use for tensors on ``device``."""
+    forced = os.environ.get("LOPT_KERNELS_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"LOPT_KERNELS_BACKEND={forced!r}: expected one of {', '.join(BACKENDS)}")
+        if forced == "triton" and not triton_available():
+            raise RuntimeError("LOPT_KERNELS_BACKEND=triton, but triton is not installed: pip install triton")
+        return forced
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not triton_available():
+        return "torch"
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu" and triton_interpreted():
+        return "triton"
+    return "torch"
