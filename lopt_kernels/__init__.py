@@ -1,9 +1,36 @@
 """lopt_kernels: fused Triton kernels for LoPT post-training.
 
 Every op has a pure-PyTorch reference beside it (``*_reference``): the CPU path and the test oracle.
-``current_backend(device)`` says which one runs.
+``current_backend(device)`` says which one runs. The compiled ``_C`` extension (csrc/) is optional:
+``has_extension()`` tells whether it is loaded, ``build_extension()`` builds it on the spot.
 """
 
 from .backend import current_backend
+from .boundary import BoundaryMemory
+from .extension import build_extension, has_extension
+from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference, lm_head_weight
+from .patch import patch, unpatch
+from .recon_loss import recon_loss, recon_loss_reference
+from .rms_norm import rms_norm, rms_norm_reference
+from .rope import apply_rope, apply_rope_reference
+from .swiglu import swiglu, swiglu_reference
 
-__all__ = ["current_backend"]
+__all__ = [
+    "BoundaryMemory",
+    "apply_rope",
+    "apply_rope_reference",
+    "build_extension",
+    "current_backend",
+    "has_extension",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "lm_head_weight",
+    "patch",
+    "recon_loss",
+    "recon_loss_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "swiglu",
+    "swiglu_reference",
+    "unpatch",
+]

@@ -1,0 +1,132 @@
+"""``TrainConfig``: everything ``lopt.train`` needs, one field per ``lopt train`` flag.
+
+Each field carries its flag's help text, value type and group in ``metadata``; ``lopt.cli`` builds the
+parser from these, so the CLI and the dataclass cannot drift apart (``--lr-lower`` is ``lr_lower``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OPTIMIZERS = ("adamw", "adamw-bf16", "adamw-8bit")
+RECOMPUTE = ("none", "full", "selective")
+RECIPES = ("8gb", "12gb", "16gb", "24gb")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "bf16", "fp32")
+
+# What ``None`` resolves to where a default depends on the run (see ``TrainConfig.resolved``).
+EMBEDDED_LR = 3e-3  # the embedded default's small random-init model
+PRETRAINED_LR = 2e-5  # fine-tuning a real checkpoint
+EMBEDDED_MAX_STEPS = 60
+
+
+def _flag(default, help: str, *, type=None, choices=None, group: str = "training", metavar=None):
+    meta = {"help": help, "type": type, "choices": choices, "group": group, "metavar": metavar}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # ---- model and data
+    model: str | None = _flag(
+        None, "local Hugging Face checkpoint directory (or a cached hub id) of a llama / qwen2 / qwen3 / "
+        "mistral causal LM; default: a small Llama-architecture model built from a config (the embedded default)",
+        type=str, group="model and data", metavar="PATH")
+    data: str | None = _flag(
+        None, "training data: a local .json / .jsonl / .parquet / .csv file or a hub dataset name; rows in one of "
+        "the formats messages | instruction+input+output | query+response | question+answer | prompt+completion; "
+        "default: the generated SFT set of the embedded default (with a held-out split)",
+        type=str, group="model and data", metavar="FILE_OR_NAME")
+    eval_data: str | None = _flag(
+        None, "held-out data in the same formats, evaluated at the end (loss and exact-match of greedy answers); "
+        "the embedded default's own held-out split is used when --data is not given",
+        type=str, group="model and data", metavar="FILE_OR_NAME")
+    seq_len: int = _flag(1024, "truncate each example to this many tokens", type=int, group="model and data")
+
+    # ---- LoPT
+    num_blocks: int = _flag(2, "number of blocks the layers are split into (1 = plain end-to-end training)",
+                            type=int, group="LoPT")
+    lambda_aux: float = _flag(10.0, "weight of the blocks' reconstruction loss", type=float, group="LoPT")
+    recompute: str = _flag("none", "activation recomputation of the layers: none, full, or selective (MLPs only)",
+                           type=str, choices=RECOMPUTE, group="LoPT")
+    kernels: bool | None = _flag(None, "use the fused lopt_kernels ops (default: on CUDA with Triton)",
+                                 type=bool, group="LoPT")
+
+    # ---- optimisation
+    lr: float | None = _flag(
+        None, f"peak learning rate of the last block and head (default: {PRETRAINED_LR:g} with --model, "
+        f"{EMBEDDED_LR:g} for the embedded default model)", type=float)
+    lr_lower: float | None = _flag(None, "peak learning rate of the lower blocks, embeddings and decoders "
+                                   "(default: --lr)", type=float)
+    weight_decay: float = _flag(0.0, "AdamW weight decay (matrices only; norms and biases get none)", type=float)
+    optimizer: str = _flag(
+        "adamw", "adamw: fp32 moments (and an fp32 master copy of bf16 weights); adamw-bf16: bf16 moments and "
+        "stochastic rounding, a third of the state; adamw-8bit: bitsandbytes' 8-bit AdamW",
+        type=str, choices=OPTIMIZERS)
+    early_lower_step: bool = _flag(
+        False, "step each lower block's optimizer right after its local backward, so its gradients are freed "
+        "before the next block runs (needs --grad-accum 1; clipping is then per block)", type=bool)
+    max_grad_norm: float = _flag(1.0, "clip the gradient norm to this (0 = no clipping)", type=float)
+    warmup_steps: int | None = _flag(None, "linear warm-up steps before the cosine decay (default: 5%% of the steps)",
+                                     type=int)
+    min_lr_ratio: float = _flag(0.1, "the cosine decays to this fraction of the peak learning rate", type=float)
+    batch_size: int = _flag(8, "examples per micro-batch", type=int)
+    grad_accum: int = _flag(1, "micro-batches per optimizer step (the step equals one batch of "
+                               "batch-size x grad-accum examples exactly)", type=int)
+    max_steps: int | None = _flag(
+        None, f"stop after this many optimizer steps (default: {EMBEDDED_MAX_STEPS} for the embedded default, "
+        "else --epochs)", type=int)
+    epochs: int | None = _flag(None, "passes over the data (default: 1 when --max-steps is not given)", type=int)
+    recipe: str | None = _flag(None, "apply the memory plan for a consumer card (see `lopt plan`): sets batch "
+                               "size, accumulation, recomputation and optimizer", type=str, choices=RECIPES,
+                               group="memory recipe")
+    gpu_mem: float | None = _flag(None, "plan for a card with this many GB instead of a named --recipe", type=float,
+                                  group="memory recipe", metavar="GB")
+
+    # ---- run
+    output_dir: str = _flag("runs/lopt", "where metrics.jsonl, checkpoints, loss.png, eval.json and final/ go",
+                            type=str, group="run", metavar="DIR")
+    resume: bool = _flag(False, "continue from the latest checkpoint in --output-dir", type=bool, group="run")
+    overwrite: bool = _flag(False, "delete a non-empty --output-dir and start over", type=bool, group="run")
+    device: str = _flag("auto", "cpu, cuda, or auto (cuda when available)", type=str, choices=DEVICES, group="run")
+    dtype: str = _flag("auto", "parameter dtype: auto (bf16 on cuda, fp32 on cpu), bf16 or fp32", type=str,
+                       choices=DTYPES, group="run")
+    seed: int = _flag(0, "seed of the model init, data order and every RNG", type=int, group="run")
+    log_every: int = _flag(1, "write a metrics.jsonl row every N steps", type=int, group="run")
+    save_every: int = _flag(100, "write a checkpoint every N steps (one is always written at the end; 0 = only then)",
+                            type=int, group="run")
+    eval_every: int = _flag(0, "evaluate the held-out set every N steps (0 = only at the end)", type=int,
+                            group="run")
+    eval_max_examples: int = _flag(200, "held-out examples whose answers are generated for exact match",
+                                   type=int, group="run")
+
+    @property
+    def embedded_model(self) -> bool:
+        return self.model is None
+
+    @property
+    def embedded_data(self) -> bool:
+        return self.data is None
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the run-dependent defaults (``None``) filled in."""
+        lr = self.lr if self.lr is not None else (EMBEDDED_LR if self.embedded_model else PRETRAINED_LR)
+        max_steps, epochs = self.max_steps, self.epochs
+        if max_steps is None and epochs is None:
+            if self.embedded_model and self.embedded_data:
+                max_steps = EMBEDDED_MAX_STEPS
+            else:
+                epochs = 1
+        return dataclasses.replace(self, lr=lr, max_steps=max_steps, epochs=epochs)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = json.loads(Path(path).read_text())
+        return cls(**{k: v for k, v in fields.items() if k in known})

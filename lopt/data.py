@@ -1,0 +1,281 @@
+"""SFT data: load rows, render them as conversations, tokenise with the prompt masked, batch.
+
+Every row format becomes a list of chat messages; the tokenizer's chat template (or, for a tokenizer
+without one, plain text with an EOS after each answer) renders it, and only the assistant turns'
+tokens keep their labels: prompt tokens get -100. ``datasets`` is imported here only, when a file or
+hub name is read: the training step itself never needs it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+IGNORE_INDEX = -100
+
+# (format name, required columns, optional columns), tried in this order.
+ROW_FORMATS = (
+    ("messages", ("messages",), ()),
+    ("instruction", ("instruction", "output"), ("input",)),
+    ("query", ("query", "response"), ()),
+    ("question", ("question", "answer"), ()),
+    ("prompt", ("prompt", "completion"), ()),
+)
+EXPECTED_FIELDS = "messages | instruction + output (+ input) | query + response | question + answer | prompt + completion"
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class Example:
+    """One tokenised conversation: ``labels[t]`` is ``input_ids[t]`` on answer tokens, -100 on the prompt."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_label_tokens(self) -> int:
+        """Tokens the loss counts: the engine shifts labels left, so position 0's label is never predicted."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+
+@dataclass
+class EvalExample:
+    """A held-out conversation cut before its last answer, for generation and exact match."""
+
+    prompt_ids: list[int]
+    answer: str
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_rows(source: str) -> list[dict]:
+    """The rows of a local JSON / JSONL / Parquet / CSV file (or a directory of them), or of a hub dataset."""
+    import datasets  # the data path's own dependency: the GPU machine and the engine do without it
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    path = Path(source).expanduser()
+    if path.exists():
+        builder, files = _local_builder(path, source)
+        what = f"{source} as {builder}"
+        load = lambda: datasets.load_dataset(builder, data_files=files, split="train")  # noqa: E731
+    elif _looks_like_path(source):
+        raise UsageError(f"data file not found: {source}")
+    else:
+        what = f"dataset {source!r} (not a local file, so it was looked up on the hub)"
+        load = lambda: datasets.load_dataset(source, split="train")  # noqa: E731
+    try:
+        table = load()
+    except Exception as error:  # datasets reports parse and network failures with many exception types
+        raise UsageError(f"could not read {what}: {_one_line(error)}") from None
+    if len(table) == 0:
+        raise UsageError(f"{source} has no rows")
+    return table.to_list()
+
+
+def _local_builder(path: Path, source: str) -> tuple[str, list[str]]:
+    files = sorted(p for p in path.iterdir() if p.suffix in FILE_BUILDERS) if path.is_dir() else [path]
+    if not files:
+        raise UsageError(f"no .json, .jsonl, .parquet or .csv files in {source}")
+    kinds = {FILE_BUILDERS.get(p.suffix.lower()) for p in files}
+    if None in kinds:
+        raise UsageError(f"unsupported data file type {path.suffix or '(none)'}: use .json, .jsonl, .parquet or .csv")
+    if len(kinds) > 1:
+        raise UsageError(f"{source} mixes file types; keep one of .json/.jsonl, .parquet, .csv")
+    for p in files:
+        if p.stat().st_size == 0 or (p.suffix != ".parquet" and not p.read_bytes().strip()):
+            raise UsageError(f"data file is empty: {p}")
+    return kinds.pop(), [str(p) for p in files]
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FILE_BUILDERS or source.count("/") > 1
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ---------------------------------------------------------------------------------------------- row formats
+
+
+def detect_format(columns: Iterable[str], source: str = "the data") -> str:
+    columns = set(columns)
+    for name, required, _ in ROW_FORMATS:
+        if set(required) <= columns:
+            return name
+    found = ", ".join(sorted(columns)) or "none"
+    raise UsageError(f"{source} has none of the known fields (found: {found}); expected {EXPECTED_FIELDS}")
+
+
+def to_messages(row: dict, fmt: str) -> list[dict] | None:
+    """The row as chat messages ending in an assistant turn, or None if it has no usable answer."""
+    if fmt == "messages":
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return None
+        clean = []
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+                "system", "user", "assistant"
+            ):
+                return None
+            clean.append({"role": m["role"], "content": m["content"]})
+        return clean if any(m["role"] == "assistant" for m in clean) else None
+    if fmt == "instruction":
+        prompt, answer = row.get("instruction"), row.get("output")
+        extra = row.get("input")
+        if isinstance(prompt, str) and isinstance(extra, str) and extra.strip():
+            prompt = f"{prompt}\n\n{extra}"
+    else:
+        prompt_key, answer_key = next(required for name, required, _ in ROW_FORMATS if name == fmt)
+        prompt, answer = row.get(prompt_key), row.get(answer_key)
+    if not isinstance(prompt, str) or not isinstance(answer, str) or not answer:
+        return None
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def rows_to_conversations(rows: Sequence[dict], source: str = "the data") -> tuple[list[list[dict]], int]:
+    """Conversations of the rows that parse, and how many did not (missing or non-text fields)."""
+    if not rows:
+        raise UsageError(f"{source} has no rows")
+    fmt = detect_format(rows[0].keys(), source)
+    conversations = [to_messages(row, fmt) for row in rows]
+    kept = [c for c in conversations if c is not None]
+    if not kept:
+        raise UsageError(f"no row of {source} has a usable {fmt} answer; expected {EXPECTED_FIELDS} with text values")
+    return kept, len(conversations) - len(kept)
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as text, and the character spans of its assistant turns (what the model learns)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return _render_plain(tokenizer, messages, add_generation_prompt)
+
+    def apply(msgs, generation_prompt=False):
+        if not msgs and not generation_prompt:
+            return ""
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    text = apply(messages, add_generation_prompt)
+    spans, cursor = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        # The turn is what the template adds between "prompt + assistant header" and "conversation so far":
+        # the answer and its end-of-turn tokens.
+        before, through = apply(messages[:i], True), apply(messages[: i + 1])
+        start, end = len(before), len(through)
+        if not (text.startswith(before) and text.startswith(through)):
+            # Templates that rewrite earlier turns (e.g. dropping reasoning) break the prefix property:
+            # find the answer's text instead, with the EOS right after it.
+            start = text.find(message["content"], cursor)
+            if start < 0:
+                continue
+            end = start + len(message["content"])
+            eos = tokenizer.eos_token or ""
+            if eos and text.startswith(eos, end):
+                end += len(eos)
+        spans.append((start, end))
+        cursor = end
+    return text, spans
+
+
+def _render_plain(tokenizer, messages, add_generation_prompt):
+    pieces, spans, length = [], [], 0
+    for message in messages:
+        if message["role"] == "assistant":
+            piece = message["content"] + (tokenizer.eos_token or "")
+            spans.append((length, length + len(piece)))
+        else:
+            piece = message["content"] + "\n"
+        pieces.append(piece)
+        length += len(piece)
+    return "".join(pieces), spans
+
+
+def _uses_template(tokenizer) -> bool:
+    # A chat template writes its own BOS; plain text gets the tokenizer's special tokens.
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def tokenize_conversations(conversations: Sequence[list[dict]], tokenizer, seq_len: int) -> list[Example]:
+    """Tokenise, keep labels only on the assistant spans, truncate to ``seq_len`` tokens."""
+    rendered = [render(tokenizer, messages) for messages in conversations]
+    encoded = tokenizer(
+        [text for text, _ in rendered],
+        add_special_tokens=not _uses_template(tokenizer),
+        return_offsets_mapping=True,
+    )
+    examples = []
+    for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+        labels = [
+            token if any(tok_start < end and tok_end > start for start, end in spans) else IGNORE_INDEX
+            for token, (tok_start, tok_end) in zip(ids, offsets)
+        ]
+        examples.append(Example(list(ids[:seq_len]), labels[:seq_len]))
+    return examples
+
+
+def eval_examples(conversations: Sequence[list[dict]], tokenizer, seq_len: int) -> list[EvalExample]:
+    """Each conversation's prompt (everything before its last answer) and that answer's text."""
+    prompts, answers = [], []
+    for messages in conversations:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompts.append(render(tokenizer, messages[:last], add_generation_prompt=True)[0])
+        answers.append(messages[last]["content"])
+    ids = tokenizer(prompts, add_special_tokens=not _uses_template(tokenizer))["input_ids"]
+    return [EvalExample(list(p[-seq_len:]), a) for p, a in zip(ids, answers)]
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: padding has attention_mask 0 and label -100."""
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class StepSchedule:
+    """Which examples each optimizer step uses: a seeded shuffle per epoch, cut into micro-batches.
+
+    The order depends only on (seed, epoch, number of examples), so a resumed run rebuilds it from
+    its position alone, and a step holds the same examples whatever the micro-batch split.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, grad_accum: int, seed: int):
+        self.num_examples, self.batch_size, self.grad_accum, self.seed = num_examples, batch_size, grad_accum, seed
+        self.examples_per_step = batch_size * grad_accum
+        self.steps_per_epoch = math.ceil(num_examples / self.examples_per_step)
+
+    def order(self, epoch: int) -> list[int]:
+        indices = list(range(self.num_examples))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(indices)
+        return indices
+
+    def micro_batches(self, epoch: int, step_in_epoch: int, order: list[int] | None = None) -> list[list[int]]:
+        order = self.order(epoch) if order is None else order
+        start = step_in_epoch * self.examples_per_step
+        chosen = order[start : start + self.examples_per_step]
+        return [chosen[i : i + self.batch_size] for i in range(0, len(chosen), self.batch_size)]

@@ -1,0 +1,370 @@
+"""The LoPT engine: a Hugging Face causal LM split into blocks at stop-gradient boundaries.
+
+Block b < k-1 learns only from its auxiliary decoder's reconstruction of its own input; the last
+block, the final norm and the head learn only from the task loss. The paper's code adds the two
+losses and runs one backward, so every lower-block activation lives until the end of the step. Here
+each lower block runs forward, reconstruction loss and backward before the next block starts, so its
+activations die at the boundary: peak activation memory is the largest block's, not the sum.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+import lopt_kernels
+from lopt_kernels.boundary import BoundaryMemory
+
+from .configs import SUPPORTED_FAMILIES
+
+IGNORE_INDEX = -100
+RECOMPUTE_MODES = ("none", "full", "selective")
+
+
+class StepOutput(NamedTuple):
+    """What one ``train_step`` reports; all detached."""
+
+    loss: torch.Tensor  # task_loss + lambda_aux * aux_loss
+    task_loss: torch.Tensor  # mean cross-entropy over the micro-batch's label tokens
+    aux_loss: torch.Tensor  # mean over the boundaries of each block's reconstruction loss
+    num_tokens: torch.Tensor  # label tokens in the micro-batch (int64)
+
+
+class AuxDecoder(nn.Module):
+    """LayerNorm(h) -> Linear(h, h/4) -> GELU -> Linear(h/4, h): rebuilds a block's input from its output."""
+
+    def __init__(self, hidden_size: int, init_std: float = 0.02):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.fc1 = nn.Linear(hidden_size, hidden_size // 4)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_size // 4, hidden_size)
+        # Small init: the decoder starts near zero so the first reconstruction loss is ~ E[x^2], not huge.
+        for linear in (self.fc1, self.fc2):
+            nn.init.normal_(linear.weight, std=init_std)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, block_output: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(block_output))))
+
+    def recon_loss(self, block_output, target, mask=None, *, fused: bool) -> torch.Tensor:
+        """Mean squared error of the reconstruction over hidden units and unmasked positions."""
+        op = lopt_kernels.recon_loss if fused else lopt_kernels.recon_loss_reference
+        return op(
+            block_output, target, self.norm.weight, self.norm.bias,
+            self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+            mask=mask, eps=self.norm.eps,
+        )
+
+
+def split_layers(num_layers: int, num_blocks: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` ranges of near-equal size; earlier blocks take the remainder."""
+    base, extra = divmod(num_layers, num_blocks)
+    ranges, start = [], 0
+    for b in range(num_blocks):
+        end = start + base + (1 if b < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+def _check_architecture(hf_model: nn.Module) -> None:
+    decoder = getattr(hf_model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if decoder is None or not hasattr(hf_model, "lm_head") or not all(hasattr(decoder, n) for n in needed):
+        arch = type(hf_model).__name__
+        raise ValueError(
+            f"unsupported architecture {arch}: LoPT needs a decoder-only causal LM exposing model.embed_tokens, "
+            f"model.layers, model.norm, model.rotary_emb and lm_head (supported families: {', '.join(SUPPORTED_FAMILIES)})"
+        )
+
+
+def _untie_embeddings(hf_model: nn.Module) -> None:
+    """Give lm_head its own weight: under LoPT the embeddings learn from block 0's local loss only."""
+    embed, head = hf_model.model.embed_tokens, hf_model.lm_head
+    if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    hf_model.config.tie_word_embeddings = False
+    text_config = getattr(hf_model.config, "get_text_config", lambda: None)()
+    if text_config is not None:
+        text_config.tie_word_embeddings = False
+
+
+def _checkpointed(forward):
+    """Wrap a module's forward so its activations are recomputed in backward instead of stored."""
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+class LoPTModel(nn.Module):
+    """Wraps a Hugging Face causal LM (in place) for LoPT training.
+
+    Args:
+        hf_model: a Llama / Qwen2 / Qwen3 / Mistral-style causal LM; ``.model`` keeps pointing at it.
+        num_blocks: how many blocks the layers are split into (1 = plain end-to-end training).
+        lambda_aux: weight of the mean reconstruction loss in the objective.
+        recompute: ``"none"``; ``"full"`` (every layer's activations recomputed in backward);
+            ``"selective"`` (only the MLPs', the largest intermediates).
+        kernels: run through lopt_kernels' fused ops (default: where CUDA and Triton are present).
+        boundary_memory: how lower-block memory is returned at the boundary
+            (``"auto" | "extension" | "torch"``, see ``lopt_kernels.boundary``).
+    """
+
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        num_blocks: int = 2,
+        lambda_aux: float = 10.0,
+        recompute: str = "none",
+        kernels: bool | None = None,
+        boundary_memory: str = "auto",
+    ):
+        super().__init__()
+        _check_architecture(hf_model)
+        num_layers = len(hf_model.model.layers)
+        if not 1 <= num_blocks <= num_layers:
+            raise ValueError(f"num_blocks must be between 1 and the model's {num_layers} layers, got {num_blocks}")
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {recompute!r}")
+        if lambda_aux < 0:
+            raise ValueError(f"lambda_aux must be >= 0, got {lambda_aux}")
+
+        _untie_embeddings(hf_model)
+        self.model = hf_model
+        self.num_blocks = num_blocks
+        self.lambda_aux = float(lambda_aux)
+        self.recompute = recompute
+        self.block_ranges = split_layers(num_layers, num_blocks)
+        hidden_size = hf_model.config.hidden_size
+        param = next(hf_model.parameters())
+        self.aux_decoders = nn.ModuleList(AuxDecoder(hidden_size) for _ in range(num_blocks - 1)).to(
+            device=param.device, dtype=param.dtype
+        )
+
+        if kernels is None:
+            kernels = param.device.type == "cuda" and lopt_kernels.current_backend(param.device) == "triton"
+        self.kernels = bool(kernels)
+        if self.kernels:
+            lopt_kernels.lm_head_weight(hf_model.lm_head)  # raises on a LoRA-adapted head
+            lopt_kernels.patch(hf_model)
+        self.boundary = BoundaryMemory(boundary_memory)
+        self._apply_recompute()
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None, **kwargs):
+        """Load a local Hugging Face checkpoint directory and wrap it."""
+        from transformers import AutoModelForCausalLM
+
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"model directory not found: {path}")
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        if device is not None:
+            hf_model.to(device)
+        return cls(hf_model, **kwargs)
+
+    # ------------------------------------------------------------------ the training step
+
+    def train_step(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        loss_scale: float = 1.0,
+        total_tokens: torch.Tensor | int | None = None,
+        total_positions: torch.Tensor | int | None = None,
+        on_boundary: Callable[[int], None] | None = None,
+    ) -> StepOutput:
+        """Forward and backward of one micro-batch; gradients accumulate in ``.grad`` (no optimizer step).
+
+        ``batch`` holds ``input_ids``, optionally ``attention_mask`` (1 = real token) and ``labels``
+        (default: the input ids with padding set to -100; the step shifts them). For gradient
+        accumulation pass the optimizer step's totals over all its micro-batches: ``total_tokens``
+        (label tokens) and ``total_positions`` (unmasked positions). The micro-batches' gradients then
+        add up to exactly those of one large batch.
+
+        ``on_boundary(b)`` runs right after lower block b's backward, while its gradients are complete
+        and before the next block runs: an optimizer can step that block there and free its gradients.
+        """
+        input_ids, attention_mask, labels = self._unpack(batch)
+        positions = attention_mask.bool() if attention_mask is not None else None
+        num_tokens = (labels != IGNORE_INDEX).sum()
+        num_positions = positions.sum() if positions is not None else torch.tensor(input_ids.numel(), device=input_ids.device)
+        task_weight = loss_scale * _share(num_tokens, total_tokens)
+        aux_weight = loss_scale * _share(num_positions, total_positions) * self.lambda_aux / max(self.num_blocks - 1, 1)
+
+        layer_inputs = self._layer_inputs(input_ids, attention_mask)
+        hidden = self.model.model.embed_tokens(input_ids)
+        aux_losses = []
+        for b, decoder in enumerate(self.aux_decoders):
+            # Lower block b: forward, local loss, backward now. Its saved activations are freed here,
+            # before block b+1 allocates its own; only the detached output crosses the boundary.
+            with self.boundary.block(keep=[hidden]):
+                block_output = self._run_block(b, hidden, layer_inputs)
+                aux = decoder.recon_loss(block_output, hidden.detach(), positions, fused=self.kernels)
+                if aux.requires_grad:
+                    (aux * aux_weight).backward()
+                hidden = block_output.detach()
+            aux_losses.append(aux.detach())
+            if on_boundary is not None:
+                on_boundary(b)
+
+        # Last block: task loss only. Its activations (or, with recompute, only the layer inputs) live
+        # until this backward, so the step's peak is the largest block's, not the sum over blocks.
+        block_output = self._run_block(self.num_blocks - 1, hidden, layer_inputs)
+        task_loss = self._task_loss(self.model.model.norm(block_output), labels)
+        if task_loss.requires_grad:
+            (task_loss * task_weight).backward()
+
+        task_loss = task_loss.detach()
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else torch.zeros_like(task_loss)
+        return StepOutput(task_loss + self.lambda_aux * aux_loss, task_loss, aux_loss, num_tokens)
+
+    def objective(self, batch: Mapping[str, torch.Tensor]):
+        """The LoPT objective in one graph, as the paper's released code computes it.
+
+        ``task + lambda_aux * mean_b(aux_b)`` with stop-gradients at the boundaries: one backward of it
+        gives the same gradients as ``train_step`` but keeps every block's activations alive until the
+        end. It is the reference for tests and the ``lopt-paper`` benchmark method.
+        """
+        input_ids, attention_mask, labels = self._unpack(batch)
+        positions = attention_mask.bool() if attention_mask is not None else None
+        layer_inputs = self._layer_inputs(input_ids, attention_mask)
+        hidden = self.model.model.embed_tokens(input_ids)
+        aux_losses = []
+        for b, decoder in enumerate(self.aux_decoders):
+            block_output = self._run_block(b, hidden, layer_inputs)
+            aux_losses.append(decoder.recon_loss(block_output, hidden.detach(), positions, fused=self.kernels))
+            hidden = block_output.detach()
+        block_output = self._run_block(self.num_blocks - 1, hidden, layer_inputs)
+        task_loss = self._task_loss(self.model.model.norm(block_output), labels)
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else torch.zeros_like(task_loss)
+        return task_loss + self.lambda_aux * aux_loss, task_loss, aux_loss
+
+    # ------------------------------------------------------------------ pieces of the step
+
+    def _unpack(self, batch):
+        if "input_ids" not in batch:
+            raise ValueError("batch needs 'input_ids'")
+        input_ids = batch["input_ids"]
+        attention_mask = batch.get("attention_mask")
+        labels = batch.get("labels")
+        if labels is None:
+            labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        # Position t predicts token t+1: shift left and ignore the last position.
+        labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+        return input_ids, attention_mask, labels
+
+    def _layer_inputs(self, input_ids, attention_mask) -> dict:
+        """What every decoder layer takes besides the hidden states: positions, rotary cos/sin, mask."""
+        batch_size, seq_len = input_ids.shape
+        position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand(batch_size, -1)
+        dtype = self.model.model.embed_tokens.weight.dtype
+        with torch.no_grad():
+            probe = torch.empty(0, device=input_ids.device, dtype=dtype)
+            position_embeddings = self.model.model.rotary_emb(probe, position_ids)
+        kinds = {_layer_type(self.model.config, i) for i in range(len(self.model.model.layers))}
+        masks = {kind: self._attention_mask(kind, attention_mask, seq_len, input_ids.device, dtype) for kind in kinds}
+        return dict(position_ids=position_ids, position_embeddings=position_embeddings, masks=masks)
+
+    def _attention_mask(self, kind, attention_mask, seq_len, device, dtype):
+        """Additive [B, 1, T, T] mask, or None where SDPA's own causal path is exact (no padding)."""
+        window = getattr(self.model.config, "sliding_window", None) if kind == "sliding_attention" else None
+        no_padding = attention_mask is None or bool(attention_mask.all())
+        if no_padding and window is None and self.model.config._attn_implementation == "sdpa":
+            return None
+        idx = torch.arange(seq_len, device=device)
+        allowed = idx[None, :] <= idx[:, None]
+        if window is not None:
+            allowed &= idx[:, None] - idx[None, :] < window
+        allowed = allowed[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.bool()[:, None, None, :]
+        # A fully masked query row (padding) would give NaN under -inf; the dtype's min keeps it finite.
+        return torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    def _run_block(self, b: int, hidden, layer_inputs):
+        start, end = self.block_ranges[b]
+        for i in range(start, end):
+            out = self.model.model.layers[i](
+                hidden,
+                attention_mask=layer_inputs["masks"][_layer_type(self.model.config, i)],
+                position_ids=layer_inputs["position_ids"],
+                position_embeddings=layer_inputs["position_embeddings"],
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def _task_loss(self, normed_hidden, labels):
+        hidden = normed_hidden.reshape(-1, normed_hidden.shape[-1])
+        if self.kernels:
+            weight, bias = lopt_kernels.lm_head_weight(self.model.lm_head)
+            return lopt_kernels.linear_cross_entropy(hidden, weight, labels.reshape(-1), bias=bias)
+        head = self.model.lm_head
+        return lopt_kernels.linear_cross_entropy_reference(hidden, head.weight, labels.reshape(-1), bias=head.bias)
+
+    def _apply_recompute(self):
+        """Wrap layer (or MLP) forwards in activation checkpointing, per instance."""
+        if self.recompute == "none":
+            return
+        for layer in self.model.model.layers:
+            module = layer if self.recompute == "full" else layer.mlp
+            module.forward = _checkpointed(module.forward)
+
+    # ------------------------------------------------------------------ inference, optimizer, saving
+
+    def forward(self, input_ids, attention_mask=None):
+        """Inference: the wrapped model's logits."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def lower_parameters(self):
+        """Parameters trained by the local losses: embeddings, lower blocks, decoders."""
+        params = list(self.model.model.embed_tokens.parameters()) if self.num_blocks > 1 else []
+        for start, end in self.block_ranges[:-1]:
+            for layer in self.model.model.layers[start:end]:
+                params += list(layer.parameters())
+        return params + list(self.aux_decoders.parameters())
+
+    def upper_parameters(self):
+        """Parameters trained by the task loss: last block, final norm, head (everything when k = 1)."""
+        lower = {id(p) for p in self.lower_parameters()}
+        return [p for p in self.parameters() if id(p) not in lower]
+
+    def param_groups(self, lr: float, lr_lower: float | None = None, weight_decay: float = 0.0):
+        """AdamW groups: lower half at ``lr_lower`` (default ``lr``); no decay on vectors (norms, biases)."""
+        groups = []
+        for name, params, group_lr in (("upper", self.upper_parameters(), lr),
+                                       ("lower", self.lower_parameters(), lr if lr_lower is None else lr_lower)):
+            params = [p for p in params if p.requires_grad]
+            decay = [p for p in params if p.ndim >= 2]
+            no_decay = [p for p in params if p.ndim < 2]
+            for suffix, members, wd in (("", decay, weight_decay), ("/no_decay", no_decay, 0.0)):
+                if members:
+                    groups.append({"name": name + suffix, "params": members, "lr": group_lr, "weight_decay": wd})
+        return groups
+
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
+        """A plain Hugging Face checkpoint: the decoders are dropped, the kernels' patches are not saved."""
+        self.model.save_pretrained(directory, **kwargs)
+
+
+def _layer_type(config, index: int) -> str:
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types[index] if layer_types else "full_attention"
+
+
+def _share(part: torch.Tensor, total) -> torch.Tensor | float:
+    """part / total as a weight, or 1 when there is no total (a single micro-batch)."""
+    if total is None:
+        return 1.0
+    return part / torch.as_tensor(total, device=part.device).clamp(min=1)

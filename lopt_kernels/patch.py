@@ -1,0 +1,156 @@
+"""Swap the fused ops into one Hugging Face model instance, and back.
+
+``patch(model)`` gives each supported submodule of *this* instance its own ``forward`` (an instance
+attribute, which shadows the class's): the classes, the modeling modules' functions and every other
+instance stay as they were. ``unpatch(model)`` deletes those attributes, so the class's own forward
+runs again. No parameter, buffer or state_dict key is touched.
+
+- RMSNorm (``LlamaRMSNorm`` and the Qwen2, Qwen3 and Mistral copies, Qwen3's per-head ``q_norm`` and
+  ``k_norm`` included) -> ``rms_norm``.
+- MLP ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` -> ``down_proj(swiglu(gate_proj(x), up_proj(x)))``,
+  only where ``act_fn`` is SiLU.
+- Attention: its forward calls the modeling module's global ``apply_rotary_pos_emb``. The patched
+  forward is the class's own code, run with a copy of the module's globals in which that one name is
+  ``apply_rope``; so attention itself (masks, caches, sliding windows, Qwen3's norms) is the class's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import types
+
+import torch
+from torch import nn
+
+from .rms_norm import rms_norm as fused_rms_norm
+from .rope import apply_rope
+from .swiglu import swiglu as fused_swiglu
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "is_patched", "patch", "unpatch"]
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+_CLASS_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
+# Marks the forwards this module installs, so that unpatch() removes only its own.
+_MARK = "_lopt_kernels_forward"
+# The signature of the modeling modules' apply_rotary_pos_emb that apply_rope stands in for.
+_ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
+
+
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return fused_rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(fused_swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    return apply_rope(q, k, cos, sin, unsqueeze_dim)
+
+
+setattr(_rms_norm_forward, _MARK, True)
+setattr(_mlp_forward, _MARK, True)
+
+
+def _modeling_classes(kind: str) -> dict[type, str]:
+    """{class: model type} of the supported families' RMSNorm, MLP or Attention classes."""
+    classes = {}
+    for model_type, prefix in _CLASS_PREFIX.items():
+        try:
+            module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        except ImportError:
+            continue
+        cls = getattr(module, prefix + kind, None)
+        if cls is not None:
+            classes[cls] = model_type
+    return classes
+
+
+def _is_silu(act_fn: object) -> bool:
+    from transformers.activations import ACT2FN
+
+    return isinstance(act_fn, (nn.SiLU, type(ACT2FN["silu"])))
+
+
+def _attention_forward_with_rope(cls: type):
+    """The class's forward with ``apply_rotary_pos_emb`` resolved to ``apply_rope``; None if it does not call it."""
+    forward = cls.forward
+    code = getattr(forward, "__code__", None)
+    original = getattr(forward, "__globals__", {}).get("apply_rotary_pos_emb")
+    if code is None or "apply_rotary_pos_emb" not in code.co_names or original is None:
+        return None
+    if list(inspect.signature(original).parameters) != _ROPE_PARAMS:
+        return None
+    fn_globals = dict(forward.__globals__)
+    fn_globals["apply_rotary_pos_emb"] = _apply_rotary_pos_emb
+    patched = types.FunctionType(code, fn_globals, forward.__name__, forward.__defaults__, forward.__closure__)
+    patched.__kwdefaults__ = forward.__kwdefaults__
+    patched.__qualname__ = forward.__qualname__
+    patched.__doc__ = forward.__doc__
+    setattr(patched, _MARK, True)
+    return patched
+
+
+def _installed_forward(module: nn.Module):
+    """The forward this module carries as an instance attribute, if any (class forwards live elsewhere)."""
+    return module.__dict__.get("forward")
+
+
+def _ours(forward) -> bool:
+    return getattr(getattr(forward, "__func__", None), _MARK, False)
+
+
+def patch(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True) -> nn.Module:
+    """Swap the fused RMSNorm, SwiGLU and RoPE into ``model`` (this instance only); returns ``model``.
+
+    Supported: Llama, Qwen2, Qwen3 and Mistral modules of transformers. Patching twice changes nothing.
+    A module whose forward was already replaced on the instance (e.g. by accelerate's hooks) is left alone.
+    """
+    norms = _modeling_classes("RMSNorm") if rms_norm else {}
+    mlps = _modeling_classes("MLP") if swiglu else {}
+    attentions = _modeling_classes("Attention") if rope else {}
+    attention_forwards: dict[type, object] = {}
+    skipped = 0
+    for module in model.modules():
+        cls = type(module)
+        if cls in norms:
+            forward = _rms_norm_forward
+        elif cls in mlps and _is_silu(getattr(module, "act_fn", None)):
+            forward = _mlp_forward
+        elif cls in attentions:
+            if cls not in attention_forwards:
+                attention_forwards[cls] = _attention_forward_with_rope(cls)
+                if attention_forwards[cls] is None:
+                    logger.warning("lopt_kernels.patch: %s.forward calls no apply_rotary_pos_emb(q, k, cos, sin, "
+                                   "unsqueeze_dim); its RoPE is left unfused", cls.__name__)
+            forward = attention_forwards[cls]
+            if forward is None:
+                continue
+        else:
+            continue
+        installed = _installed_forward(module)
+        if installed is not None:
+            skipped += not _ours(installed)
+            continue
+        module.forward = types.MethodType(forward, module)
+    if skipped:
+        logger.warning("lopt_kernels.patch: %d modules already had an instance-level forward and were left as they are",
+                       skipped)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo ``patch``: every module of ``model`` runs its class's forward again; returns ``model``."""
+    for module in model.modules():
+        if _ours(_installed_forward(module)):
+            del module.forward
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether any module of ``model`` runs a forward installed by ``patch``."""
+    return any(_ours(_installed_forward(module)) for module in model.modules())

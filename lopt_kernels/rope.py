@@ -1,0 +1,227 @@
+"""Rotary position embedding as Hugging Face's ``apply_rotary_pos_emb`` applies it, fused in Triton.
+
+With x = [x1, x2] split at half the head dim and cos = [c1, c2], sin = [s1, s2] likewise
+(``rotate_half(x) = [-x2, x1]``)::
+
+    y = x * cos + rotate_half(x) * sin  =  [x1 * c1 - x2 * s1,  x2 * c2 + x1 * s2]
+
+One program rotates every query and key head of one (batch, position), loading its cos/sin once.
+The map is linear in x, so the backward is the same kernel with the transposed rotation; nothing
+but cos and sin is saved.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import current_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: current_backend() never picks it, so the kernels are never launched
+    from types import SimpleNamespace
+
+    triton = SimpleNamespace(jit=lambda fn: fn, next_power_of_2=None, cdiv=None)
+    tl = None
+
+__all__ = ["apply_rope", "apply_rope_reference"]
+
+
+@triton.jit
+def _rotate_heads(
+    X,
+    OUT,
+    b,
+    t,
+    n_heads,
+    half,
+    stride_x_b,
+    stride_x_h,
+    stride_x_t,
+    stride_out_b,
+    stride_out_h,
+    stride_out_t,
+    cos1,
+    cos2,
+    sin1,
+    sin2,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    heads = tl.arange(0, BLOCK_H).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    mask = (heads < n_heads)[:, None] & (d < half)[None, :]
+    x_ptr = X + b * stride_x_b + t * stride_x_t + heads[:, None] * stride_x_h + d[None, :]
+    out_ptr = OUT + b * stride_out_b + t * stride_out_t + heads[:, None] * stride_out_h + d[None, :]
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + half, mask=mask, other=0.0).to(tl.float32)
+    y1 = x1 * cos1[None, :] - x2 * sin1[None, :]
+    y2 = x2 * cos2[None, :] + x1 * sin2[None, :]
+    tl.store(out_ptr, y1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + half, y2.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    Q,
+    K,
+    COS,
+    SIN,
+    Q_OUT,
+    K_OUT,
+    seq_len,
+    n_q_heads,
+    n_k_heads,
+    half,
+    stride_q_b,
+    stride_q_h,
+    stride_q_t,
+    stride_k_b,
+    stride_k_h,
+    stride_k_t,
+    stride_q_out_b,
+    stride_q_out_h,
+    stride_q_out_t,
+    stride_k_out_b,
+    stride_k_out_h,
+    stride_k_out_t,
+    stride_cos_b,
+    stride_cos_t,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    """Rotates q and k at one (batch, position).
+
+    Forward:  y = [x1 * c1 - x2 * s1,  x2 * c2 + x1 * s2].
+    Backward: y = cos * x + rotate_half(x) * sin is y = A x with A = diag(cos) + diag(sin) R, where
+    R = [[0, -I], [I, 0]]; so dx = A^T dy = cos * dy + R^T (sin * dy), R^T = [[0, I], [-I, 0]]:
+        dx1 = dy1 * c1 + dy2 * s2,   dx2 = dy2 * c2 - dy1 * s1,
+    which is the forward with (s1, s2) replaced by (-s2, -s1): the rotation by -sin.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // seq_len
+    t = pid % seq_len
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < half
+    cs_offset = b * stride_cos_b + t * stride_cos_t
+    cos1 = tl.load(COS + cs_offset + d, mask=d_mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(COS + cs_offset + half + d, mask=d_mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(SIN + cs_offset + d, mask=d_mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(SIN + cs_offset + half + d, mask=d_mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        sin1, sin2 = -sin2, -sin1
+
+    _rotate_heads(
+        Q, Q_OUT, b, t, n_q_heads, half,
+        stride_q_b, stride_q_h, stride_q_t, stride_q_out_b, stride_q_out_h, stride_q_out_t,
+        cos1, cos2, sin1, sin2, BLOCK_HQ, BLOCK_D,
+    )  # fmt: skip
+    _rotate_heads(
+        K, K_OUT, b, t, n_k_heads, half,
+        stride_k_b, stride_k_h, stride_k_t, stride_k_out_b, stride_k_out_h, stride_k_out_t,
+        cos1, cos2, sin1, sin2, BLOCK_HK, BLOCK_D,
+    )  # fmt: skip
+
+
+_wrap_triton = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
+
+
+def _rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, T, D], k [B, Hk, T, D], cos/sin [B, T, D] (batch stride may be 0), all unit stride along D."""
+    batch, n_q_heads, seq_len, head_dim = q.shape
+    n_k_heads = k.shape[1]
+    # Keeps the inputs' layout (e.g. [B, T, H, D] memory under a [B, H, T, D] view), as eager PyTorch does.
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    block_hq, block_hk = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_k_heads)
+    block_d = triton.next_power_of_2(head_dim // 2)
+    num_warps = 4 if (block_hq + block_hk) * block_d <= 4096 else 8
+    _wrap_triton(_rope_kernel)[(batch * seq_len,)](
+        q, k, cos, sin, q_out, k_out, seq_len, n_q_heads, n_k_heads, head_dim // 2,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        cos.stride(0), cos.stride(1),
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d, BACKWARD=backward, num_warps=num_warps,
+    )  # fmt: skip
+    return q_out, k_out
+
+
+# Registered as torch.library ops for torch.compile, which then sees each launch as one node (and Inductor
+# sees into the kernels). Eager calls go straight to the launchers: the op dispatcher costs time per call.
+if tl is not None and hasattr(torch.library, "triton_op"):
+    _rope_op = torch.library.triton_op("lopt_kernels::rope", mutates_args=())(_rope)
+else:
+    _rope_op = _rope
+
+
+def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _RoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        rope = _rope_op if torch.compiler.is_compiling() else _rope
+        ctx.save_for_backward(cos, sin)
+        return rope(_unit_stride_last(q), _unit_stride_last(k), cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        rope = _rope_op if torch.compiler.is_compiling() else _rope
+        cos, sin = ctx.saved_tensors
+        dq, dk = rope(_unit_stride_last(dq_out), _unit_stride_last(dk_out), cos, sin, True)
+        return dq, dk, None, None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face's ``apply_rotary_pos_emb`` in plain PyTorch."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _fusable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether the kernel covers these [B, H, T, D] inputs; anything else takes the reference."""
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
+        return False
+    batch, _, seq_len, head_dim = q.shape
+    return (
+        k.shape[0] == batch
+        and k.shape[2:] == q.shape[2:]
+        and cos.shape[0] in (1, batch)
+        and cos.shape[1:] == (seq_len, head_dim)
+        and head_dim % 2 == 0
+        and q.numel() > 0
+        and k.numel() > 0
+        and q.dtype == k.dtype == cos.dtype == sin.dtype != torch.float64
+        and not (cos.requires_grad or sin.requires_grad)  # the kernel gives no gradient for cos/sin
+    )
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of ``q`` [B, Hq, T, D] and ``k`` [B, Hk, T, D] by ``cos``/``sin`` [B or 1, T, D].
+
+    ``unsqueeze_dim`` as in Hugging Face: 1 for [B, H, T, D] inputs, 2 for [B, T, H, D].
+    The number of query and key heads may differ (grouped-query attention).
+    """
+    if unsqueeze_dim == 2 and q.dim() == 4 and k.dim() == 4:  # [B, T, H, D]: the kernel on [B, H, T, D] views
+        q_out, k_out = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 1)
+        return q_out.transpose(1, 2), k_out.transpose(1, 2)
+    if unsqueeze_dim != 1 or not _fusable(q, k, cos, sin) or current_backend(q.device) != "triton":
+        return apply_rope_reference(q, k, cos, sin, unsqueeze_dim)
+    cos, sin = cos.expand(q.shape[0], -1, -1), sin.expand(q.shape[0], -1, -1)
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return _RoPEFunction.apply(q, k, cos, sin)

@@ -1,0 +1,162 @@
+"""SwiGLU, ``silu(gate) * up``: the gated activation of the Llama/Qwen/Mistral MLP, fused in Triton.
+
+Hugging Face computes ``act_fn(gate_proj(x)) * up_proj(x)`` in two kernels and keeps ``silu(gate)`` for
+the backward. Here one kernel computes it in fp32 (one rounding), and the backward recomputes the
+sigmoid from the saved ``gate`` and ``up``: nothing else is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import current_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: current_backend() never picks it, so the kernels are never launched
+    from types import SimpleNamespace
+
+    triton = SimpleNamespace(jit=lambda fn: fn, next_power_of_2=None, cdiv=None)
+    tl = None
+
+__all__ = ["swiglu", "swiglu_reference"]
+
+# Columns one program takes; a wider row is split across programs.
+_MAX_BLOCK = 1024
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    GATE,
+    UP,
+    OUT,
+    n_cols,
+    stride_gate,
+    stride_up,
+    stride_out,
+    BLOCK: tl.constexpr,
+):
+    """out = silu(gate) * up = gate * sigmoid(gate) * up."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(GATE + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(UP + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(OUT + row * stride_out + cols, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    DOUT,
+    GATE,
+    UP,
+    DGATE,
+    DUP,
+    n_cols,
+    stride_dout,
+    stride_gate,
+    stride_up,
+    stride_dgate,
+    stride_dup,
+    BLOCK: tl.constexpr,
+):
+    """Backward of out = silu(gate) * up, with s = sigmoid(gate) recomputed:
+        d_up   = d_out * gate * s
+        d_gate = d_out * up * s * (1 + gate * (1 - s))      (d silu / d gate = s + gate * s * (1 - s))
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dout = tl.load(DOUT + row * stride_dout + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(UP + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(gate)
+    d_up = dout * gate * s
+    d_gate = dout * up * s * (1.0 + gate * (1.0 - s))
+    tl.store(DGATE + row * stride_dgate + cols, d_gate.to(DGATE.dtype.element_ty), mask=mask)
+    tl.store(DUP + row * stride_dup + cols, d_up.to(DUP.dtype.element_ty), mask=mask)
+
+
+def _grid(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int]:
+    block = min(triton.next_power_of_2(n_cols), _MAX_BLOCK)
+    return (n_rows, triton.cdiv(n_cols, block)), block
+
+
+_wrap_triton = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
+
+
+def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up: [rows, cols], unit stride along cols."""
+    n_rows, n_cols = gate.shape
+    out = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+    grid, block = _grid(n_rows, n_cols)
+    _wrap_triton(_swiglu_fwd_kernel)[grid](
+        gate, up, out, n_cols, gate.stride(0), up.stride(0), out.stride(0), BLOCK=block, num_warps=4
+    )
+    return out
+
+
+def _swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dout, gate, up: [rows, cols], unit stride along cols. Returns (d_gate, d_up)."""
+    n_rows, n_cols = gate.shape
+    d_gate = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+    d_up = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
+    grid, block = _grid(n_rows, n_cols)
+    _wrap_triton(_swiglu_bwd_kernel)[grid](
+        dout, gate, up, d_gate, d_up, n_cols,
+        dout.stride(0), gate.stride(0), up.stride(0), d_gate.stride(0), d_up.stride(0),
+        BLOCK=block, num_warps=4,
+    )  # fmt: skip
+    return d_gate, d_up
+
+
+# Registered as torch.library ops for torch.compile, which then sees each launch as one node (and Inductor
+# sees into the kernels). Eager calls go straight to the launchers: the op dispatcher costs time per call.
+if tl is not None and hasattr(torch.library, "triton_op"):
+    _swiglu_fwd_op = torch.library.triton_op("lopt_kernels::swiglu_fwd", mutates_args=())(_swiglu_fwd)
+    _swiglu_bwd_op = torch.library.triton_op("lopt_kernels::swiglu_bwd", mutates_args=())(_swiglu_bwd)
+else:
+    _swiglu_fwd_op, _swiglu_bwd_op = _swiglu_fwd, _swiglu_bwd
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as [rows, cols] with unit stride along cols; a view where the layout allows (a chunk of a fused projection)."""
+    t2d = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+    return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate2d, up2d = _rows(gate), _rows(up)
+        swiglu_fwd = _swiglu_fwd_op if torch.compiler.is_compiling() else _swiglu_fwd
+        out = swiglu_fwd(gate2d, up2d)
+        ctx.save_for_backward(gate2d, up2d)
+        return out.view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate2d, up2d = ctx.saved_tensors
+        swiglu_bwd = _swiglu_bwd_op if torch.compiler.is_compiling() else _swiglu_bwd
+        d_gate, d_up = swiglu_bwd(_rows(dout), gate2d, up2d)
+        return d_gate.view(dout.shape), d_up.view(dout.shape)
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` in plain PyTorch, as Hugging Face's MLP computes it."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate`` and ``up`` of one shape and dtype."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(
+            f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match in shape and dtype"
+        )
+    # The kernels compute in fp32: float64 (and empty or 0-d input) take the reference.
+    fused = gate.dtype != torch.float64 and gate.numel() > 0 and gate.dim() > 0
+    if not fused or current_backend(gate.device) != "triton":
+        return swiglu_reference(gate, up)
+    return _SwiGLUFunction.apply(gate, up)
