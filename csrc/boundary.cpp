@@ -13,11 +13,11 @@
 // the old DataPtr goes back to the allocator. The CUDA caching allocator frees stream-ordered on
 // the allocation stream; every other stream that used the memory (those passed in `streams`) is
 // recorded first, so the block is not reused before work queued on those streams finishes.
-#include <torch/extension.h>
-
+#include <ATen/core/Tensor.h>
 #include <c10/core/impl/COW.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/utils/pybind.h>  // lighter than torch/extension.h: half the compile time
 
 #include <cstdint>
 #include <tuple>

@@ -19,7 +19,7 @@ _import_error: str | None = None
 
 
 def build_options() -> dict:
-    """Sources, include dirs and flags of the extension, shared by ``setup.py`` and the JIT build."""
+    """Sources and include dirs of the extension, shared by ``setup.py`` and the JIT build."""
     include_dirs = []
     # ATen's CUDA headers include cuBLAS/cuSPARSE headers, which pip's nvidia packages ship under
     # nvidia/cu13/include rather than inside the CUDA toolkit.
@@ -35,7 +35,6 @@ def build_options() -> dict:
     return dict(
         sources=sorted(str(p) for p in CSRC_DIR.glob("*.cpp")) + sorted(str(p) for p in CSRC_DIR.glob("*.cu")),
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
     )
 
 
@@ -93,8 +92,6 @@ def build_extension(verbose: bool = False) -> ModuleType:
         name="lopt_kernels_C",
         sources=options["sources"],
         extra_include_paths=options["include_dirs"],
-        extra_cflags=options["extra_compile_args"]["cxx"],
-        extra_cuda_cflags=options["extra_compile_args"]["nvcc"],
         with_cuda=True,
         verbose=verbose,
     )

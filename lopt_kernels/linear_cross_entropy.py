@@ -3,8 +3,10 @@
 Design (vocabulary-blocked, recompute in backward, the Cut-Cross-Entropy order on cuBLAS matmuls):
 
 - The logits are produced one block of ``[block_tokens, block_vocab]`` at a time by a cuBLAS matmul into
-  one reused buffer. ``block_vocab`` is wide (>= 4096 columns) and ``block_tokens`` is usually all
-  tokens, so the matmuls stay large and the buffer stays bounded (``_plan``, ~64 MiB in bf16).
+  one reused buffer. ``block_vocab`` is wide (at least 4096 columns, or all of V) and ``block_tokens``
+  is all tokens up to 16k, so the matmuls stay large and the buffer bounded (``_plan``: 64 MiB in bf16
+  at 8k tokens, 128 MiB at most). The Triton kernels take up to 4096 logits per program: one row
+  swept in tiles when blocks are wide, several rows at once when they are narrow.
 - Forward: a Triton kernel folds each block into a running max ``m`` and sum-exp ``s`` per token
   (online softmax, fp32) and picks out the label's logit. Per token: ``lse = m + log s`` and
   ``loss = lse - logit[label]`` (0 where ``label == ignore_index``). Only ``lse`` ([N] fp32) is
@@ -20,14 +22,19 @@ Design (vocabulary-blocked, recompute in backward, the Cut-Cross-Entropy order o
 That is four matmuls of ``N*V*h`` (one forward, three backward) against three for the unfused op or
 Liger-Kernel's chunk-over-tokens version, which computes the gradients during the forward but then
 keeps a [V, h] weight gradient alive from forward to backward and re-reads and rewrites it once per
-token chunk. Here the weight gradient is written once, in full fp32-accumulated precision.
+token chunk. Here the weight gradient is written once, in full fp32-accumulated precision. Memory
+beyond the inputs and their gradients (by the arithmetic, not yet measured on a GPU): the block
+buffer plus an [N, h] fp32 grad_hidden accumulator, only during backward (~112 MiB at 8k tokens,
+h=1536, V=151936: roughly 75 MiB more than Liger's chunk at that point, but Liger also holds its
+[V, h] weight gradient from the forward through to the backward).
 
 Wrapped as ``torch.library.custom_op`` ops (``lopt_kernels::linear_cross_entropy_fwd/_bwd``) with
 fake implementations and registered autograd, so ``torch.compile`` (fullgraph) traces through it. No
 host syncs: the mean's divisor stays on the device and label-range errors are raised by a device
 assert. The reduction over tokens happens outside the ops in plain PyTorch, shared with the reference.
 
-An all-ignored batch gives loss 0 (not NaN) and zero gradients under every reduction.
+An all-ignored batch gives loss 0 (not NaN) and zero gradients under every reduction. fp64 inputs
+take the reference.
 ``linear_cross_entropy_reference`` is the plain-PyTorch version: the CPU path, the oracle, and what
 runs when kernels are off.
 """
@@ -46,7 +53,7 @@ try:
 except ImportError:  # no Triton: current_backend() never picks it, so the kernels are never launched
     from types import SimpleNamespace
 
-    triton = SimpleNamespace(jit=lambda fn: fn, next_power_of_2=None)
+    triton = SimpleNamespace(jit=lambda fn: fn, next_power_of_2=None, cdiv=None)
     tl = None
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "lm_head_weight"]
@@ -58,84 +65,105 @@ _BLOCK_ELEMENTS = 1 << 25  # target logits-block size: 64 MiB in bf16
 _MAX_BLOCK_ELEMENTS = 1 << 26  # past this many tokens x block_vocab, tokens are blocked too
 _MIN_BLOCK_VOCAB = 4096  # narrower blocks make the fp32 grad_hidden read-modify-write dominate
 _VOCAB_ALIGN = 128
-_MAX_KERNEL_BLOCK = 4096  # columns a kernel program holds at once
+_KERNEL_TILE = 4096  # logits a kernel program holds at once (rows x columns)
+_KERNEL_MAX_COLS = 4096  # widest tile; wider rows are swept in several tiles
 
 
 @triton.jit
 def _lse_block_kernel(
     logits_ptr,
     logits_row_stride,
+    n_rows,
+    n_cols,
     labels_ptr,
     max_ptr,
     sumexp_ptr,
     target_ptr,
-    n_cols,
     vocab_start,
-    BLOCK: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):
-    """Fold one row of a logits block (vocab columns vocab_start + [0, n_cols)) into that token's
-    running max m and sum-exp s, in fp32:
+    """Fold BLOCK_ROWS rows of a logits block (vocab columns vocab_start + [0, n_cols)) into each
+    token's running max m and sum-exp s, in fp32:
         m' = max(m, max_j x_j),   s' = s * exp(m - m') + sum_j exp(x_j - m')
-    and store x[label - vocab_start] as the target logit when the label lies in the block.
+    and store x[label - vocab_start] as the token's target logit when the label lies in the block.
     m starts at the most negative finite float, so a block of -inf logits leaves (m, s) as they were.
     """
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * logits_row_stride
-    cols = tl.arange(0, BLOCK)
-    m = tl.load(max_ptr + row)
-    s = tl.load(sumexp_ptr + row)
-    for start in range(0, n_cols, BLOCK):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    row_ptrs = logits_ptr + rows * logits_row_stride
+    cols = tl.arange(0, BLOCK_COLS)
+    m = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
+    s = tl.load(sumexp_ptr + rows, mask=row_mask, other=0.0)
+    for start in range(0, n_cols, BLOCK_COLS):
         offs = start + cols
-        x = tl.load(row_ptr + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        mask = row_mask[:, None] & (offs < n_cols)[None, :]
+        x = tl.load(row_ptrs[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         m = m_new
-    tl.store(max_ptr + row, m)
-    tl.store(sumexp_ptr + row, s)
+    tl.store(max_ptr + rows, m, mask=row_mask)
+    tl.store(sumexp_ptr + rows, s, mask=row_mask)
 
-    local = tl.load(labels_ptr + row) - vocab_start
-    in_block = (local >= 0) & (local < n_cols)
-    x_label = tl.load(row_ptr + local, mask=in_block, other=0.0).to(tl.float32)
-    tl.store(target_ptr + row, x_label, mask=in_block)
+    local = tl.load(labels_ptr + rows, mask=row_mask, other=-1) - vocab_start
+    in_block = row_mask & (local >= 0) & (local < n_cols)
+    x_label = tl.load(row_ptrs + local, mask=in_block, other=0.0).to(tl.float32)
+    tl.store(target_ptr + rows, x_label, mask=in_block)
 
 
 @triton.jit
 def _logits_grad_kernel(
     logits_ptr,
     logits_row_stride,
+    n_rows,
+    n_cols,
     labels_ptr,
     lse_ptr,
     grad_loss_ptr,
     grad_loss_stride,
-    n_cols,
     vocab_start,
     ignore_index,
-    BLOCK: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):
-    """Overwrite one row of a logits block with the gradient of the loss w.r.t. those logits.
+    """Overwrite BLOCK_ROWS rows of a logits block with the gradient of the loss w.r.t. those logits.
     With loss_i = lse_i - x_i,label and upstream gradient g_i:
         d loss_i / d x_ij = exp(x_ij - lse_i) - [j == label_i],   dlogits_ij = g_i * that,
     and g_i = 0 where label_i == ignore_index. Math in fp32, stored in the block's dtype.
     """
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * logits_row_stride
-    cols = tl.arange(0, BLOCK)
-    label = tl.load(labels_ptr + row)
-    g = tl.load(grad_loss_ptr + row * grad_loss_stride).to(tl.float32)
-    g = tl.where(label == ignore_index, 0.0, g)
-    lse = tl.load(lse_ptr + row)
-    local = label - vocab_start
-    for start in range(0, n_cols, BLOCK):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    row_ptrs = logits_ptr + rows * logits_row_stride
+    cols = tl.arange(0, BLOCK_COLS)
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    g = tl.load(grad_loss_ptr + rows * grad_loss_stride, mask=row_mask, other=0.0).to(tl.float32)
+    g = tl.where(labels == ignore_index, 0.0, g)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    local = labels - vocab_start
+    for start in range(0, n_cols, BLOCK_COLS):
         offs = start + cols
-        mask = offs < n_cols
-        x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.exp(x - lse) - tl.where(offs == local, 1.0, 0.0)
-        tl.store(row_ptr + offs, (g * d).to(logits_ptr.dtype.element_ty), mask=mask)
+        mask = row_mask[:, None] & (offs < n_cols)[None, :]
+        ptrs = row_ptrs[:, None] + offs[None, :]
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.exp(x - lse[:, None]) - tl.where(offs[None, :] == local[:, None], 1.0, 0.0)
+        tl.store(ptrs, (g[:, None] * d).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _kernel_launch_params(n_cols: int) -> tuple[int, int]:
-    block = min(triton.next_power_of_2(n_cols), _MAX_KERNEL_BLOCK)
-    return block, (8 if block >= 2048 else 4)
+def _launch(kernel, logits: Tensor, *args) -> None:
+    """One program per BLOCK_ROWS rows of ``logits``, each sweeping the row in tiles of BLOCK_COLS."""
+    n_rows, n_cols = logits.shape
+    block_cols = min(triton.next_power_of_2(n_cols), _KERNEL_MAX_COLS)
+    block_rows = min(triton.next_power_of_2(n_rows), max(1, _KERNEL_TILE // block_cols))
+    kernel[(triton.cdiv(n_rows, block_rows),)](
+        logits,
+        logits.stride(0),
+        n_rows,
+        n_cols,
+        *args,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+        num_warps=8 if block_rows * block_cols >= 2048 else 4,
+    )
 
 
 def _plan(n_tokens: int, vocab: int) -> tuple[int, int]:
@@ -203,22 +231,10 @@ def _lce_fwd(
     buf = hidden.new_empty(block_tokens * block_vocab)
     for v0 in range(0, vocab, block_vocab):
         v1 = min(vocab, v0 + block_vocab)
-        kernel_block, num_warps = _kernel_launch_params(v1 - v0)
         for n0 in range(0, n_tokens, block_tokens):
             n1 = min(n_tokens, n0 + block_tokens)
             logits = _logits_block(buf, hidden[n0:n1], weight[v0:v1], None if bias is None else bias[v0:v1])
-            _lse_block_kernel[(n1 - n0,)](
-                logits,
-                logits.stride(0),
-                labels[n0:n1],
-                run_max[n0:n1],
-                run_sumexp[n0:n1],
-                target[n0:n1],
-                v1 - v0,
-                v0,
-                BLOCK=kernel_block,
-                num_warps=num_warps,
-            )
+            _launch(_lse_block_kernel, logits, labels[n0:n1], run_max[n0:n1], run_sumexp[n0:n1], target[n0:n1], v0)
     lse = run_max + run_sumexp.log()
     loss = torch.where(valid, lse - target, 0.0)
     return loss, lse
@@ -226,7 +242,8 @@ def _lce_fwd(
 
 @_lce_fwd.register_fake
 def _(hidden, weight, bias, labels, ignore_index):
-    return hidden.new_empty(hidden.shape[0], dtype=torch.float32), hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    n_tokens = hidden.shape[0]
+    return hidden.new_empty(n_tokens, dtype=torch.float32), hidden.new_empty(n_tokens, dtype=torch.float32)
 
 
 @torch.library.custom_op("lopt_kernels::linear_cross_entropy_bwd", mutates_args=())
@@ -250,7 +267,8 @@ def _lce_bwd(
     token_blocked = block_tokens < n_tokens
     f32 = dict(dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.zeros(n_tokens, h, **f32) if need_hidden else None
-    grad_weight = torch.empty_like(weight) if need_weight else None
+    # every row of grad_weight is written below, unless there are no tokens at all
+    grad_weight = (torch.empty_like(weight) if n_tokens else torch.zeros_like(weight)) if need_weight else None
     grad_weight_block = torch.empty(block_vocab, h, **f32) if need_weight and token_blocked else None
     grad_bias = torch.zeros(vocab, **f32) if need_bias else None
     buf = hidden.new_empty(block_tokens * block_vocab)
@@ -258,25 +276,15 @@ def _lce_bwd(
     for v0 in range(0, vocab, block_vocab):
         v1 = min(vocab, v0 + block_vocab)
         w_block = weight[v0:v1]
-        kernel_block, num_warps = _kernel_launch_params(v1 - v0)
         if grad_weight_block is not None:
             grad_weight_block.zero_()
         for n0 in range(0, n_tokens, block_tokens):
             n1 = min(n_tokens, n0 + block_tokens)
             h_block = hidden[n0:n1]
             dlogits = _logits_block(buf, h_block, w_block, None if bias is None else bias[v0:v1])
-            _logits_grad_kernel[(n1 - n0,)](
-                dlogits,
-                dlogits.stride(0),
-                labels[n0:n1],
-                lse[n0:n1],
-                grad_loss[n0:n1],
-                grad_loss.stride(0),
-                v1 - v0,
-                v0,
-                ignore_index,
-                BLOCK=kernel_block,
-                num_warps=num_warps,
+            g_block = grad_loss[n0:n1]
+            _launch(
+                _logits_grad_kernel, dlogits, labels[n0:n1], lse[n0:n1], g_block, g_block.stride(0), v0, ignore_index
             )
             if need_hidden:
                 _addmm_fp32_(grad_hidden[n0:n1], dlogits, w_block)

@@ -36,8 +36,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _CLASS_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
 # Marks the forwards this module installs, so that unpatch() removes only its own.
 _MARK = "_lopt_kernels_forward"
-# The signature of the modeling modules' apply_rotary_pos_emb that apply_rope stands in for.
-_ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -52,13 +50,25 @@ def _apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     return apply_rope(q, k, cos, sin, unsqueeze_dim)
 
 
+def _apply_rotary_pos_emb_with_position_ids(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    return apply_rope(q, k, cos, sin, unsqueeze_dim)  # position_ids: "deprecated and unused" there
+
+
+# What stands in for the modeling module's apply_rotary_pos_emb, by its parameters (older transformers
+# still took an unused position_ids).
+_ROPE_STAND_INS = {
+    ("q", "k", "cos", "sin", "unsqueeze_dim"): _apply_rotary_pos_emb,
+    ("q", "k", "cos", "sin", "position_ids", "unsqueeze_dim"): _apply_rotary_pos_emb_with_position_ids,
+}
+
+
 setattr(_rms_norm_forward, _MARK, True)
 setattr(_mlp_forward, _MARK, True)
 
 
-def _modeling_classes(kind: str) -> dict[type, str]:
-    """{class: model type} of the supported families' RMSNorm, MLP or Attention classes."""
-    classes = {}
+def _modeling_classes(kind: str) -> set[type]:
+    """The supported families' RMSNorm, MLP or Attention classes (exact types: a subclass may compute otherwise)."""
+    classes = set()
     for model_type, prefix in _CLASS_PREFIX.items():
         try:
             module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
@@ -66,7 +76,7 @@ def _modeling_classes(kind: str) -> dict[type, str]:
             continue
         cls = getattr(module, prefix + kind, None)
         if cls is not None:
-            classes[cls] = model_type
+            classes.add(cls)
     return classes
 
 
@@ -83,10 +93,11 @@ def _attention_forward_with_rope(cls: type):
     original = getattr(forward, "__globals__", {}).get("apply_rotary_pos_emb")
     if code is None or "apply_rotary_pos_emb" not in code.co_names or original is None:
         return None
-    if list(inspect.signature(original).parameters) != _ROPE_PARAMS:
+    stand_in = _ROPE_STAND_INS.get(tuple(inspect.signature(original).parameters))
+    if stand_in is None:
         return None
     fn_globals = dict(forward.__globals__)
-    fn_globals["apply_rotary_pos_emb"] = _apply_rotary_pos_emb
+    fn_globals["apply_rotary_pos_emb"] = stand_in
     patched = types.FunctionType(code, fn_globals, forward.__name__, forward.__defaults__, forward.__closure__)
     patched.__kwdefaults__ = forward.__kwdefaults__
     patched.__qualname__ = forward.__qualname__
@@ -110,9 +121,9 @@ def patch(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope:
     Supported: Llama, Qwen2, Qwen3 and Mistral modules of transformers. Patching twice changes nothing.
     A module whose forward was already replaced on the instance (e.g. by accelerate's hooks) is left alone.
     """
-    norms = _modeling_classes("RMSNorm") if rms_norm else {}
-    mlps = _modeling_classes("MLP") if swiglu else {}
-    attentions = _modeling_classes("Attention") if rope else {}
+    norms = _modeling_classes("RMSNorm") if rms_norm else set()
+    mlps = _modeling_classes("MLP") if swiglu else set()
+    attentions = _modeling_classes("Attention") if rope else set()
     attention_forwards: dict[type, object] = {}
     skipped = 0
     for module in model.modules():
@@ -125,8 +136,11 @@ def patch(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope:
             if cls not in attention_forwards:
                 attention_forwards[cls] = _attention_forward_with_rope(cls)
                 if attention_forwards[cls] is None:
-                    logger.warning("lopt_kernels.patch: %s.forward calls no apply_rotary_pos_emb(q, k, cos, sin, "
-                                   "unsqueeze_dim); its RoPE is left unfused", cls.__name__)
+                    logger.warning(
+                        "lopt_kernels.patch: %s.forward calls no apply_rotary_pos_emb of a known "
+                        "signature; its RoPE is left unfused",
+                        cls.__name__,
+                    )
             forward = attention_forwards[cls]
             if forward is None:
                 continue
@@ -138,8 +152,9 @@ def patch(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope:
             continue
         module.forward = types.MethodType(forward, module)
     if skipped:
-        logger.warning("lopt_kernels.patch: %d modules already had an instance-level forward and were left as they are",
-                       skipped)
+        logger.warning(
+            "lopt_kernels.patch: %d modules already had an instance-level forward and were left as they are", skipped
+        )
     return model
 
 

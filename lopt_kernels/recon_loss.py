@@ -22,15 +22,18 @@ them by the incoming (scalar) gradient. The chain rule, with r = y - target and 
     dh  = rstd (g - mean(g) - x_hat mean(g x_hat)),  g = dx * ln_weight
     dln_weight = sum_rows dx x_hat,  dln_bias = sum_rows dx
 
-Per chunk, the four GEMM-free steps are Triton kernels: LayerNorm forward; GELU; the residual (loss,
+Per chunk, the five GEMM-free steps are Triton kernels: LayerNorm forward; GELU; the residual (loss,
 dy, db2); GELU backward (dz, db1); LayerNorm backward (dh, dln_weight, dln_bias). The column sums
 (biases, LayerNorm parameters) go into per-program fp32 rows that persist across chunks, so they cost
-no extra launches and add up deterministically. The six GEMMs per chunk, about 97% of the FLOPs,
-run in cuBLAS (``torch.addmm``/``torch.mm`` into the reused buffers): at these shapes it is near
-peak on Hopper, where a hand-written ``tl.dot`` GEMM with the elementwise steps fused in would need
-per-architecture tuning to match it, and the elementwise steps it would save are memory-bound passes
-over [chunk, d] tiles that stay in L2. The weight-gradient GEMMs produce fp32 (``out_dtype``), so
-a chunk's partial sum is never rounded to 16 bits before it is accumulated.
+no extra launches and add up deterministically. The six GEMMs per chunk (12 N h d FLOPs in all,
+against a few dozen per element for the rest) run in cuBLAS, ``torch.addmm``/``torch.mm`` into the
+reused buffers: a ``tl.dot`` GEMM with the elementwise steps fused into it would save those
+memory-bound passes over the chunk, but only once it matches cuBLAS, which takes tuning per GPU
+architecture. The weight-gradient GEMMs hand over fp32 (``out_dtype``), so no chunk's partial sum is
+rounded to 16 bits before it is accumulated.
+
+The forward does the backward's work whenever a gradient could be asked for: evaluate under
+``torch.no_grad()`` (then only the loss is computed).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ __all__ = ["recon_loss", "recon_loss_reference"]
 # Fewer, larger chunks keep the GEMMs efficient and the launches few; the working set stays
 # O(chunk x h) whatever the batch.
 CHUNK_ELEMENTS = 1 << 24
+# The widest row one program holds in registers (as fp32): 64 KiB. Wider inputs take the reference.
+MAX_FUSED_COLS = 16384
 _MIN_CHUNK_TOKENS = 256
 # Elements of the [rows, columns] tile that one program holds at once: whole rows, as many as fit.
 _TILE_ELEMENTS = 4096
@@ -251,8 +256,7 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 _GRAD_INPUTS = ("h_out", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2")
 
 
-@torch.library.custom_op("lopt_kernels::recon_loss_fwd_bwd", mutates_args=())
-def _recon_loss_fwd_bwd(
+def _fused_forward_backward(
     h_out: torch.Tensor,
     target: torch.Tensor,
     ln_weight: torch.Tensor,
@@ -265,7 +269,9 @@ def _recon_loss_fwd_bwd(
     eps: float,
     needs_grad: list[bool],
     chunk_tokens: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
     """(loss, dh_out, dln_weight, dln_bias, dw1, db1, dw2, db2), the gradients of the loss itself.
 
     A gradient whose flag in ``needs_grad`` (ordered as ``_GRAD_INPUTS``) is off comes back empty and
@@ -307,14 +313,15 @@ def _recon_loss_fwd_bwd(
     warps_h = _num_warps(block_h)
     n_programs = _num_programs(device, triton.cdiv(chunk, rows_h))
     loss_partial = torch.zeros((n_programs,), **f32)
-    empty = torch.empty((0,), **f32)  # stands in for the partial sums no one asked for
-    dh = torch.empty_like(h2) if need_dh else torch.empty((0,), device=device, dtype=dtype)
-    dlnw_partial = torch.zeros((n_programs, n_cols), **f32) if need_lnw else empty
-    dlnb_partial = torch.zeros((n_programs, n_cols), **f32) if need_lnb else empty
-    db1_partial = torch.zeros((n_programs, d), **f32) if need_b1 else empty
-    db2_partial = torch.zeros((n_programs, n_cols), **f32) if need_b2 else empty
-    dw1 = torch.zeros((d, n_cols), **f32) if need_w1 else empty
-    dw2 = torch.zeros((n_cols, d), **f32) if need_w2 else empty
+    # Stands in for the buffers no one asked for: any valid pointer, never touched (flag off).
+    unused = loss_partial
+    dh = torch.empty((n_rows if need_dh else 0, n_cols), device=device, dtype=dtype)
+    dlnw_partial = torch.zeros((n_programs, n_cols), **f32) if need_lnw else unused
+    dlnb_partial = torch.zeros((n_programs, n_cols), **f32) if need_lnb else unused
+    db1_partial = torch.zeros((n_programs, d), **f32) if need_b1 else unused
+    db2_partial = torch.zeros((n_programs, n_cols), **f32) if need_b2 else unused
+    dw1 = torch.zeros((d, n_cols), **f32) if need_w1 else None
+    dw2 = torch.zeros((n_cols, d), **f32) if need_w2 else None
 
     for start in range(0, n_rows, chunk):
         n = min(chunk, n_rows - start)
@@ -331,7 +338,8 @@ def _recon_loss_fwd_bwd(
         _residual_kernel[(n_programs,)](
             y, t_c, keep[start : start + n] if keep is not None else y, loss_partial, db2_partial,
             n, n_cols, y.stride(0), t_c.stride(0),
-            BLOCK_M=rows_h, BLOCK_H=block_h, HAS_MASK=keep is not None, STORE_DY=need_dy, ACC_DB2=need_b2, num_warps=warps_h,
+            BLOCK_M=rows_h, BLOCK_H=block_h, HAS_MASK=keep is not None, STORE_DY=need_dy, ACC_DB2=need_b2,
+            num_warps=warps_h,
         )  # fmt: skip
         if not need_dy:
             continue
@@ -354,23 +362,31 @@ def _recon_loss_fwd_bwd(
         _layer_norm_bwd_kernel[(n_programs,)](
             dx, h_c, ln_weight, dh_c, inv_denominator, dlnw_partial, dlnb_partial,
             n, n_cols, dx.stride(0), h_c.stride(0), dh_c.stride(0), eps,
-            BLOCK_M=rows_h, BLOCK_H=block_h, STORE_DH=need_dh, ACC_DLNW=need_lnw, ACC_DLNB=need_lnb, num_warps=warps_h,
+            BLOCK_M=rows_h, BLOCK_H=block_h, STORE_DH=need_dh, ACC_DLNW=need_lnw, ACC_DLNB=need_lnb,
+            num_warps=warps_h,
         )  # fmt: skip
 
     loss = loss_partial.sum() * inv_denominator
     param_grads = (
         dlnw_partial.sum(0) if need_lnw else None,
         dlnb_partial.sum(0) if need_lnb else None,
-        dw1 if need_w1 else None,
+        dw1,
         db1_partial.sum(0) if need_b1 else None,
-        dw2 if need_w2 else None,
+        dw2,
         db2_partial.sum(0) if need_b2 else None,
     )
     return (
         loss,
-        dh.view(h_out.shape) if need_dh else dh,
+        dh.view(h_out.shape) if need_dh else dh.view(0),
         *(torch.empty((0,), **f32) if g is None else g * inv_denominator for g in param_grads),
     )
+
+
+# An opaque op to torch.compile: it traces through recon_loss without a graph break, and the chunk
+# loop and its in-place buffer reuse run as written.
+_recon_loss_fwd_bwd = torch.library.custom_op("lopt_kernels::recon_loss_fwd_bwd", mutates_args=())(
+    _fused_forward_backward
+)
 
 
 @_recon_loss_fwd_bwd.register_fake
@@ -394,7 +410,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_):
-    """The gradients are already computed: scale them by the incoming scalar gradient."""
+    """The gradients are already computed: scale them by the incoming scalar gradient.
+
+    Out of place, so that a second backward through a retained graph sees the same gradients; that
+    holds one more [N, h] tensor (the scaled dh) until autograd frees the saved one.
+    """
     dh, *param_grads = ctx.saved_tensors
     need_dh, *need_params = ctx.needs_grad
     grads = [
@@ -429,6 +449,7 @@ def _check_inputs(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask) -> No
 
 
 def _recon_loss_triton(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask, eps, chunk_tokens):
+    """The fused op, asked for the gradients that autograd could want and no others."""
     grad_enabled = torch.is_grad_enabled()
     inputs = dict(h_out=h_out, ln_weight=ln_weight, ln_bias=ln_bias, w1=w1, b1=b1, w2=w2, b2=b2)
     needs_grad = [grad_enabled and inputs[name].requires_grad for name in _GRAD_INPUTS]
@@ -446,10 +467,11 @@ def recon_loss(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask=None, eps
     all positions when it is None, 0 when none is. h_out, target: [..., h]; weights in nn.Linear
     layout (w1 [d, h], w2 [h, d]). ``target`` gets no gradient. Returns an fp32 scalar.
 
-    On the Triton backend the forward also computes the gradients, chunk by chunk (module docstring).
+    On the Triton backend the forward also computes the gradients, chunk by chunk (module docstring);
+    float64, empty and wider than ``MAX_FUSED_COLS`` inputs take the reference.
     """
     n_cols = h_out.shape[-1]
-    fused = h_out.dtype != torch.float64 and h_out.numel() > 0
+    fused = h_out.dtype != torch.float64 and h_out.numel() > 0 and n_cols <= MAX_FUSED_COLS
     if not fused or current_backend(h_out.device) != "triton":
         return recon_loss_reference(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask, eps)
     _check_inputs(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask)

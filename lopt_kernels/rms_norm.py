@@ -32,8 +32,9 @@ __all__ = ["rms_norm", "rms_norm_reference"]
 
 # The widest row one program holds in registers (as fp32): 64 KiB.
 MAX_FUSED_COLS = 16384
-# Rows that one program of the forward takes at once, as many as fill about this many elements.
-_FWD_TILE_ELEMENTS = 2048
+# A program takes as many rows at once (up to 16) as fill about this many elements: narrow rows (per-head
+# norms) share programs.
+_TILE_ELEMENTS = 2048
 
 
 @triton.jit
@@ -124,7 +125,7 @@ def _num_warps(block_n: int) -> int:
     return 4 if block_n <= 2048 else 8 if block_n <= 8192 else 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -146,7 +147,7 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     block_n = triton.next_power_of_2(n_cols)
-    block_m = max(1, min(_FWD_TILE_ELEMENTS // block_n, 16))
+    block_m = max(1, min(_TILE_ELEMENTS // block_n, 16))
     _wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, block_m),)](
         x, weight, y, rstd, n_rows, n_cols, x.stride(0), y.stride(0), eps,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_n),
@@ -160,7 +161,7 @@ def _rms_norm_bwd(
     """dy, x: [rows, cols], unit stride along cols. Returns (dx, dw); dw is empty unless compute_dw."""
     n_rows, n_cols = x.shape
     block_n = triton.next_power_of_2(n_cols)
-    block_m = max(1, min(_FWD_TILE_ELEMENTS // block_n, 16))
+    block_m = max(1, min(_TILE_ELEMENTS // block_n, 16))
     n_programs = _bwd_programs(x.device, triton.cdiv(n_rows, block_m))
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), block_m) * block_m
     n_programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 1

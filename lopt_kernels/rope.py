@@ -5,9 +5,9 @@ With x = [x1, x2] split at half the head dim and cos = [c1, c2], sin = [s1, s2] 
 
     y = x * cos + rotate_half(x) * sin  =  [x1 * c1 - x2 * s1,  x2 * c2 + x1 * s2]
 
-One program rotates every query and key head of one (batch, position), loading its cos/sin once.
-The map is linear in x, so the backward is the same kernel with the transposed rotation; nothing
-but cos and sin is saved.
+One program rotates every head of one (batch, position), loading its cos/sin once; q and k take one
+launch each (so their head counts may differ, as in grouped-query attention). The map is linear in x,
+so the backward is the same kernel with the transposed rotation; nothing but cos and sin is saved.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ __all__ = ["apply_rope", "apply_rope_reference"]
 
 
 @triton.jit
-def _rotate_heads(
+def _rope_kernel(
     X,
+    COS,
+    SIN,
     OUT,
-    b,
-    t,
+    seq_len,
     n_heads,
     half,
     stride_x_b,
@@ -42,63 +43,18 @@ def _rotate_heads(
     stride_out_b,
     stride_out_h,
     stride_out_t,
-    cos1,
-    cos2,
-    sin1,
-    sin2,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    heads = tl.arange(0, BLOCK_H).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    mask = (heads < n_heads)[:, None] & (d < half)[None, :]
-    x_ptr = X + b * stride_x_b + t * stride_x_t + heads[:, None] * stride_x_h + d[None, :]
-    out_ptr = OUT + b * stride_out_b + t * stride_out_t + heads[:, None] * stride_out_h + d[None, :]
-    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + half, mask=mask, other=0.0).to(tl.float32)
-    y1 = x1 * cos1[None, :] - x2 * sin1[None, :]
-    y2 = x2 * cos2[None, :] + x1 * sin2[None, :]
-    tl.store(out_ptr, y1.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + half, y2.to(OUT.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rope_kernel(
-    Q,
-    K,
-    COS,
-    SIN,
-    Q_OUT,
-    K_OUT,
-    seq_len,
-    n_q_heads,
-    n_k_heads,
-    half,
-    stride_q_b,
-    stride_q_h,
-    stride_q_t,
-    stride_k_b,
-    stride_k_h,
-    stride_k_t,
-    stride_q_out_b,
-    stride_q_out_h,
-    stride_q_out_t,
-    stride_k_out_b,
-    stride_k_out_h,
-    stride_k_out_t,
     stride_cos_b,
     stride_cos_t,
-    BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
-    """Rotates q and k at one (batch, position).
+    """Rotates every head of x [B, H, T, D] at one (batch, position).
 
-    Forward:  y = [x1 * c1 - x2 * s1,  x2 * c2 + x1 * s2].
-    Backward: y = cos * x + rotate_half(x) * sin is y = A x with A = diag(cos) + diag(sin) R, where
-    R = [[0, -I], [I, 0]]; so dx = A^T dy = cos * dy + R^T (sin * dy), R^T = [[0, I], [-I, 0]]:
-        dx1 = dy1 * c1 + dy2 * s2,   dx2 = dy2 * c2 - dy1 * s1,
+    Forward:  out = [x1 * c1 - x2 * s1,  x2 * c2 + x1 * s2].
+    Backward: out = cos * x + rotate_half(x) * sin is A x with A = diag(cos) + diag(sin) R, where
+    R = [[0, -I], [I, 0]]; so dx = A^T dout = cos * dout + R^T (sin * dout), R^T = [[0, I], [-I, 0]]:
+        dx1 = dout1 * c1 + dout2 * s2,   dx2 = dout2 * c2 - dout1 * s1,
     which is the forward with (s1, s2) replaced by (-s2, -s1): the rotation by -sin.
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -114,40 +70,43 @@ def _rope_kernel(
     if BACKWARD:
         sin1, sin2 = -sin2, -sin1
 
-    _rotate_heads(
-        Q, Q_OUT, b, t, n_q_heads, half,
-        stride_q_b, stride_q_h, stride_q_t, stride_q_out_b, stride_q_out_h, stride_q_out_t,
-        cos1, cos2, sin1, sin2, BLOCK_HQ, BLOCK_D,
-    )  # fmt: skip
-    _rotate_heads(
-        K, K_OUT, b, t, n_k_heads, half,
-        stride_k_b, stride_k_h, stride_k_t, stride_k_out_b, stride_k_out_h, stride_k_out_t,
-        cos1, cos2, sin1, sin2, BLOCK_HK, BLOCK_D,
-    )  # fmt: skip
+    heads = tl.arange(0, BLOCK_H).to(tl.int64)
+    mask = (heads < n_heads)[:, None] & d_mask[None, :]
+    x_ptr = X + b * stride_x_b + t * stride_x_t + heads[:, None] * stride_x_h + d[None, :]
+    out_ptr = OUT + b * stride_out_b + t * stride_out_t + heads[:, None] * stride_out_h + d[None, :]
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + half, mask=mask, other=0.0).to(tl.float32)
+    out1 = x1 * cos1[None, :] - x2 * sin1[None, :]
+    out2 = x2 * cos2[None, :] + x1 * sin2[None, :]
+    tl.store(out_ptr, out1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + half, out2.to(OUT.dtype.element_ty), mask=mask)
 
 
 _wrap_triton = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    batch, n_heads, seq_len, head_dim = x.shape
+    # Keeps the input's layout (e.g. [B, T, H, D] memory under a [B, H, T, D] view), as eager PyTorch does.
+    out = torch.empty_like(x)
+    block_h, block_d = triton.next_power_of_2(n_heads), triton.next_power_of_2(head_dim // 2)
+    _wrap_triton(_rope_kernel)[(batch * seq_len,)](
+        x, cos, sin, out, seq_len, n_heads, head_dim // 2,
+        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        cos.stride(0), cos.stride(1),
+        BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, num_warps=4 if block_h * block_d <= 2048 else 8,
+    )  # fmt: skip
+    return out
+
+
 def _rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, Hq, T, D], k [B, Hk, T, D], cos/sin [B, T, D] (batch stride may be 0), all unit stride along D."""
-    batch, n_q_heads, seq_len, head_dim = q.shape
-    n_k_heads = k.shape[1]
-    # Keeps the inputs' layout (e.g. [B, T, H, D] memory under a [B, H, T, D] view), as eager PyTorch does.
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    block_hq, block_hk = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_k_heads)
-    block_d = triton.next_power_of_2(head_dim // 2)
-    num_warps = 4 if (block_hq + block_hk) * block_d <= 4096 else 8
-    _wrap_triton(_rope_kernel)[(batch * seq_len,)](
-        q, k, cos, sin, q_out, k_out, seq_len, n_q_heads, n_k_heads, head_dim // 2,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        cos.stride(0), cos.stride(1),
-        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d, BACKWARD=backward, num_warps=num_warps,
-    )  # fmt: skip
-    return q_out, k_out
+    """q [B, Hq, T, D], k [B, Hk, T, D], cos/sin [B, T, D] (the same strides; batch stride may be 0).
+
+    All unit stride along D.
+    """
+    return _rotate(q, cos, sin, backward), _rotate(k, cos, sin, backward)
 
 
 # Registered as torch.library ops for torch.compile, which then sees each launch as one node (and Inductor

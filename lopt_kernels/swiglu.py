@@ -62,9 +62,11 @@ def _swiglu_bwd_kernel(
     stride_dup,
     BLOCK: tl.constexpr,
 ):
-    """Backward of out = silu(gate) * up, with s = sigmoid(gate) recomputed:
+    """Backward of out = silu(gate) * up, with s = sigmoid(gate) recomputed.
+
+    d silu / d gate = s + gate * s * (1 - s), so
         d_up   = d_out * gate * s
-        d_gate = d_out * up * s * (1 + gate * (1 - s))      (d silu / d gate = s + gate * s * (1 - s))
+        d_gate = d_out * up * s * (1 + gate * (1 - s))
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -122,7 +124,7 @@ else:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as [rows, cols] with unit stride along cols; a view where the layout allows (a chunk of a fused projection)."""
+    """``t`` as [rows, cols] with unit stride along cols: a view where the layout allows (a fused projection's chunk)."""
     t2d = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
     return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
 
@@ -153,7 +155,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate`` and ``up`` of one shape and dtype."""
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(
-            f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match in shape and dtype"
+            f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
+            "must match in shape and dtype"
         )
     # The kernels compute in fp32: float64 (and empty or 0-d input) take the reference.
     fused = gate.dtype != torch.float64 and gate.numel() > 0 and gate.dim() > 0

@@ -6,14 +6,18 @@ real vocabulary sizes in bf16 with the criterion: the kernel's error against flo
 native bf16 PyTorch's error against the same answer, plus a small tolerance.
 """
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lopt_kernels.linear_cross_entropy as lce
 from lopt_kernels import current_backend
 from lopt_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference, lm_head_weight
+
+# the module itself: the package re-exports the function under the same name
+lce = importlib.import_module("lopt_kernels.linear_cross_entropy")
 
 IGNORE = -100
 REDUCTIONS = ("mean", "sum", "none")
@@ -70,7 +74,7 @@ def many_blocks(monkeypatch):
     monkeypatch.setattr(lce, "_MIN_BLOCK_VOCAB", 256)
     monkeypatch.setattr(lce, "_BLOCK_ELEMENTS", 0)
     monkeypatch.setattr(lce, "_MAX_BLOCK_ELEMENTS", 16 * 256)
-    monkeypatch.setattr(lce, "_MAX_KERNEL_BLOCK", 128)
+    monkeypatch.setattr(lce, "_KERNEL_MAX_COLS", 128)
     assert lce._plan(37, 777) == (16, 256)
 
 
@@ -126,6 +130,15 @@ def test_all_ignored_gives_zero_loss_and_zero_grads(many_blocks, reduction):
         assert torch.equal(g, torch.zeros_like(g))
     ref_loss, _ = loss_and_grads(linear_cross_entropy_reference, hidden, weight, b, labels, reduction, torch.ones(37))
     assert torch.equal(ref_loss, torch.zeros_like(ref_loss))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(reduction):
+    hidden, weight, b, labels = make_inputs(0, 96, 777)
+    loss, grads = loss_and_grads(linear_cross_entropy, hidden, weight, b, labels, reduction, torch.ones(0))
+    assert loss.shape == ((0,) if reduction == "none" else ()) and not loss.any()
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
 
 
 def test_gradient_accumulation_sum_over_total_count_equals_full_batch_mean(many_blocks):
@@ -205,6 +218,20 @@ def test_leading_dims_and_int32_labels():
     assert out.shape == (4, 9)
     ref = linear_cross_entropy_reference(hidden.double(), weight.double(), labels, reduction="none", bias=b.double())
     assert rel_err(out, ref) < 1e-5
+
+
+def test_autocast_casts_like_f_linear():
+    """fp32 parameters under bf16 autocast: bf16 compute, fp32 gradients, as the reference under autocast."""
+    hidden, weight, b, labels = make_inputs(37, 96, 777)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_loss, got_grads = loss_and_grads(linear_cross_entropy, hidden, weight, b, labels, "mean")
+        nat_loss, nat_grads = loss_and_grads(linear_cross_entropy_reference, hidden, weight, b, labels, "mean")
+    ref_loss, ref_grads = float64_oracle(hidden, weight, b, labels, "mean")
+    assert got_loss.dtype == torch.float32
+    assert rel_err(got_loss, ref_loss) <= rel_err(nat_loss, ref_loss) + 1e-3
+    for got, nat, ref in zip(got_grads, nat_grads, ref_grads):
+        assert got.dtype == torch.float32
+        assert rel_err(got, ref) <= rel_err(nat, ref) + 2e-3, (rel_err(got, ref), rel_err(nat, ref))
 
 
 def test_backend_torch_uses_the_reference(monkeypatch):

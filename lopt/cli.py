@@ -1,0 +1,133 @@
+"""``lopt``: the command line.
+
+``lopt train`` maps its flags one to one onto ``TrainConfig`` (built from the dataclass's fields, so
+the two cannot drift apart) and calls ``lopt.train.train``. ``lopt plan`` is ``lopt.plan``'s.
+
+Exit status: 0 done; 2 bad input (one line on stderr, no traceback); 130 stopped by Ctrl-C (after
+saving a checkpoint that ``--resume`` continues from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import UsageError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
+
+GROUPS = ("model and data", "LoPT", "training", "memory recipe", "run")
+
+
+def _flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``TrainConfig`` field. Defaults are SUPPRESSed, so the parsed namespace holds only
+    the flags given: ``--resume`` starts from the run's saved settings and overrides just those."""
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(meta["help"], f.default))
+        if meta["type"] is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=meta["type"], choices=meta["choices"], metavar=meta["metavar"])
+        groups[meta["group"]].add_argument(_flag_name(f.name), **kwargs)
+
+
+def _help(text: str, default) -> str:
+    if default is None or isinstance(default, bool) or "default" in text:
+        return text
+    return f"{text} (default: {default})"
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` the flags describe. With ``--resume``, the run's saved ``config.json`` is the base."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    base = TrainConfig()
+    if given.get("resume"):
+        saved = Path(given.get("output_dir", base.output_dir)).expanduser() / "config.json"
+        if saved.is_file():
+            base = TrainConfig.from_json(saved)
+    return dataclasses.replace(base, **given)
+
+
+def build_parser(with_plan_arguments: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lopt",
+        description="LoPT (Local-Learning Post-Training) for Hugging Face causal LMs. `lopt train` with no "
+        "flags trains a small model on a generated SFT set offline in a few minutes (into runs/lopt).",
+        epilog="Exit status: 0 done, 2 bad input, 130 stopped by Ctrl-C after saving a checkpoint.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train_parser = commands.add_parser(
+        "train",
+        help="fine-tune a model with LoPT (no flags: the embedded default, offline)",
+        description="Fine-tune a causal LM with LoPT: the layers are split into --num-blocks blocks; each lower "
+        "block learns from its own reconstruction loss and frees its activations before the next block runs. "
+        "Writes metrics.jsonl, checkpoints, loss.png, eval.json and final/ (a Hugging Face checkpoint) "
+        "into --output-dir.",
+        epilog="Exit status: 0 done, 2 bad input, 130 stopped by Ctrl-C after saving a checkpoint "
+        "(continue with --resume).",
+    )
+    add_train_arguments(train_parser)
+    plan_parser = commands.add_parser(
+        "plan",
+        help="predict a step's GPU memory and pick batch size, accumulation, recomputation and optimizer for a card",
+        description="Predict the GPU memory of a LoPT training step and pick the settings that fit a card.",
+    )
+    if with_plan_arguments:
+        from .plan import add_plan_arguments  # imported only for `lopt plan`: training does not need it
+
+        add_plan_arguments(plan_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(with_plan_arguments=bool(argv) and argv[0] == "plan")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "plan":
+            from .plan import run_plan
+
+            return run_plan(args)
+        parser.print_help()
+        return EXIT_USAGE
+    except UsageError as error:
+        print(f"lopt: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lopt: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train  # torch and transformers load here, not for `lopt --help`
+
+    summary = train(config_from_args(args))
+    if summary["status"] == "interrupted":
+        print(f"lopt: stopped at step {summary['steps']}; checkpoint saved in {summary['checkpoint']} "
+              f"(continue with: lopt train --output-dir {summary['output_dir']} --resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if summary["first_loss"] is not None:
+        print(f"trained {summary['steps']} steps in {summary['elapsed_s']:.0f}s: loss {summary['first_loss']:.4f} -> "
+              f"{summary['last_loss']:.4f}")
+    if "eval" in summary:
+        e = summary["eval"]
+        print(f"held-out: loss {e['loss']:.4f}, exact match {e['correct']}/{e['num_generated']} "
+              f"({100 * e['exact_match']:.1f}%)")
+    print(f"final checkpoint: {summary['final_dir']} (AutoModelForCausalLM.from_pretrained loads it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

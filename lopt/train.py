@@ -1,0 +1,679 @@
+"""The trainer behind ``lopt train``: ``train(TrainConfig(...)) -> summary``.
+
+One optimizer step: count the label tokens and positions of its micro-batches, run ``train_step`` on
+each (the engine weights every micro-batch by its share of those totals, so the accumulated
+gradients are the large batch's exactly), clip, step AdamW at the cosine-scheduled rate. With
+``early_lower_step`` each lower block is clipped and stepped inside ``train_step`` at its boundary,
+so its gradients are gone before the upper block's activations exist.
+
+Precision: fp32 on the CPU. On CUDA the parameters are bf16 and there is no autocast: the weights,
+activations and gradients are half the size (the point of a memory-saving trainer), the fused
+kernels see the dtype they are tuned for, and ``lopt.optim.AdamW`` keeps fp32 moments and an fp32
+master copy so small updates are not lost to bf16 rounding.
+
+Output directory: ``config.json``, ``metrics.jsonl`` (one row per logged step), ``checkpoint-NNNNNN/``
+(the latest only; written to a temporary directory, then renamed), ``loss.png``, ``eval.json``, and
+``final/`` (a plain Hugging Face checkpoint with its tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .configs import SUPPORTED_FAMILIES, build_model, tiny_config
+from .data import (
+    StepSchedule,
+    collate,
+    eval_examples,
+    load_rows,
+    rows_to_conversations,
+    tokenize_conversations,
+)
+from .errors import NonFiniteLossError, UsageError
+from .model import LoPTModel
+from .optim import build_optimizer
+from .plotting import plot_losses
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# The embedded default's model: ~3.2M parameters; 60 steps take about a minute on 2 CPU cores.
+EMBEDDED_MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+# Run-control settings a resumed run may change without changing the trajectory.
+RUN_CONTROL_FIELDS = {"resume", "overwrite", "output_dir", "log_every", "save_every", "eval_every",
+                      "eval_max_examples", "max_steps", "epochs", "device"}
+
+
+def train(config: TrainConfig) -> dict:
+    """Train as ``config`` says; returns a summary (losses, eval, paths, ``status``).
+
+    ``status`` is ``"completed"`` or ``"interrupted"`` (Ctrl-C: a checkpoint was saved first).
+    Raises ``UsageError`` for bad input and ``NonFiniteLossError`` when the loss stops being finite.
+    """
+    config = _apply_recipe(config).resolved()
+    _validate(config)
+    out = Path(config.output_dir).expanduser()
+    checkpoint = _check_output_dir(out, config)  # refuses before anything is loaded or touched
+    device, dtype = _device_and_dtype(config)
+    _seed_everything(config.seed)
+    tokenizer, hf_model = _load_model_and_tokenizer(config, device, dtype)
+    model = _wrap(hf_model, config)
+    examples, held_out = _load_data(config, tokenizer)
+    if config.overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, model, tokenizer, examples, held_out, out, device)
+    if checkpoint is not None:
+        trainer.load_checkpoint(checkpoint)
+    # What was run, for the record and for `lopt train --resume` to start from.
+    (out / "config.json").write_text(dataclasses.replace(config, resume=False, overwrite=False).to_json() + "\n")
+    return trainer.run()
+
+
+# ================================================================================= the training loop
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, model: LoPTModel, tokenizer, examples, held_out, out: Path, device):
+        self.config, self.model, self.tokenizer, self.out, self.device = config, model, tokenizer, out, device
+        self.examples, self.held_out = examples, held_out
+        self.pad_id = _pad_id(tokenizer)
+        self.schedule = StepSchedule(len(examples), config.batch_size, config.grad_accum, config.seed)
+        limits = [config.max_steps] if config.max_steps else []
+        if config.epochs:
+            limits.append(config.epochs * self.schedule.steps_per_epoch)
+        self.total_steps = min(limits)
+        self.warmup_steps = (
+            config.warmup_steps if config.warmup_steps is not None else max(1, round(0.05 * self.total_steps))
+        )
+        self.optimizers, self.block_params = self._build_optimizers()
+        # Position: optimizer steps done, and where the data order stands.
+        self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.metrics: list[dict] = []
+        self.last_checkpoint: Path | None = None
+        self.stop_requested = False
+        self._lower_grads_finite = True
+        self._pbar = None
+
+    # ----------------------------------------------------------------------------- optimizers
+
+    def _build_optimizers(self):
+        """One AdamW over all groups; with early_lower_step one per lower block plus one for the upper.
+
+        The groups come from ``LoPTModel.param_groups`` (upper/lower learning rates, no decay on
+        vectors); for per-block optimizers each group is split by which block owns the parameter.
+        """
+        cfg, model = self.config, self.model
+        groups = model.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay)
+        for group in groups:
+            group["initial_lr"] = group["lr"]
+        if not cfg.early_lower_step or model.num_blocks == 1:
+            return [build_optimizer(cfg.optimizer, groups)], None
+        owner = {}
+        for b, (start, end) in enumerate(model.block_ranges[:-1]):
+            members = [*model.aux_decoders[b].parameters()]
+            members += [p for layer in model.model.model.layers[start:end] for p in layer.parameters()]
+            if b == 0:
+                members += list(model.model.model.embed_tokens.parameters())
+            owner.update({id(p): b for p in members})
+        upper = model.num_blocks - 1
+        per_block = [[] for _ in range(model.num_blocks)]
+        for group in groups:
+            for b in range(model.num_blocks):
+                params = [p for p in group["params"] if owner.get(id(p), upper) == b]
+                if params:
+                    per_block[b].append({**group, "params": params})
+        block_params = [[p for g in gs for p in g["params"]] for gs in per_block]
+        return [build_optimizer(cfg.optimizer, gs) for gs in per_block], block_params
+
+    def _set_lr(self):
+        factor = lr_factor(self.step, self.warmup_steps, self.total_steps, self.config.min_lr_ratio)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+
+    def _on_boundary(self, b: int):
+        """early_lower_step: clip and step lower block b now; its gradients are freed before block b+1 runs."""
+        params = self.block_params[b]
+        if self.config.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            if not torch.isfinite(norm):
+                self._lower_grads_finite = False
+                self.optimizers[b].zero_grad(set_to_none=True)
+                return
+        self.optimizers[b].step()
+        self.optimizers[b].zero_grad(set_to_none=True)
+
+    # ----------------------------------------------------------------------------- one optimizer step
+
+    def optimizer_step(self, micro_batches: list[list[int]]) -> dict | None:
+        """Forward, backward and update over one step's micro-batches; None if no label token is left."""
+        cfg = self.config
+        parts = [[self.examples[i] for i in indices] for indices in micro_batches]
+        tokens = [sum(e.num_label_tokens for e in part) for part in parts]
+        positions = [sum(len(e.input_ids) for e in part) for part in parts]
+        total_tokens, total_positions = sum(tokens), sum(positions)
+        if total_tokens == 0:
+            return None
+        self._set_lr()
+        self._lower_grads_finite = True
+        on_boundary = self._on_boundary if self.block_params is not None else None
+        task_sum = aux_sum = 0.0
+        for part, n_tokens, n_positions in zip(parts, tokens, positions):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in collate(part, self.pad_id).items()}
+            out = self.model.train_step(batch, total_tokens=total_tokens, total_positions=total_positions,
+                                        on_boundary=on_boundary)
+            if n_tokens:  # a micro-batch without labels still trains the lower blocks, but has no task loss
+                task_sum = task_sum + out.task_loss.float() * (n_tokens / total_tokens)
+            aux_sum = aux_sum + out.aux_loss.float() * (n_positions / total_positions)
+
+        upper_params = self.block_params[-1] if self.block_params is not None else None
+        params = upper_params if upper_params is not None else [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).float()
+        else:
+            grad_norm = torch.zeros((), device=self.device)
+        task, aux, norm = torch.stack([task_sum, torch.as_tensor(aux_sum, device=self.device), grad_norm]).tolist()
+        loss = task + self.model.lambda_aux * aux
+        if not (math.isfinite(loss) and math.isfinite(norm) and self._lower_grads_finite):
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1} (task {task:.4g}, aux {aux:.4g}); training stopped and "
+                f"{kept}; lower --lr (or raise --max-grad-norm clipping) and --resume"
+            )
+        final_optimizer = self.optimizers[-1]
+        for optimizer in self.optimizers if self.block_params is None else [final_optimizer]:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizers[-1].param_groups[0]["lr"]
+        return dict(loss=loss, task_loss=task, aux_loss=aux, grad_norm=norm, lr=lr, tokens=total_positions,
+                    label_tokens=total_tokens)
+
+    # ----------------------------------------------------------------------------- the loop
+
+    def run(self) -> dict:
+        cfg = self.config
+        self._announce()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start_time = time.perf_counter()
+        window_start, window_tokens, window = time.perf_counter(), 0, []
+        order = self.schedule.order(self.epoch)
+        interrupted = False
+        self._pbar = tqdm(total=self.total_steps, initial=self.step, desc="lopt train", unit="step",
+                          dynamic_ncols=True, file=sys.stderr)
+        previous_handler = self._catch_ctrl_c()
+        try:
+            while self.step < self.total_steps:
+                if self.step_in_epoch == self.schedule.steps_per_epoch:
+                    if cfg.epochs and self.epoch + 1 >= cfg.epochs:
+                        break  # skipped batches can leave the step count short of epochs x steps per epoch
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    order = self.schedule.order(self.epoch)
+                micro_batches = self.schedule.micro_batches(self.epoch, self.step_in_epoch, order)
+                self.step_in_epoch += 1
+                result = self.optimizer_step(micro_batches)
+                if result is None:
+                    self._say(f"skipping a batch whose labels are all masked (epoch {self.epoch}, batch "
+                              f"{self.step_in_epoch}): its prompts fill --seq-len {cfg.seq_len}")
+                    continue
+                self.step += 1
+                window.append(result)
+                window_tokens += result["tokens"]
+                self._pbar.update(1)
+                do_eval = bool(cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps
+                               and self.held_out is not None)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps or do_eval:
+                    elapsed = time.perf_counter() - window_start
+                    row = self._log(window, window_tokens / max(elapsed, 1e-9))
+                    if do_eval:
+                        row.update(self._eval_row())
+                    self._write_metrics(row)
+                    window_start, window_tokens, window = time.perf_counter(), 0, []
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                if self.stop_requested:
+                    interrupted = True
+                    break
+        finally:
+            self._restore_ctrl_c(previous_handler)
+            self._pbar.close()
+        if window:  # interrupted between logging steps: keep what was measured
+            self._write_metrics(self._log(window, window_tokens / max(time.perf_counter() - window_start, 1e-9)))
+        checkpoint = self.save_checkpoint()
+        self._plot()
+        summary = dict(
+            status="interrupted" if interrupted else "completed",
+            steps=self.step,
+            first_loss=self.metrics[0]["loss"] if self.metrics else None,
+            last_loss=self.metrics[-1]["loss"] if self.metrics else None,
+            output_dir=str(self.out),
+            checkpoint=str(checkpoint),
+            elapsed_s=round(time.perf_counter() - start_time, 2),
+        )
+        if interrupted:
+            return summary
+        summary["final_dir"] = str(self.save_final())
+        if self.held_out is not None:
+            summary["eval"] = result = self.evaluate()
+            (self.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        return summary
+
+    def _log(self, window: list[dict], tokens_per_s: float) -> dict:
+        mean = lambda key: sum(r[key] for r in window) / len(window)  # noqa: E731
+        row = dict(step=self.step, epoch=self.epoch, loss=mean("loss"), task_loss=mean("task_loss"),
+                   aux_loss=mean("aux_loss"), grad_norm=mean("grad_norm"), lr=window[-1]["lr"],
+                   tokens_per_s=round(tokens_per_s, 1), peak_mem_gb=round(_peak_memory_gb(self.device), 3))
+        self._pbar.set_postfix(loss=f"{row['task_loss']:.3f}", aux=f"{row['aux_loss']:.3g}",
+                               tok_s=f"{tokens_per_s:,.0f}", mem=f"{row['peak_mem_gb']:.2f}GB", refresh=False)
+        return row
+
+    def _write_metrics(self, row: dict):
+        self.metrics.append(row)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _plot(self):
+        if self.metrics:
+            plot_losses(self.metrics, self.out / "loss.png")
+
+    def _say(self, message: str):
+        tqdm.write(f"lopt: {message}", file=sys.stderr)
+
+    def _announce(self):
+        cfg, model = self.config, self.model
+        n_params = sum(p.numel() for p in model.model.parameters())
+        source = "embedded default model" if cfg.model is None else cfg.model
+        data = "embedded SFT set" if cfg.data is None else cfg.data
+        dtype = next(model.parameters()).dtype
+        where = f"resuming at step {self.step}" if self.step else "starting"
+        self._say(
+            f"{where}: {source} ({n_params / 1e6:.1f}M parameters, blocks {model.block_ranges}) on "
+            f"{self.device} in {str(dtype).removeprefix('torch.')}; {data}: {len(self.examples)} examples, "
+            f"{self.total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}; output: {self.out}"
+        )
+
+    # ----------------------------------------------------------------------------- Ctrl-C
+
+    def _catch_ctrl_c(self):
+        """First Ctrl-C: finish the step, save a checkpoint, stop. A second one aborts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self._say("Ctrl-C: saving a checkpoint after this step (press Ctrl-C again to abort without one)")
+
+        return signal.signal(signal.SIGINT, handler)
+
+    @staticmethod
+    def _restore_ctrl_c(previous):
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Model, decoders, optimizers, RNG states and data position; written whole or not at all."""
+        final = self.out / f"checkpoint-{self.step:06d}"
+        if final.exists():  # this step is already saved (e.g. a resume stopped before its first step)
+            self.last_checkpoint = final
+            return final
+        state = dict(
+            model=self.model.state_dict(),
+            optimizers=[o.state_dict() for o in self.optimizers],
+            step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+            rng=_rng_state(self.device),
+            config=dataclasses.asdict(self.config),
+        )
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=self.out))
+        torch.save(state, tmp / "state.pt")
+        info = dict(step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch)
+        (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp, final)
+        for old in _checkpoints(self.out):
+            if old != final:
+                shutil.rmtree(old)
+        self.last_checkpoint = final
+        return final
+
+    def load_checkpoint(self, path: Path):
+        state = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise UsageError(f"{path} was written with a different --early-lower-step / --num-blocks setting")
+        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        _set_rng_state(state["rng"], self.device)
+        self.last_checkpoint = path
+        # Rows logged after the checkpoint are re-logged by the resumed run.
+        rows = []
+        metrics_path = self.out / "metrics.jsonl"
+        if metrics_path.exists():
+            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if r["step"] <= self.step]
+        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        self.metrics = rows
+        for leftover in self.out.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if self.step >= self.total_steps:
+            self._say(f"{path.name} is already at step {self.step} of {self.total_steps}; raise --max-steps or "
+                      "--epochs to train further")
+
+    def save_final(self) -> Path:
+        """The plain Hugging Face checkpoint (decoders dropped) with its tokenizer, swapped in atomically."""
+        final = self.out / "final"
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=self.out))
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        if final.exists():
+            stale = self.out / ".tmp-stale-final"
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, final)
+        return final
+
+    # ----------------------------------------------------------------------------- evaluation
+
+    def _eval_row(self) -> dict:
+        result = self.evaluate()
+        return {"eval_loss": result["loss"], "exact_match": result["exact_match"]}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out task loss (token-weighted) and exact match of greedily generated answers."""
+        full, prompts = self.held_out
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, n_tokens = 0.0, 0
+        for i in range(0, len(full), self.config.batch_size):
+            part = full[i : i + self.config.batch_size]
+            tokens = sum(e.num_label_tokens for e in part)
+            if tokens:
+                batch = {k: v.to(self.device) for k, v in collate(part, self.pad_id).items()}
+                _, task_loss, _ = self.model.objective(batch)
+                loss_sum += task_loss.float().item() * tokens
+                n_tokens += tokens
+        prompts = prompts[: self.config.eval_max_examples]
+        generated = self._generate([p.prompt_ids for p in prompts], [p.answer for p in prompts])
+        correct = sum(g.strip() == p.answer.strip() for g, p in zip(generated, prompts))
+        self.model.train(was_training)
+        result = dict(
+            step=self.step,
+            loss=loss_sum / max(n_tokens, 1),
+            exact_match=correct / max(len(prompts), 1),
+            correct=correct,
+            num_generated=len(prompts),
+            num_examples=len(full),
+            samples=[dict(prompt=self.tokenizer.decode(p.prompt_ids), answer=p.answer, generated=g)
+                     for p, g in zip(prompts[:5], generated[:5])],
+        )
+        self._say(f"held-out at step {self.step}: loss {result['loss']:.4f}, exact match {correct}/{len(prompts)}")
+        return result
+
+    def _generate(self, prompt_ids: list[list[int]], answers: list[str]) -> list[str]:
+        from transformers import GenerationConfig
+
+        hf_model, tok = self.model.model, self.tokenizer
+        eos = {t for t in (tok.eos_token_id, hf_model.config.eos_token_id) if isinstance(t, int)}
+        max_new = min(256, max((len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers), default=1) + 8)
+        gen_config = GenerationConfig(max_new_tokens=max_new, do_sample=False, pad_token_id=self.pad_id,
+                                      eos_token_id=sorted(eos) or None)
+        texts = []
+        for i in range(0, len(prompt_ids), self.config.batch_size):
+            part = prompt_ids[i : i + self.config.batch_size]
+            width = max(len(p) for p in part)
+            # Left padding: every prompt ends where generation starts.
+            input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in part], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device=self.device)
+            out = hf_model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen_config)
+            for row in out[:, width:].tolist():
+                cut = next((j for j, t in enumerate(row) if t in eos), len(row))
+                texts.append(tok.decode(row[:cut], skip_special_tokens=True))
+        return texts
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak rate for optimizer step ``step`` (0-based): linear warm-up, then cosine."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ================================================================================= setting up
+
+
+def _apply_recipe(config: TrainConfig) -> TrainConfig:
+    if config.recipe is None and config.gpu_mem is None:
+        return config
+    from .plan import apply_recipe  # the planner is only needed when a recipe is asked for
+
+    return apply_recipe(config, config.recipe, config.gpu_mem)
+
+
+def _validate(cfg: TrainConfig):
+    checks = [
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
+        (cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
+        (cfg.seq_len >= 2, f"--seq-len must be at least 2, got {cfg.seq_len}"),
+        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.lr_lower is None or cfg.lr_lower >= 0, f"--lr-lower must be >= 0, got {cfg.lr_lower}"),
+        (cfg.lambda_aux >= 0, f"--lambda-aux must be >= 0, got {cfg.lambda_aux}"),
+        (cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be at least 1, got {cfg.max_steps}"),
+        (cfg.epochs is None or cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
+        (cfg.num_blocks >= 1, f"--num-blocks must be at least 1, got {cfg.num_blocks}"),
+        (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}"),
+        (cfg.warmup_steps is None or cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}"),
+        (0 <= cfg.min_lr_ratio <= 1, f"--min-lr-ratio must be between 0 and 1, got {cfg.min_lr_ratio}"),
+        (cfg.log_every >= 1, f"--log-every must be at least 1, got {cfg.log_every}"),
+        (cfg.save_every >= 0 and cfg.eval_every >= 0, "--save-every and --eval-every must be >= 0"),
+        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other: pick one"),
+        (not (cfg.early_lower_step and cfg.grad_accum > 1),
+         "--early-lower-step steps each block once per micro-batch, so it needs --grad-accum 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if cfg.optimizer == "adamw-8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes")
+
+
+def _check_output_dir(out: Path, cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from, or None; refuses a non-empty directory without a flag saying what to do."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} is a file, not a directory")
+    non_empty = out.is_dir() and any(out.iterdir())
+    if cfg.resume:
+        checkpoints = _checkpoints(out) if out.is_dir() else []
+        if not checkpoints:
+            raise UsageError(f"--resume: no checkpoint in {out} (start a new run without --resume)")
+        _note_changed_settings(out, cfg)
+        return checkpoints[-1]
+    if non_empty and not cfg.overwrite:
+        raise UsageError(f"output directory {out} is not empty: pass --resume to continue its run, --overwrite to "
+                         "replace it, or choose another --output-dir")
+    if non_empty and not ((out / "config.json").exists() or (out / "metrics.jsonl").exists() or _checkpoints(out)):
+        raise UsageError(f"--overwrite refuses to delete {out}: it does not look like a lopt run directory")
+    return None
+
+
+def _note_changed_settings(out: Path, cfg: TrainConfig):
+    saved_path = out / "config.json"
+    if not saved_path.exists():
+        return
+    saved = dataclasses.asdict(TrainConfig.from_json(saved_path))
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+               if k not in RUN_CONTROL_FIELDS and k in saved and saved[k] != v]
+    if changed:
+        print(f"lopt: note: resuming with changed settings ({'; '.join(changed)}); the run will not match an "
+              "uninterrupted one", file=sys.stderr)
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT_RE.match(p.name))
+             and (p / "state.pt").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def _device_and_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA GPU is visible to PyTorch")
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          cfg.device if cfg.device != "auto" else "cpu")
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
+    return device, dtype
+
+
+def _seed_everything(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def _load_model_and_tokenizer(cfg: TrainConfig, device, dtype):
+    if cfg.model is None:
+        from .tokenizer import byte_tokenizer
+
+        tokenizer = byte_tokenizer()
+        _check_num_blocks(cfg.num_blocks, EMBEDDED_MODEL["num_hidden_layers"])
+        config = tiny_config(
+            "llama", vocab_size=8 * math.ceil(len(tokenizer) / 8), **EMBEDDED_MODEL,
+            bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        return tokenizer, build_model(config, seed=cfg.seed, dtype=dtype).to(device)
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(cfg.model).expanduser()
+    local = path.is_dir()
+    if not local and (path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.model) or cfg.model.startswith(".")):
+        raise UsageError(f"model directory not found: {cfg.model}")
+    where = str(path) if local else cfg.model
+    try:
+        model_config = AutoConfig.from_pretrained(where, local_files_only=local)
+    except (OSError, ValueError) as error:
+        if local and not (path / "config.json").exists():
+            raise UsageError(f"{cfg.model} has no config.json: not a Hugging Face model directory") from None
+        raise UsageError(f"could not load a model config from {cfg.model}: {_first_line(error)} "
+                         f"(supported families: {', '.join(SUPPORTED_FAMILIES)})") from None
+    if model_config.model_type not in SUPPORTED_FAMILIES:
+        raise UsageError(f"unsupported architecture {model_config.model_type!r} in {cfg.model}; supported families: "
+                         f"{', '.join(SUPPORTED_FAMILIES)}")
+    _check_num_blocks(cfg.num_blocks, model_config.num_hidden_layers)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local)
+        hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"could not load {cfg.model}: {_first_line(error)}") from None
+    return tokenizer, hf_model.to(device)
+
+
+def _check_num_blocks(num_blocks: int, num_layers: int):
+    if not 1 <= num_blocks <= num_layers:
+        raise UsageError(f"--num-blocks must be between 1 and the model's {num_layers} layers, got {num_blocks}")
+
+
+def _wrap(hf_model, cfg: TrainConfig) -> LoPTModel:
+    try:
+        model = LoPTModel(hf_model, num_blocks=cfg.num_blocks, lambda_aux=cfg.lambda_aux, recompute=cfg.recompute,
+                          kernels=cfg.kernels)
+    except ValueError as error:  # the engine's own checks: architecture, block count
+        raise UsageError(str(error)) from None
+    model.train()
+    return model
+
+
+def _load_data(cfg: TrainConfig, tokenizer):
+    """Tokenised training examples, and the held-out ``(examples, prompts)`` or None."""
+    if cfg.data is None:
+        from .default_data import sft_splits
+
+        train_rows, held_out_rows = sft_splits()
+        train_name, held_out_name = "the embedded SFT set", "its held-out split"
+    else:
+        train_rows, train_name = load_rows(cfg.data), cfg.data
+        held_out_rows, held_out_name = None, None
+    if cfg.eval_data is not None:
+        held_out_rows, held_out_name = load_rows(cfg.eval_data), cfg.eval_data
+
+    conversations, skipped = rows_to_conversations(train_rows, train_name)
+    if skipped:
+        print(f"lopt: note: skipped {skipped} of {len(train_rows)} rows of {train_name} without a text answer",
+              file=sys.stderr)
+    examples = tokenize_conversations(conversations, tokenizer, cfg.seq_len)
+    no_labels = sum(e.num_label_tokens == 0 for e in examples)
+    if no_labels == len(examples):
+        raise UsageError(f"no example of {train_name} has an answer token within --seq-len {cfg.seq_len}")
+    if no_labels:
+        print(f"lopt: note: {no_labels} examples have no answer token within --seq-len {cfg.seq_len}; "
+              "they train only the lower blocks", file=sys.stderr)
+    held_out = None
+    if held_out_rows is not None:
+        held_conversations, _ = rows_to_conversations(held_out_rows, held_out_name)
+        held_out = (tokenize_conversations(held_conversations, tokenizer, cfg.seq_len),
+                    eval_examples(held_conversations, tokenizer, cfg.seq_len))
+    return examples, held_out
+
+
+def _pad_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS; Linux reports KiB
+
+
+def _rng_state(device) -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

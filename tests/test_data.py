@@ -1,0 +1,182 @@
+"""The data path: row formats, chat rendering, prompt masking, truncation, batching, loading files."""
+
+import json
+
+import pytest
+import torch
+
+from lopt.data import (
+    IGNORE_INDEX,
+    StepSchedule,
+    collate,
+    eval_examples,
+    load_rows,
+    rows_to_conversations,
+    tokenize_conversations,
+)
+from lopt.default_data import sft_splits
+from lopt.errors import UsageError
+from lopt.tokenizer import byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+def labelled_text(tokenizer, example):
+    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+
+
+def prompt_text(tokenizer, example):
+    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label == IGNORE_INDEX])
+
+
+ROWS = {
+    "messages": {"messages": [{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "Capital of France?"},
+                              {"role": "assistant", "content": "Paris"}]},
+    "instruction": {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+    "query": {"query": "2 + 2?", "response": "4"},
+    "question": {"question": "Opposite of hot?", "answer": "cold"},
+    "prompt": {"prompt": "Once upon a", "completion": " time"},
+}
+ANSWERS = {"messages": "Paris", "instruction": "chat", "query": "4", "question": "cold", "prompt": " time"}
+
+
+@pytest.mark.parametrize("fmt", list(ROWS))
+def test_each_row_format_is_rendered_with_the_chat_template_and_its_prompt_masked(tokenizer, fmt):
+    conversations, skipped = rows_to_conversations([ROWS[fmt]])
+    assert skipped == 0
+    (example,) = tokenize_conversations(conversations, tokenizer, seq_len=512)
+    text = tokenizer.decode(example.input_ids)
+    assert text.startswith("<|system|>" if fmt == "messages" else "<|user|>")
+    # Only the answer and its end-of-turn token are learned; everything before is masked.
+    assert labelled_text(tokenizer, example) == ANSWERS[fmt] + "<|end|>"
+    assert text.endswith("<|assistant|>" + ANSWERS[fmt] + "<|end|>")
+    assert prompt_text(tokenizer, example) + ANSWERS[fmt] + "<|end|>" == text
+    first_label = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    assert all(label != IGNORE_INDEX for label in example.labels[first_label:])
+
+
+def test_instruction_input_is_part_of_the_prompt(tokenizer):
+    conversations, _ = rows_to_conversations([ROWS["instruction"]])
+    assert conversations[0][0] == {"role": "user", "content": "Translate to French.\n\ncat"}
+    no_input, _ = rows_to_conversations([{"instruction": "Say hi.", "output": "hi"}])
+    assert no_input[0][0]["content"] == "Say hi."
+
+
+def test_multi_turn_conversation_learns_every_assistant_turn(tokenizer):
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "B"},
+                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "D"}]}
+    (example,) = tokenize_conversations(rows_to_conversations([row])[0], tokenizer, seq_len=512)
+    assert labelled_text(tokenizer, example) == "B<|end|>D<|end|>"
+    assert prompt_text(tokenizer, example) == "<|user|>a<|end|><|assistant|><|user|>c<|end|><|assistant|>"
+
+
+def test_tokenizer_without_chat_template_uses_plain_text_with_eos(tokenizer):
+    plain = byte_tokenizer()
+    plain.chat_template = None
+    (example,) = tokenize_conversations(rows_to_conversations([ROWS["question"]])[0], plain, seq_len=512)
+    assert plain.decode(example.input_ids) == "Opposite of hot?\ncold<|end|>"
+    assert labelled_text(plain, example) == "cold<|end|>"
+
+
+def test_truncation_to_seq_len_can_leave_no_label(tokenizer):
+    row = {"question": "x" * 50, "answer": "yes"}
+    (example,) = tokenize_conversations(rows_to_conversations([row])[0], tokenizer, seq_len=20)
+    assert len(example.input_ids) == len(example.labels) == 20
+    assert example.num_label_tokens == 0
+
+
+def test_label_count_is_what_the_shifted_loss_counts(tokenizer):
+    (example,) = tokenize_conversations(rows_to_conversations([ROWS["query"]])[0], tokenizer, seq_len=512)
+    labels = torch.tensor([example.labels])
+    assert example.num_label_tokens == int((labels[:, 1:] != IGNORE_INDEX).sum()) == 2  # "4" and <|end|>
+
+
+def test_rows_without_known_fields_name_the_expected_ones():
+    with pytest.raises(UsageError, match="none of the known fields.*found: foo, text.*question \\+ answer"):
+        rows_to_conversations([{"text": "hello", "foo": 1}], "data.jsonl")
+
+
+def test_rows_with_non_text_answers_are_skipped_and_counted():
+    rows = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": None}, {"question": "q3", "answer": ""}]
+    conversations, skipped = rows_to_conversations(rows)
+    assert len(conversations) == 1 and skipped == 2
+    with pytest.raises(UsageError, match="no row"):
+        rows_to_conversations([{"messages": [{"role": "user", "content": "no answer"}]}])
+
+
+def test_collate_pads_right_and_masks_padding(tokenizer):
+    rows = [ROWS["question"], {"question": "Opposite of a long question?", "answer": "a short answer"}]
+    examples = tokenize_conversations(rows_to_conversations(rows)[0], tokenizer, 512)
+    batch = collate(examples, tokenizer.pad_token_id)
+    short, long = sorted(range(2), key=lambda i: len(examples[i].input_ids))
+    n = len(examples[short].input_ids)
+    assert batch["input_ids"].shape == (2, len(examples[long].input_ids))
+    assert batch["attention_mask"][short].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+    assert (batch["input_ids"][short, n:] == tokenizer.pad_token_id).all()
+    assert (batch["labels"][short, n:] == IGNORE_INDEX).all()
+    assert batch["labels"][short, :n].tolist() == examples[short].labels
+
+
+def test_eval_examples_cut_before_the_last_answer(tokenizer):
+    (example,) = eval_examples(rows_to_conversations([ROWS["messages"]])[0], tokenizer, seq_len=512)
+    assert tokenizer.decode(example.prompt_ids) == "<|system|>Be brief.<|end|><|user|>Capital of France?<|end|><|assistant|>"
+    assert example.answer == "Paris"
+
+
+def test_step_schedule_is_seeded_and_independent_of_the_micro_batch_split():
+    a = StepSchedule(10, batch_size=4, grad_accum=1, seed=3)
+    b = StepSchedule(10, batch_size=2, grad_accum=2, seed=3)
+    assert a.steps_per_epoch == b.steps_per_epoch == 3
+    assert a.order(0) == StepSchedule(10, 4, 1, seed=3).order(0) != a.order(1)
+    assert sorted(a.order(0)) == list(range(10))
+    for step in range(3):
+        flat_a = [i for mb in a.micro_batches(0, step) for i in mb]
+        flat_b = [i for mb in b.micro_batches(0, step) for i in mb]
+        assert flat_a == flat_b
+    assert b.micro_batches(0, 2) == [a.order(0)[8:10]]  # the last step is short
+
+
+def test_embedded_sft_set_is_fixed_and_its_held_out_split_disjoint():
+    train, held_out = sft_splits()
+    assert (train, held_out) == sft_splits()
+    assert len(held_out) == 200 and len(train) == 4000
+    assert not {r["question"] for r in train} & {r["question"] for r in held_out}
+
+
+# ------------------------------------------------------------------------------------- loading files
+
+
+def test_load_rows_reads_json_jsonl_csv_and_parquet(tmp_path):
+    pytest.importorskip("datasets")
+    import pandas as pd
+
+    rows = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.json", "d.csv", "d.parquet"):
+        assert load_rows(str(tmp_path / name)) == rows, name
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.jsonl", None, "data file not found"),
+        ("empty.jsonl", "", "data file is empty"),
+        ("blank.json", "\n  \n", "data file is empty"),
+        ("broken.jsonl", '{"question": "q", "answer": \n', "could not read"),
+        ("data.txt", "hello", "unsupported data file type .txt"),
+    ],
+)
+def test_load_rows_bad_files(tmp_path, name, content, message):
+    pytest.importorskip("datasets")
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UsageError, match=message):
+        load_rows(str(path))
