@@ -428,6 +428,7 @@ class MemoryEstimate:
     boundary: int
     head_peak: int  # the head's largest transient (logits without kernels)
     decoders: int  # the decoder's saved activations in a lower block
+    activations_per_block: list[int] = field(default_factory=list)  # saved by each block's layers
     settings: dict = field(default_factory=dict)
 
     @property
@@ -649,6 +650,7 @@ def estimate_memory(
         boundary=boundary,
         head_peak=head_bwd_peak,
         decoders=dec_saved if k > 1 else 0,
+        activations_per_block=block_acts,
         settings=dict(seq_len=seq_len, batch_size=batch_size, num_blocks=k, recompute=recompute,
                       optimizer=optimizer, kernels=kernels, early_lower_step=early_lower_step,
                       grad_accum=grad_accum, dtype=str(dtype).replace("torch.", ""), padded=padded),

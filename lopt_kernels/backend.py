@@ -7,7 +7,6 @@ forces one.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -16,9 +15,11 @@ import torch
 BACKENDS = ("triton", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpreted() -> bool:

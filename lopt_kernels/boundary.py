@@ -205,8 +205,13 @@ class BoundaryMemory:
         self.released_bytes = 0
 
     def block(self, keep: Iterable[torch.Tensor | None] = ()):
-        """Context of one lower block: on exit its saved activations are released; ``keep`` never is."""
-        if self.device_type != "cuda":
+        """Context of one lower block: on exit its saved activations are released; ``keep`` never is.
+
+        The block runs where its ``keep`` tensors live (the block input), else on ``device``.
+        """
+        keep = list(keep)
+        device_type = next((t.device.type for t in keep if isinstance(t, torch.Tensor)), self.device_type)
+        if device_type != "cuda":
             return contextlib.nullcontext()
         return self._block(keep, "cuda")
 

@@ -1,0 +1,386 @@
+"""The memory planner's arithmetic against bytes counted on the CPU.
+
+The oracle is ``benchmarks.e2e.bytecount``: ``ByteCounter`` registers the storage of every tensor an
+operator returns (the autograd engine's backward included) and drops it when the storage dies, so its
+``current``/``peak`` are what a caching-free allocator would report, in exact bytes;
+``saved_tensor_bytes`` counts the distinct storages autograd saves for backward.
+
+Tolerances, and why they are tight: the planner counts the same tensors the ops allocate, byte for
+byte, so on the CPU its terms come out exact or within a few hundred bytes (int64 scalars, the loss).
+The activation and optimizer terms must agree within 1%, a whole step's peak within 3%; a formula
+that misses one ``[N, h]`` tensor in a layer, or the wrong recomputation mode, fails them
+(``test_wrong_mode_is_detected`` shows the margin). The CPU runs SDPA through its flash kernel
+(``_scaled_dot_product_flash_attention_for_cpu``: no ``T^2`` tensor, like CUDA's flash path), which the
+tests assert, so the attention term is the one the GPU uses. What the CPU cannot check: the CUDA
+caching allocator's rounding and fragmentation (the plan's safety margin), cuBLAS workspaces, and the
+Triton head / decoder kernels' buffers (their activation terms are checked here through the Triton
+interpreter; the full-step peak with kernels is measured on the GPU by the benchmark harness).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from benchmarks.e2e.bytecount import ByteCounter, saved_tensor_bytes, tensors_of
+from lopt import LoPTModel
+from lopt.configs import build_model, shipped_config, tiny_config
+from lopt.optim import build_optimizer
+from lopt.plan import (
+    GiB,
+    add_plan_arguments,
+    apply_recipe,
+    estimate_memory,
+    input_saved_per_layer,
+    model_shape,
+    optimizer_state_bytes,
+    plan,
+    run_plan,
+    saved_per_layer,
+    split_layers,
+    usable_bytes,
+)
+
+ACT_TOL = 0.01
+PEAK_TOL = 0.03
+
+
+# ---------------------------------------------------------------------------------------------- shipped configs
+
+PUBLISHED = {  # parameters of the released checkpoints (tied embeddings), as their model cards state
+    "qwen2.5-0.5b": 0.49e9,
+    "llama-3.2-1b": 1.24e9,
+    "qwen2.5-1.5b": 1.54e9,
+    "llama-3.2-3b": 3.21e9,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_shipped_config_builds_with_published_size(name):
+    from transformers import AutoModelForCausalLM
+
+    config = shipped_config(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    count = sum(p.numel() for p in model.parameters())
+    assert round(count / 1e9, 2) == pytest.approx(PUBLISHED[name] / 1e9, abs=0.006), count
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as released
+    shape = model_shape(config)
+    assert shape.total_params(1, untie=False) == count
+    # LoPT unties the head: one more V x h matrix
+    assert shape.total_params(1) == count + config.vocab_size * config.hidden_size
+
+
+def test_llama_3_2_rope_scaling_is_llama3():
+    config = shipped_config("llama-3.2-1b")
+    rope = getattr(config, "rope_parameters", None) or config.rope_scaling
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 32.0
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+
+def _wrapped(family, dtype, recompute, *, layers=4, num_blocks=2, hidden=64, vocab=256, kernels=False):
+    config = tiny_config(family, hidden_size=hidden, num_hidden_layers=layers, vocab_size=vocab)
+    model = build_model(config, dtype=dtype)
+    return config, LoPTModel(model, num_blocks=num_blocks, recompute=recompute, kernels=kernels,
+                             boundary_memory="torch")
+
+
+def _block_forward_bytes(lm, block, batch_size, seq_len):
+    """Bytes a block's forward leaves alive for its backward (its output excluded), counted, and the
+    bytes of the distinct storages autograd saved (for the no-recompute cross-check)."""
+    decoder = lm.model.model
+    ids = torch.randint(0, lm.model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1)
+    start, end = split_layers(len(decoder.layers), lm.num_blocks)[block]
+    with ByteCounter() as counter:
+        counter.track(tensors_of(lm))
+        counter.track([ids, positions])
+        hidden = decoder.embed_tokens(ids)
+        if block > 0:  # later blocks start from the detached boundary tensor
+            hidden = hidden.detach()
+        with torch.no_grad():
+            cos, sin = decoder.rotary_emb(hidden, positions)
+        before = counter.current
+        with saved_tensor_bytes(exclude=list(lm.parameters()) + [hidden], shared=[cos, sin]) as saved:
+            out = hidden
+            for layer in decoder.layers[start:end]:
+                out = layer(out, attention_mask=None, position_ids=positions, position_embeddings=(cos, sin))
+                out = out[0] if isinstance(out, tuple) else out
+        kept = counter.current - before - out.untyped_storage().nbytes()
+        grad_fns = _grad_fn_names(out)
+    return kept, saved.bytes, grad_fns
+
+
+def _grad_fn_names(tensor):
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(fn.name())
+        stack += [f for f, _ in fn.next_functions]
+    return names
+
+
+def _predicted_block(config, dtype, recompute, block, batch_size, seq_len, num_blocks=2, kernels=False):
+    est = estimate_memory(config, seq_len=seq_len, batch_size=batch_size, num_blocks=num_blocks,
+                          recompute=recompute, dtype=dtype, kernels=kernels, optimizer="adamw")
+    return est.activations_per_block[block]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_block_activations_match_counted_bytes(family, dtype, recompute):
+    config, lm = _wrapped(family, dtype, recompute)
+    for block in (0, 1):  # block 0 starts from the embeddings (they need a gradient), block 1 from a detached tensor
+        kept, saved, grad_fns = _block_forward_bytes(lm, block, batch_size=2, seq_len=64)
+        predicted = _predicted_block(config, dtype, recompute, block, batch_size=2, seq_len=64)
+        assert predicted == pytest.approx(kept, rel=ACT_TOL), (block, predicted, kept)
+        if recompute == "none":
+            # what stayed alive is exactly what autograd saved: no stray references
+            assert kept == saved
+            assert any("FlashAttention" in name for name in grad_fns), grad_fns  # no T^2 attention path
+
+
+def test_wrong_mode_is_detected():
+    """The tolerance separates the modes: each mode's prediction misses the other modes' counts."""
+    config, _ = _wrapped("llama", torch.bfloat16, "none")
+    counted = {}
+    for mode in ("none", "selective", "full"):
+        _, lm = _wrapped("llama", torch.bfloat16, mode)
+        counted[mode] = _block_forward_bytes(lm, 0, batch_size=2, seq_len=64)[0]
+    for predicted_mode in counted:
+        predicted = _predicted_block(config, torch.bfloat16, predicted_mode, 0, 2, 64)
+        for mode, kept in counted.items():
+            close = abs(predicted - kept) <= ACT_TOL * kept
+            assert close == (mode == predicted_mode), (predicted_mode, mode, predicted, kept)
+
+
+def test_block_activations_scale_with_tokens():
+    config = tiny_config("llama", hidden_size=64, num_hidden_layers=4)
+    shape = model_shape(config)
+    small = _predicted_block(config, torch.bfloat16, "none", 0, batch_size=1, seq_len=512)
+    large = _predicted_block(config, torch.bfloat16, "none", 0, batch_size=4, seq_len=512)
+    assert large == 4 * small  # no T^2 term
+    assert small == (2 * saved_per_layer(shape, 2, "none", kernels=False)
+                     - input_saved_per_layer(shape, 2, "none", kernels=False)) * 512
+
+
+@pytest.mark.parametrize("family,dtype", [("llama", torch.bfloat16), ("qwen3", torch.float32)], ids=["llama-bf16", "qwen3-fp32"])
+def test_fused_layer_activations_match_saved_bytes(family, dtype):
+    """lopt_kernels.patch: fused RMSNorm / SwiGLU / RoPE save what the planner's kernels terms say
+    (through the Triton interpreter on the CPU: the saved tensors are the same as on the GPU)."""
+    import lopt_kernels
+
+    if lopt_kernels.current_backend("cpu") != "triton":
+        pytest.skip("the Triton backend (interpreter) is not active on the CPU")
+    config = tiny_config(family, hidden_size=64, num_hidden_layers=2)
+    model = build_model(config, dtype=dtype)
+    lopt_kernels.patch(model)
+    batch_size, seq_len = 2, 32
+    positions = torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1)
+    x = torch.randn(batch_size, seq_len, 64, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        cos, sin = model.model.rotary_emb(x, positions)
+    with saved_tensor_bytes(exclude=list(model.parameters()) + [x], shared=[cos, sin]) as saved:
+        out = x
+        for layer in model.model.layers:
+            out = layer(out, attention_mask=None, position_ids=positions, position_embeddings=(cos, sin))
+    shape, s = model_shape(config), x.element_size()
+    predicted = (2 * saved_per_layer(shape, s, "none", kernels=True)
+                 - input_saved_per_layer(shape, s, "none", kernels=True)) * batch_size * seq_len
+    assert saved.bytes == predicted
+
+
+# ---------------------------------------------------------------------------------------------- parameters, optimizer
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw-bf16", "torch-adamw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_parameter_gradient_and_optimizer_bytes(optimizer, dtype):
+    config, lm = _wrapped("qwen2", dtype, "none", num_blocks=3, layers=6)
+    groups = lm.param_groups(1e-3)
+    opt = torch.optim.AdamW(groups, foreach=False) if optimizer == "torch-adamw" else build_optimizer(optimizer, groups)
+    batch = {"input_ids": torch.randint(0, 256, (2, 16))}
+    lm.train_step(batch)
+    grads = sum(p.grad.untyped_storage().nbytes() for p in lm.parameters())
+    opt.step()
+    state = sum(v.untyped_storage().nbytes() for st in opt.state.values() for v in st.values()
+                if isinstance(v, torch.Tensor) and v.dim() > 0)
+    params = sum(p.untyped_storage().nbytes() for p in lm.parameters())
+    est = estimate_memory(config, seq_len=16, batch_size=2, num_blocks=3, optimizer=optimizer, dtype=dtype,
+                          kernels=False)
+    assert est.parameters == params
+    assert est.gradients == grads
+    assert est.optimizer_state == pytest.approx(state, rel=ACT_TOL)
+    assert est.persistent == est.parameters + est.optimizer_state
+
+
+def test_8bit_state_arithmetic():
+    # bitsandbytes' block-wise 8-bit moments: 1 byte + an fp32 absmax per 256 values, each; small tensors 32-bit
+    assert optimizer_state_bytes("adamw-8bit", [4096], 2) == 2 * (4096 + 4 * 16)
+    assert optimizer_state_bytes("adamw-8bit", [100], 2) == 800
+    assert optimizer_state_bytes("adamw", [10], 2) == 120 and optimizer_state_bytes("adamw", [10], 4) == 80
+
+
+# ---------------------------------------------------------------------------------------------- a whole step
+
+
+def _measured_step(lm, optimizer_name, batch, grad_accum=1, early=False):
+    """Peak bytes of one optimizer step (train_step per micro-batch + optimizer), after two warm-up steps."""
+    groups = lm.param_groups(1e-3)
+    make = (lambda g: torch.optim.AdamW(g, foreach=False)) if optimizer_name == "torch-adamw" else (
+        lambda g: build_optimizer(optimizer_name, g))
+    if early:  # one optimizer per lower block, stepped at its boundary (as lopt.train does)
+        owner = {}
+        for b, (start, end) in enumerate(lm.block_ranges[:-1]):
+            members = list(lm.aux_decoders[b].parameters())
+            members += [p for layer in lm.model.model.layers[start:end] for p in layer.parameters()]
+            if b == 0:
+                members += list(lm.model.model.embed_tokens.parameters())
+            owner.update({id(p): b for p in members})
+        per_block = [[] for _ in range(lm.num_blocks)]
+        for group in groups:
+            for b in range(lm.num_blocks):
+                params = [p for p in group["params"] if owner.get(id(p), lm.num_blocks - 1) == b]
+                if params:
+                    per_block[b].append({**group, "params": params})
+        optimizers = [make(g) for g in per_block]
+    else:
+        optimizers = [make(groups)]
+
+    def on_boundary(b):
+        optimizers[b].step()
+        optimizers[b].zero_grad(set_to_none=True)
+
+    def step():
+        for _ in range(grad_accum):
+            lm.train_step(batch, on_boundary=on_boundary if early else None)
+        optimizers[-1].step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    step()
+    step()
+    with ByteCounter() as counter:
+        counter.track(tensors_of(lm))
+        for opt in optimizers:
+            counter.track(tensors_of(optimizer=opt))
+        counter.track(batch.values())
+        persistent = counter.current
+        counter.reset_peak()
+        step()
+    return persistent, counter.peak
+
+
+STEP_CASES = [
+    # family, dtype, num_blocks, recompute, optimizer, grad_accum, early_lower_step, batch, seq
+    ("llama", torch.float32, 2, "none", "adamw", 1, False, 2, 64),
+    ("llama", torch.bfloat16, 2, "none", "adamw", 1, False, 2, 128),
+    ("qwen2", torch.bfloat16, 3, "selective", "adamw-bf16", 1, False, 2, 64),
+    ("qwen3", torch.float32, 2, "full", "torch-adamw", 1, False, 2, 64),
+    ("llama", torch.bfloat16, 1, "none", "adamw", 1, False, 2, 64),
+    ("llama", torch.float32, 2, "none", "adamw", 2, False, 2, 64),
+    ("llama", torch.bfloat16, 3, "none", "adamw", 1, True, 2, 64),
+]
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c[0]}-{c[1]}-k{c[2]}-{c[3]}-{c[4]}-acc{c[5]}-early{int(c[6])}".replace("torch.", ""))
+def test_step_peak_matches_counted_bytes(case):
+    family, dtype, k, recompute, optimizer, accum, early, batch_size, seq_len = case
+    config, lm = _wrapped(family, dtype, recompute, layers=6, num_blocks=k, vocab=512)
+    batch = {"input_ids": torch.randint(0, 512, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))}
+    persistent, peak = _measured_step(lm, optimizer, batch, grad_accum=accum, early=early)
+    est = estimate_memory(config, seq_len=seq_len, batch_size=batch_size, num_blocks=k, recompute=recompute,
+                          optimizer=optimizer, kernels=False, dtype=dtype, grad_accum=accum,
+                          early_lower_step=early, foreach=False)
+    assert est.persistent == pytest.approx(persistent, rel=ACT_TOL)
+    assert est.peak == pytest.approx(peak, rel=PEAK_TOL), (est.peak_phase, est.phases)
+    assert sum(est.breakdown.values()) == est.peak
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+def test_plan_prefers_speed_when_memory_is_ample_and_fits_budget():
+    config = shipped_config("qwen2.5-0.5b")
+    roomy = plan(config, 80, 2048)
+    assert roomy.fits and roomy.recompute == "none" and roomy.batch_size == 8 and roomy.grad_accum == 1
+    assert roomy.optimizer == "adamw" and not roomy.early_lower_step
+    tight = plan(config, 12, 2048)
+    assert tight.fits and tight.estimate.peak <= usable_bytes(12)
+    assert tight.batch_size * tight.grad_accum == 8  # the same sequences per step, split differently
+    assert (tight.recompute, tight.batch_size, tight.optimizer) != (roomy.recompute, roomy.batch_size, roomy.optimizer)
+
+
+def test_plan_reports_when_nothing_fits():
+    result = plan(shipped_config("llama-3.2-3b"), 4, 2048)
+    assert not result.fits
+    assert result.estimate.peak > usable_bytes(4)
+
+
+def test_plan_kernels_shrink_the_head_and_layers():
+    config = shipped_config("llama-3.2-1b")
+    on = estimate_memory(config, seq_len=2048, batch_size=4, kernels=True)
+    off = estimate_memory(config, seq_len=2048, batch_size=4, kernels=False)
+    assert on.block_activations < off.block_activations
+    assert on.head_peak < off.head_peak / 10  # no [N, V] logits
+    assert on.peak < off.peak
+
+
+def test_plan_cli_prints_table(capsys):
+    parser = add_plan_arguments(argparse.ArgumentParser())
+    status = run_plan(parser.parse_args(["--model", "llama-3.2-1b", "--gpu-mem", "24", "--seq-len", "2048"]))
+    out = capsys.readouterr().out
+    assert status == 0
+    for needle in ("predicted peak", "parameters", "optimizer state", "activations", "lopt train --model llama-3.2-1b"):
+        assert needle in out
+    status = run_plan(parser.parse_args(["--model", "qwen2.5-0.5b", "--recipe", "16gb", "--json"]))
+    data = json.loads(capsys.readouterr().out)
+    assert status == 0 and data["fits"] and data["estimate"]["peak"] <= usable_bytes(16)
+
+
+def test_plan_reads_a_config_json(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
+                                "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                "vocab_size": 1000}))
+    parser = add_plan_arguments(argparse.ArgumentParser())
+    assert run_plan(parser.parse_args(["--model", str(path), "--gpu-mem", "8", "--seq-len", "512"])) == 0
+    assert "predicted peak" in capsys.readouterr().out
+
+
+def test_apply_recipe_sets_the_plan_on_a_train_config():
+    from lopt.config import TrainConfig
+
+    config = TrainConfig(model="qwen2.5-0.5b", seq_len=2048, batch_size=8, grad_accum=1)
+    applied = apply_recipe(config, "16gb")
+    assert dataclasses.is_dataclass(applied) and applied is not config
+    assert applied.batch_size * applied.grad_accum == 8
+    expected = plan(shipped_config("qwen2.5-0.5b"), 16, 2048, examples_per_step=8)
+    assert (applied.batch_size, applied.grad_accum, applied.recompute, applied.optimizer, applied.early_lower_step) == (
+        expected.batch_size, expected.grad_accum, expected.recompute, expected.optimizer, expected.early_lower_step)
+    assert applied.lr == config.lr and applied.seq_len == 2048  # nothing else changes
+    # the embedded default model fits anything
+    small = apply_recipe(TrainConfig(), gpu_mem=8)
+    assert small.recompute == "none" and small.batch_size == TrainConfig().batch_size
+
+
+def test_apply_recipe_raises_a_usage_error_when_nothing_fits():
+    from lopt.config import TrainConfig
+    from lopt.errors import UsageError
+
+    with pytest.raises(UsageError, match="no setting fits"):
+        apply_recipe(TrainConfig(model="llama-3.2-3b", seq_len=8192, batch_size=8), gpu_mem=4)
+
+
+def test_gib_units():
+    assert usable_bytes(24) == int(24 * GiB * 0.9) - int(0.6 * GiB)
