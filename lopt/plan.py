@@ -62,12 +62,18 @@ The head (final norm, lm_head, cross-entropy) of the last block:
   and the block.
 
 The auxiliary decoder of a lower block (LayerNorm -> h/4 -> GELU -> h): kernels off it saves its
-input, LayerNorm's mean/rstd, its output, the ``h/4`` pre-activation and activation and the fp32
-residual: ``2sh + 8 + 2s(h/4) + 4h``; kernels on, the fused op keeps only the finished ``[N, h]``
-gradient ``s*h`` (plus fp32 gradients of its own parameters), and chunk buffers while it runs.
+input (the block output, counted with the boundary), LayerNorm's mean/rstd, its output, the ``h/4``
+pre-activation and activation and the fp32 residual: ``sh + 8 + 2s(h/4) + 4h``; its backward adds
+three fp32 ``[N, h]`` temporaries (the squared error's). Kernels on, the fused op keeps only the
+finished ``[N, h]`` gradient ``s*h`` (plus fp32 gradients of its own parameters), and chunk buffers
+while it runs.
 
-The boundary: the detached block output that crosses into the next block (``s*h`` per token), the
-rotary cos/sin (``2*s*d`` per token), input ids and shifted labels (int64).
+The boundary, while a block runs: its input (the previous block's detached output, or the
+embeddings) and its output, which ``train_step`` holds (``2sh`` per token), the rotary cos/sin
+(``2*s*d``), input ids and shifted labels (int64). Where a layer saves its input tensor itself (the
+first norm in fp32 or fused, a checkpointed layer) the block's first layer saves the boundary tensor,
+counted once. A block after the first starts from a detached tensor, so its first RMSNorm records no
+fp32 copy and no rstd.
 
 The step, phase by phase (``LoPTModel.train_step`` runs each lower block's forward and backward before
 the next block starts): the peak is the largest of

@@ -22,6 +22,23 @@ def triton_available() -> bool:
     return _TRITON_INSTALLED
 
 
+def import_triton():
+    """``(triton, triton.language)``, or stand-ins where Triton is not installed.
+
+    The stand-ins let a module of kernels import without Triton: ``triton.jit`` returns the function
+    unchanged and ``tl`` is None (``from __future__ import annotations`` keeps the ``tl.constexpr``
+    annotations unevaluated). ``current_backend()`` never picks Triton then, so no kernel is launched.
+    """
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(jit=lambda fn: fn, next_power_of_2=None, cdiv=None), None
+    return triton, tl
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

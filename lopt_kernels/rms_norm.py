@@ -17,24 +17,18 @@ import functools
 
 import torch
 
-from .backend import current_backend
+from .backend import current_backend, import_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: current_backend() never picks it, so the kernels are never launched
-    from types import SimpleNamespace
-
-    triton = SimpleNamespace(jit=lambda fn: fn, next_power_of_2=None, cdiv=None)
-    tl = None
+triton, tl = import_triton()  # stand-ins without Triton: current_backend() never picks it then
 
 __all__ = ["rms_norm", "rms_norm_reference"]
 
 # The widest row one program holds in registers (as fp32): 64 KiB.
 MAX_FUSED_COLS = 16384
-# A program takes as many rows at once (up to 16) as fill about this many elements: narrow rows (per-head
-# norms) share programs.
-_TILE_ELEMENTS = 2048
+# A program takes as many rows at once (up to _MAX_BLOCK_ROWS) as fill about this many elements: narrow
+# rows (per-head norms, small models) share programs.
+_TILE_ELEMENTS = 4096
+_MAX_BLOCK_ROWS = 64
 
 
 @triton.jit
@@ -121,8 +115,13 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
 
 
-def _num_warps(block_n: int) -> int:
-    return 4 if block_n <= 2048 else 8 if block_n <= 8192 else 16
+def _block_rows(n_rows: int, block_n: int) -> int:
+    return max(1, min(_TILE_ELEMENTS // block_n, _MAX_BLOCK_ROWS, triton.next_power_of_2(max(n_rows, 1))))
+
+
+def _num_warps(tile: int) -> int:
+    """For a BLOCK_M x BLOCK_N tile of ``tile`` elements."""
+    return 4 if tile <= 2048 else 8 if tile <= 8192 else 16
 
 
 @functools.cache
@@ -147,10 +146,10 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     block_n = triton.next_power_of_2(n_cols)
-    block_m = max(1, min(_TILE_ELEMENTS // block_n, 16))
+    block_m = _block_rows(n_rows, block_n)
     _wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, block_m),)](
         x, weight, y, rstd, n_rows, n_cols, x.stride(0), y.stride(0), eps,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_n),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n),
     )  # fmt: skip
     return y, rstd
 
@@ -161,7 +160,7 @@ def _rms_norm_bwd(
     """dy, x: [rows, cols], unit stride along cols. Returns (dx, dw); dw is empty unless compute_dw."""
     n_rows, n_cols = x.shape
     block_n = triton.next_power_of_2(n_cols)
-    block_m = max(1, min(_TILE_ELEMENTS // block_n, 16))
+    block_m = _block_rows(n_rows, block_n)
     n_programs = _bwd_programs(x.device, triton.cdiv(n_rows, block_m))
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), block_m) * block_m
     n_programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 1
@@ -170,7 +169,7 @@ def _rms_norm_bwd(
     _wrap_triton(_rms_norm_bwd_kernel)[(n_programs,)](
         dy, x, weight, rstd, dx, dw_partial, n_rows, n_cols, rows_per_program,
         dy.stride(0), x.stride(0), dx.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, COMPUTE_DW=compute_dw, num_warps=_num_warps(block_n),
+        BLOCK_M=block_m, BLOCK_N=block_n, COMPUTE_DW=compute_dw, num_warps=_num_warps(block_m * block_n),
     )  # fmt: skip
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else weight.new_empty((0,))
     return dx, dw

@@ -5,27 +5,26 @@ With x = [x1, x2] split at half the head dim and cos = [c1, c2], sin = [s1, s2] 
 
     y = x * cos + rotate_half(x) * sin  =  [x1 * c1 - x2 * s1,  x2 * c2 + x1 * s2]
 
-One program rotates every head of one (batch, position), loading its cos/sin once; q and k take one
-launch each (so their head counts may differ, as in grouped-query attention). The map is linear in x,
-so the backward is the same kernel with the transposed rotation; nothing but cos and sin is saved.
+The kernel sees x [B, H, T, D] as B * H * T rows of D and rotates a tile of many rows per program
+(BLOCK_R rows by the half width BLOCK_D, about ``_TILE_ELEMENTS`` elements of each half), finding each
+row's (batch, position) for its cos/sin row; the rows are ordered so that neighbouring rows of a tile are
+neighbours in memory, whichever of heads or positions is the inner dimension. q and k take one launch each
+(so their head counts may differ, as in grouped-query attention). The map is linear in x, so the backward
+is the same kernel with the transposed rotation; nothing but cos and sin is saved.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .backend import current_backend
+from .backend import current_backend, import_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: current_backend() never picks it, so the kernels are never launched
-    from types import SimpleNamespace
-
-    triton = SimpleNamespace(jit=lambda fn: fn, next_power_of_2=None, cdiv=None)
-    tl = None
+triton, tl = import_triton()  # stand-ins without Triton: current_backend() never picks it then
 
 __all__ = ["apply_rope", "apply_rope_reference"]
+
+# Elements of each half of x (x1, and as many of x2) one program rotates: BLOCK_R rows of BLOCK_D.
+_TILE_ELEMENTS = 4096
 
 
 @triton.jit
@@ -34,50 +33,53 @@ def _rope_kernel(
     COS,
     SIN,
     OUT,
-    seq_len,
-    n_heads,
+    n_rows,
+    n_outer,
+    n_inner,
     half,
     stride_x_b,
-    stride_x_h,
-    stride_x_t,
+    stride_x_outer,
+    stride_x_inner,
     stride_out_b,
-    stride_out_h,
-    stride_out_t,
+    stride_out_outer,
+    stride_out_inner,
     stride_cos_b,
-    stride_cos_t,
-    BLOCK_H: tl.constexpr,
+    stride_cos_outer,
+    stride_cos_inner,
+    BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
-    """Rotates every head of x [B, H, T, D] at one (batch, position).
+    """Rotates BLOCK_R rows of x [B, H, T, D], row r = (b, outer, inner) with (outer, inner) = (H, T) or (T, H).
 
     Forward:  out = [x1 * c1 - x2 * s1,  x2 * c2 + x1 * s2].
     Backward: out = cos * x + rotate_half(x) * sin is A x with A = diag(cos) + diag(sin) R, where
     R = [[0, -I], [I, 0]]; so dx = A^T dout = cos * dout + R^T (sin * dout), R^T = [[0, I], [-I, 0]]:
         dx1 = dout1 * c1 + dout2 * s2,   dx2 = dout2 * c2 - dout1 * s1,
     which is the forward with (s1, s2) replaced by (-s2, -s1): the rotation by -sin.
+    The head's stride into cos/sin is 0, so each row reads the cos/sin row of its (batch, position).
     """
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // seq_len
-    t = pid % seq_len
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    inner = rows % n_inner
+    outer = (rows // n_inner) % n_outer
+    b = rows // n_inner // n_outer
     d = tl.arange(0, BLOCK_D)
-    d_mask = d < half
-    cs_offset = b * stride_cos_b + t * stride_cos_t
-    cos1 = tl.load(COS + cs_offset + d, mask=d_mask, other=0.0).to(tl.float32)
-    cos2 = tl.load(COS + cs_offset + half + d, mask=d_mask, other=0.0).to(tl.float32)
-    sin1 = tl.load(SIN + cs_offset + d, mask=d_mask, other=0.0).to(tl.float32)
-    sin2 = tl.load(SIN + cs_offset + half + d, mask=d_mask, other=0.0).to(tl.float32)
+    mask = (rows < n_rows)[:, None] & (d < half)[None, :]
+
+    cs_ptr = (b * stride_cos_b + outer * stride_cos_outer + inner * stride_cos_inner)[:, None] + d[None, :]
+    cos1 = tl.load(COS + cs_ptr, mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(COS + cs_ptr + half, mask=mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(SIN + cs_ptr, mask=mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(SIN + cs_ptr + half, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
         sin1, sin2 = -sin2, -sin1
 
-    heads = tl.arange(0, BLOCK_H).to(tl.int64)
-    mask = (heads < n_heads)[:, None] & d_mask[None, :]
-    x_ptr = X + b * stride_x_b + t * stride_x_t + heads[:, None] * stride_x_h + d[None, :]
-    out_ptr = OUT + b * stride_out_b + t * stride_out_t + heads[:, None] * stride_out_h + d[None, :]
+    x_ptr = X + (b * stride_x_b + outer * stride_x_outer + inner * stride_x_inner)[:, None] + d[None, :]
+    out_ptr = OUT + (b * stride_out_b + outer * stride_out_outer + inner * stride_out_inner)[:, None] + d[None, :]
     x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + half, mask=mask, other=0.0).to(tl.float32)
-    out1 = x1 * cos1[None, :] - x2 * sin1[None, :]
-    out2 = x2 * cos2[None, :] + x1 * sin2[None, :]
+    out1 = x1 * cos1 - x2 * sin1
+    out2 = x2 * cos2 + x1 * sin2
     tl.store(out_ptr, out1.to(OUT.dtype.element_ty), mask=mask)
     tl.store(out_ptr + half, out2.to(OUT.dtype.element_ty), mask=mask)
 
@@ -89,12 +91,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     batch, n_heads, seq_len, head_dim = x.shape
     # Keeps the input's layout (e.g. [B, T, H, D] memory under a [B, H, T, D] view), as eager PyTorch does.
     out = torch.empty_like(x)
-    block_h, block_d = triton.next_power_of_2(n_heads), triton.next_power_of_2(head_dim // 2)
-    _wrap_triton(_rope_kernel)[(batch * seq_len,)](
-        x, cos, sin, out, seq_len, n_heads, head_dim // 2,
-        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        cos.stride(0), cos.stride(1),
-        BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, num_warps=4 if block_h * block_d <= 2048 else 8,
+    # Rows run over (batch, outer, inner), the inner dimension the one of smaller stride in x: heads for a
+    # [B, T, H, D] projection seen as [B, H, T, D], positions for [B, H, T, D] memory. cos/sin have no head dim.
+    if x.stride(1) < x.stride(2):
+        dims, cos_strides = (2, 1), (cos.stride(1), 0)  # (outer, inner) = (T, H)
+    else:
+        dims, cos_strides = (1, 2), (0, cos.stride(1))  # (outer, inner) = (H, T)
+    n_rows = batch * n_heads * seq_len
+    block_d = triton.next_power_of_2(head_dim // 2)
+    block_r = max(1, min(_TILE_ELEMENTS // block_d, triton.next_power_of_2(n_rows)))
+    _wrap_triton(_rope_kernel)[(triton.cdiv(n_rows, block_r),)](
+        x, cos, sin, out, n_rows, x.shape[dims[0]], x.shape[dims[1]], head_dim // 2,
+        x.stride(0), x.stride(dims[0]), x.stride(dims[1]),
+        out.stride(0), out.stride(dims[0]), out.stride(dims[1]),
+        cos.stride(0), *cos_strides,
+        BLOCK_R=block_r, BLOCK_D=block_d, BACKWARD=backward, num_warps=4 if block_r * block_d <= 2048 else 8,
     )  # fmt: skip
     return out
 

@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import torch
 
-from .backend import current_backend
+from .backend import current_backend, import_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: current_backend() never picks it, so the kernels are never launched
-    from types import SimpleNamespace
-
-    triton = SimpleNamespace(jit=lambda fn: fn, next_power_of_2=None, cdiv=None)
-    tl = None
+triton, tl = import_triton()  # stand-ins without Triton: current_backend() never picks it then
 
 __all__ = ["swiglu", "swiglu_reference"]
 
-# Columns one program takes; a wider row is split across programs.
-_MAX_BLOCK = 1024
+# One program takes a tile of BLOCK_R rows by BLOCK_C columns, about this many elements: many rows of a
+# narrow input, a piece of one row of a wide one.
+_TILE_ELEMENTS = 4096
+# Columns one tile spans at most; a wider row is split across programs.
+_MAX_BLOCK_COLS = 1024
 
 
 @triton.jit
@@ -31,20 +27,22 @@ def _swiglu_fwd_kernel(
     GATE,
     UP,
     OUT,
+    n_rows,
     n_cols,
     stride_gate,
     stride_up,
     stride_out,
-    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """out = silu(gate) * up = gate * sigmoid(gate) * up."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    gate = tl.load(GATE + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(UP + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
+    """out = silu(gate) * up = gate * sigmoid(gate) * up, on one BLOCK_R x BLOCK_C tile."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    gate = tl.load(GATE + rows[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(UP + rows[:, None] * stride_up + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     out = gate * tl.sigmoid(gate) * up
-    tl.store(OUT + row * stride_out + cols, out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + rows[:, None] * stride_out + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -54,36 +52,41 @@ def _swiglu_bwd_kernel(
     UP,
     DGATE,
     DUP,
+    n_rows,
     n_cols,
     stride_dout,
     stride_gate,
     stride_up,
     stride_dgate,
     stride_dup,
-    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """Backward of out = silu(gate) * up, with s = sigmoid(gate) recomputed.
+    """Backward of out = silu(gate) * up on one BLOCK_R x BLOCK_C tile, with s = sigmoid(gate) recomputed.
 
     d silu / d gate = s + gate * s * (1 - s), so
         d_up   = d_out * gate * s
         d_gate = d_out * up * s * (1 + gate * (1 - s))
     """
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    dout = tl.load(DOUT + row * stride_dout + cols, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(GATE + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(UP + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    dout = tl.load(DOUT + rows[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + rows[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(UP + rows[:, None] * stride_up + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(gate)
     d_up = dout * gate * s
     d_gate = dout * up * s * (1.0 + gate * (1.0 - s))
-    tl.store(DGATE + row * stride_dgate + cols, d_gate.to(DGATE.dtype.element_ty), mask=mask)
-    tl.store(DUP + row * stride_dup + cols, d_up.to(DUP.dtype.element_ty), mask=mask)
+    tl.store(DGATE + rows[:, None] * stride_dgate + cols[None, :], d_gate.to(DGATE.dtype.element_ty), mask=mask)
+    tl.store(DUP + rows[:, None] * stride_dup + cols[None, :], d_up.to(DUP.dtype.element_ty), mask=mask)
 
 
-def _grid(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int]:
-    block = min(triton.next_power_of_2(n_cols), _MAX_BLOCK)
-    return (n_rows, triton.cdiv(n_cols, block)), block
+def _tiling(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int, int]:
+    """(grid, BLOCK_R, BLOCK_C, num_warps) for a [n_rows, n_cols] input."""
+    block_c = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_COLS)
+    block_r = max(1, min(_TILE_ELEMENTS // block_c, triton.next_power_of_2(n_rows)))
+    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))
+    return grid, block_r, block_c, 4 if block_r * block_c <= 2048 else 8
 
 
 _wrap_triton = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
@@ -93,10 +96,11 @@ def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up: [rows, cols], unit stride along cols."""
     n_rows, n_cols = gate.shape
     out = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
-    grid, block = _grid(n_rows, n_cols)
+    grid, block_r, block_c, num_warps = _tiling(n_rows, n_cols)
     _wrap_triton(_swiglu_fwd_kernel)[grid](
-        gate, up, out, n_cols, gate.stride(0), up.stride(0), out.stride(0), BLOCK=block, num_warps=4
-    )
+        gate, up, out, n_rows, n_cols, gate.stride(0), up.stride(0), out.stride(0),
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+    )  # fmt: skip
     return out
 
 
@@ -105,11 +109,11 @@ def _swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tup
     n_rows, n_cols = gate.shape
     d_gate = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
     d_up = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
-    grid, block = _grid(n_rows, n_cols)
+    grid, block_r, block_c, num_warps = _tiling(n_rows, n_cols)
     _wrap_triton(_swiglu_bwd_kernel)[grid](
-        dout, gate, up, d_gate, d_up, n_cols,
+        dout, gate, up, d_gate, d_up, n_rows, n_cols,
         dout.stride(0), gate.stride(0), up.stride(0), d_gate.stride(0), d_up.stride(0),
-        BLOCK=block, num_warps=4,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
     )  # fmt: skip
     return d_gate, d_up
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["ByteCounter", "tensors_of", "saved_tensor_bytes"]
+__all__ = ["ByteCounter", "saved_tensor_bytes", "tensors_of", "unique_bytes"]
 
 
 class ByteCounter(TorchDispatchMode):

@@ -181,7 +181,8 @@ def run(spec: dict) -> dict:
     seq_len, batch_size = args["seq_len"], args["batch_size"]
     try:
         torch.manual_seed(args["seed"])
-        hf_model = build_model(config, seed=args["seed"], dtype=dtype).to(device)
+        with torch.device(device):  # initialised where it trains: a 3B init on the CPU alone takes minutes
+            hf_model = build_model(config, seed=args["seed"], dtype=dtype)
         hf_model.train()
         lm = None
         if method in ("hf", "hf+liger"):
@@ -304,7 +305,8 @@ def run(spec: dict) -> dict:
 
         est = estimate_memory(
             config, seq_len=seq_len, batch_size=batch_size, num_blocks=args["num_blocks"], recompute=args["recompute"],
-            optimizer=args["optimizer"], kernels=method == "lopt+kernels", early_lower_step=args["early_lower_step"],
+            optimizer=args["optimizer"], early_lower_step=args["early_lower_step"],
+            kernels=method == "lopt+kernels" and row.get("kernels_backend") == "triton",  # what ran
             dtype=dtype, foreach=cuda,
         )
         row.update(predicted_peak_gb=est.peak / GiB, predicted_persistent_gb=est.persistent / GiB,
