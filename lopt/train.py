@@ -66,15 +66,16 @@ def train(config: TrainConfig) -> dict:
     ``status`` is ``"completed"`` or ``"interrupted"`` (Ctrl-C: a checkpoint was saved first).
     Raises ``UsageError`` for bad input and ``NonFiniteLossError`` when the loss stops being finite.
     """
-    config = _apply_recipe(config).resolved()
+    config = _apply_recipe(config.resolved())
     _validate(config)
     out = Path(config.output_dir).expanduser()
     checkpoint = _check_output_dir(out, config)  # refuses before anything is loaded or touched
     device, dtype = _device_and_dtype(config)
     _seed_everything(config.seed)
-    tokenizer, hf_model = _load_model_and_tokenizer(config, device, dtype)
-    model = _wrap(hf_model, config)
+    # Cheap checks first: the model's config and tokenizer, then the data, then the weights.
+    tokenizer, model_config = _load_tokenizer_and_config(config)
     examples, held_out = _load_data(config, tokenizer)
+    model = _wrap(_load_weights(config, model_config, device, dtype), config)
     if config.overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +198,7 @@ class Trainer:
             kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.step + 1} (task {task:.4g}, aux {aux:.4g}); training stopped and "
-                f"{kept}; lower --lr (or raise --max-grad-norm clipping) and --resume"
+                f"{kept}; lower --lr (or clip harder with a smaller --max-grad-norm), then --resume"
             )
         final_optimizer = self.optimizers[-1]
         for optimizer in self.optimizers if self.block_params is None else [final_optimizer]:
@@ -556,29 +557,26 @@ def _seed_everything(seed: int):
     torch.manual_seed(seed)  # seeds CUDA too
 
 
-def _load_model_and_tokenizer(cfg: TrainConfig, device, dtype):
+def _load_tokenizer_and_config(cfg: TrainConfig):
+    """The tokenizer and the model's config, checked (family, block count) before any weight is read."""
     if cfg.model is None:
         from .tokenizer import byte_tokenizer
 
         tokenizer = byte_tokenizer()
-        _check_num_blocks(cfg.num_blocks, EMBEDDED_MODEL["num_hidden_layers"])
-        config = tiny_config(
+        model_config = tiny_config(
             "llama", vocab_size=8 * math.ceil(len(tokenizer) / 8), **EMBEDDED_MODEL,
             bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
-        return tokenizer, build_model(config, seed=cfg.seed, dtype=dtype).to(device)
+        _check_num_blocks(cfg.num_blocks, model_config.num_hidden_layers)
+        return tokenizer, model_config
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    path = Path(cfg.model).expanduser()
-    local = path.is_dir()
-    if not local and (path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.model) or cfg.model.startswith(".")):
-        raise UsageError(f"model directory not found: {cfg.model}")
-    where = str(path) if local else cfg.model
+    where, local = _model_location(cfg.model)
     try:
         model_config = AutoConfig.from_pretrained(where, local_files_only=local)
     except (OSError, ValueError) as error:
-        if local and not (path / "config.json").exists():
+        if local and not (Path(where) / "config.json").exists():
             raise UsageError(f"{cfg.model} has no config.json: not a Hugging Face model directory") from None
         raise UsageError(f"could not load a model config from {cfg.model}: {_first_line(error)} "
                          f"(supported families: {', '.join(SUPPORTED_FAMILIES)})") from None
@@ -588,10 +586,32 @@ def _load_model_and_tokenizer(cfg: TrainConfig, device, dtype):
     _check_num_blocks(cfg.num_blocks, model_config.num_hidden_layers)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"could not load the tokenizer of {cfg.model}: {_first_line(error)}") from None
+    return tokenizer, model_config
+
+
+def _model_location(model: str) -> tuple[str, bool]:
+    """``(where, is_local)``: a local directory, or an ``owner/name`` hub id (from the cache when offline)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if path.exists() or model.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        raise UsageError(f"model directory not found: {model}")
+    return model, False
+
+
+def _load_weights(cfg: TrainConfig, model_config, device, dtype):
+    if cfg.model is None:
+        return build_model(model_config, seed=cfg.seed, dtype=dtype).to(device)
+    from transformers import AutoModelForCausalLM
+
+    where, local = _model_location(cfg.model)
+    try:
         hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local)
     except (OSError, ValueError) as error:
-        raise UsageError(f"could not load {cfg.model}: {_first_line(error)}") from None
-    return tokenizer, hf_model.to(device)
+        raise UsageError(f"could not load the weights of {cfg.model}: {_first_line(error)}") from None
+    return hf_model.to(device)
 
 
 def _check_num_blocks(num_blocks: int, num_layers: int):
