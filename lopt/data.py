@@ -8,6 +8,7 @@ hub name is read: the training step itself never needs it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Iterable, Sequence
@@ -60,25 +61,46 @@ def load_rows(source: str) -> list[dict]:
     """The rows of a local JSON / JSONL / Parquet / CSV file (or a directory of them), or of a hub dataset."""
     import datasets  # the data path's own dependency: the GPU machine and the engine do without it
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
     path = Path(source).expanduser()
     if path.exists():
         builder, files = _local_builder(path, source)
-        what = f"{source} as {builder}"
-        load = lambda: datasets.load_dataset(builder, data_files=files, split="train")  # noqa: E731
+        what, name, data_files = f"{source} as {builder}", builder, files
     elif _looks_like_path(source):
         raise UsageError(f"data file not found: {source}")
     else:
-        what = f"dataset {source!r} (not a local file, so it was looked up on the hub)"
-        load = lambda: datasets.load_dataset(source, split="train")  # noqa: E731
+        what, name, data_files = f"dataset {source!r} (not a local file, so it was looked up on the hub)", source, None
     try:
-        table = load()
+        with quiet_hub(datasets_too=True):
+            table = datasets.load_dataset(name, data_files=data_files, split="train")
     except Exception as error:  # datasets reports parse and network failures with many exception types
-        raise UsageError(f"could not read {what}: {_one_line(error)}") from None
+        raise UsageError(f"could not read {what}: {_reason(error)}") from None
     if len(table) == 0:
         raise UsageError(f"{source} has no rows")
     return table.to_list()
+
+
+@contextlib.contextmanager
+def quiet_hub(datasets_too: bool = False):
+    """No retry warnings from huggingface_hub (nor progress bars and logged errors from ``datasets``) while
+    loading: a failure becomes one UsageError line."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity(hub_logging.CRITICAL + 1)
+    if datasets_too:
+        import datasets
+
+        verbosity, bars_were_on = datasets.logging.get_verbosity(), not datasets.utils.are_progress_bars_disabled()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(hub_verbosity)
+        if datasets_too:
+            datasets.logging.set_verbosity(verbosity)
+            if bars_were_on:
+                datasets.enable_progress_bars()
 
 
 def _local_builder(path: Path, source: str) -> tuple[str, list[str]]:
@@ -100,7 +122,10 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FILE_BUILDERS or source.count("/") > 1
 
 
-def _one_line(error: BaseException) -> str:
+def _reason(error: BaseException) -> str:
+    """The most specific message in the exception chain, on one line (datasets wraps parse errors)."""
+    while type(error).__name__ == "DatasetGenerationError" and (error.__cause__ or error.__context__):
+        error = error.__cause__ or error.__context__
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 

@@ -44,6 +44,7 @@ from .data import (
     collate,
     eval_examples,
     load_rows,
+    quiet_hub,
     rows_to_conversations,
     tokenize_conversations,
 )
@@ -216,7 +217,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start_time = time.perf_counter()
-        window_start, window_tokens, window = time.perf_counter(), 0, []
+        window_start, window_tokens = time.perf_counter(), 0  # for tokens/s between logged steps
         order = self.schedule.order(self.epoch)
         interrupted = False
         self._pbar = tqdm(total=self.total_steps, initial=self.step, desc="lopt train", unit="step",
@@ -237,18 +238,17 @@ class Trainer:
                               f"{self.step_in_epoch}): its prompts fill --seq-len {cfg.seq_len}")
                     continue
                 self.step += 1
-                window.append(result)
                 window_tokens += result["tokens"]
-                self._pbar.update(1)
                 do_eval = bool(cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps
                                and self.held_out is not None)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps or do_eval:
                     elapsed = time.perf_counter() - window_start
-                    row = self._log(window, window_tokens / max(elapsed, 1e-9))
+                    row = self._log(result, window_tokens / max(elapsed, 1e-9))
                     if do_eval:
                         row.update(self._eval_row())
                     self._write_metrics(row)
-                    window_start, window_tokens, window = time.perf_counter(), 0, []
+                    window_start, window_tokens = time.perf_counter(), 0
+                self._pbar.update(1)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
                 if self.stop_requested:
@@ -257,8 +257,6 @@ class Trainer:
         finally:
             self._restore_ctrl_c(previous_handler)
             self._pbar.close()
-        if window:  # interrupted between logging steps: keep what was measured
-            self._write_metrics(self._log(window, window_tokens / max(time.perf_counter() - window_start, 1e-9)))
         checkpoint = self.save_checkpoint()
         self._plot()
         summary = dict(
@@ -278,12 +276,12 @@ class Trainer:
             (self.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         return summary
 
-    def _log(self, window: list[dict], tokens_per_s: float) -> dict:
-        mean = lambda key: sum(r[key] for r in window) / len(window)  # noqa: E731
-        row = dict(step=self.step, epoch=self.epoch, loss=mean("loss"), task_loss=mean("task_loss"),
-                   aux_loss=mean("aux_loss"), grad_norm=mean("grad_norm"), lr=window[-1]["lr"],
+    def _log(self, result: dict, tokens_per_s: float) -> dict:
+        """The metrics row of the step just done (its own losses: a resumed run logs the same rows)."""
+        row = dict(step=self.step, epoch=self.epoch, loss=result["loss"], task_loss=result["task_loss"],
+                   aux_loss=result["aux_loss"], grad_norm=result["grad_norm"], lr=result["lr"],
                    tokens_per_s=round(tokens_per_s, 1), peak_mem_gb=round(_peak_memory_gb(self.device), 3))
-        self._pbar.set_postfix(loss=f"{row['task_loss']:.3f}", aux=f"{row['aux_loss']:.3g}",
+        self._pbar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux_loss']:.3g}",
                                tok_s=f"{tokens_per_s:,.0f}", mem=f"{row['peak_mem_gb']:.2f}GB", refresh=False)
         return row
 
@@ -439,7 +437,9 @@ class Trainer:
         from transformers import GenerationConfig
 
         hf_model, tok = self.model.model, self.tokenizer
-        eos = {t for t in (tok.eos_token_id, hf_model.config.eos_token_id) if isinstance(t, int)}
+        eos = set()
+        for ids in (tok.eos_token_id, hf_model.config.eos_token_id, hf_model.generation_config.eos_token_id):
+            eos.update(ids if isinstance(ids, list) else [ids] if isinstance(ids, int) else [])
         max_new = min(256, max((len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers), default=1) + 8)
         gen_config = GenerationConfig(max_new_tokens=max_new, do_sample=False, pad_token_id=self.pad_id,
                                       eos_token_id=sorted(eos) or None)
@@ -574,18 +574,20 @@ def _load_tokenizer_and_config(cfg: TrainConfig):
 
     where, local = _model_location(cfg.model)
     try:
-        model_config = AutoConfig.from_pretrained(where, local_files_only=local)
+        with quiet_hub():
+            model_config = AutoConfig.from_pretrained(where, local_files_only=local)
     except (OSError, ValueError) as error:
         if local and not (Path(where) / "config.json").exists():
             raise UsageError(f"{cfg.model} has no config.json: not a Hugging Face model directory") from None
-        raise UsageError(f"could not load a model config from {cfg.model}: {_first_line(error)} "
-                         f"(supported families: {', '.join(SUPPORTED_FAMILIES)})") from None
+        families = f" (supported families: {', '.join(SUPPORTED_FAMILIES)})" if isinstance(error, ValueError) else ""
+        raise UsageError(f"could not load a model config from {cfg.model}: {_first_line(error)}{families}") from None
     if model_config.model_type not in SUPPORTED_FAMILIES:
         raise UsageError(f"unsupported architecture {model_config.model_type!r} in {cfg.model}; supported families: "
                          f"{', '.join(SUPPORTED_FAMILIES)}")
     _check_num_blocks(cfg.num_blocks, model_config.num_hidden_layers)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local)
+        with quiet_hub():
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local)
     except (OSError, ValueError) as error:
         raise UsageError(f"could not load the tokenizer of {cfg.model}: {_first_line(error)}") from None
     return tokenizer, model_config
@@ -608,7 +610,8 @@ def _load_weights(cfg: TrainConfig, model_config, device, dtype):
 
     where, local = _model_location(cfg.model)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local)
+        with quiet_hub():
+            hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local)
     except (OSError, ValueError) as error:
         raise UsageError(f"could not load the weights of {cfg.model}: {_first_line(error)}") from None
     return hf_model.to(device)

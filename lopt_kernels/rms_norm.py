@@ -115,8 +115,9 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
 
 
-def _block_rows(n_rows: int, block_n: int) -> int:
-    return max(1, min(_TILE_ELEMENTS // block_n, _MAX_BLOCK_ROWS, triton.next_power_of_2(max(n_rows, 1))))
+def _block_rows(block_n: int) -> int:
+    """BLOCK_M, from the width alone: the constexprs stay fixed as the number of rows varies."""
+    return max(1, min(_TILE_ELEMENTS // block_n, _MAX_BLOCK_ROWS))
 
 
 def _num_warps(tile: int) -> int:
@@ -146,7 +147,7 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     block_n = triton.next_power_of_2(n_cols)
-    block_m = _block_rows(n_rows, block_n)
+    block_m = _block_rows(block_n)
     _wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, block_m),)](
         x, weight, y, rstd, n_rows, n_cols, x.stride(0), y.stride(0), eps,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n),
@@ -160,7 +161,7 @@ def _rms_norm_bwd(
     """dy, x: [rows, cols], unit stride along cols. Returns (dx, dw); dw is empty unless compute_dw."""
     n_rows, n_cols = x.shape
     block_n = triton.next_power_of_2(n_cols)
-    block_m = _block_rows(n_rows, block_n)
+    block_m = _block_rows(block_n)
     n_programs = _bwd_programs(x.device, triton.cdiv(n_rows, block_m))
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), block_m) * block_m
     n_programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 1

@@ -99,7 +99,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
         dims, cos_strides = (1, 2), (0, cos.stride(1))  # (outer, inner) = (H, T)
     n_rows = batch * n_heads * seq_len
     block_d = triton.next_power_of_2(head_dim // 2)
-    block_r = max(1, min(_TILE_ELEMENTS // block_d, triton.next_power_of_2(n_rows)))
+    block_r = max(1, _TILE_ELEMENTS // block_d)  # not from n_rows: the constexprs stay fixed as B or T vary
     _wrap_triton(_rope_kernel)[(triton.cdiv(n_rows, block_r),)](
         x, cos, sin, out, n_rows, x.shape[dims[0]], x.shape[dims[1]], head_dim // 2,
         x.stride(0), x.stride(dims[0]), x.stride(dims[1]),

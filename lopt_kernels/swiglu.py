@@ -84,7 +84,7 @@ def _swiglu_bwd_kernel(
 def _tiling(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int, int]:
     """(grid, BLOCK_R, BLOCK_C, num_warps) for a [n_rows, n_cols] input."""
     block_c = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_COLS)
-    block_r = max(1, min(_TILE_ELEMENTS // block_c, triton.next_power_of_2(n_rows)))
+    block_r = max(1, _TILE_ELEMENTS // block_c)  # not from n_rows: the constexprs stay fixed as it varies
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))
     return grid, block_r, block_c, 4 if block_r * block_c <= 2048 else 8
 

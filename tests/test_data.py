@@ -169,7 +169,8 @@ def test_load_rows_reads_json_jsonl_csv_and_parquet(tmp_path):
         ("missing.jsonl", None, "data file not found"),
         ("empty.jsonl", "", "data file is empty"),
         ("blank.json", "\n  \n", "data file is empty"),
-        ("broken.jsonl", '{"question": "q", "answer": \n', "could not read"),
+        ("broken.json", '[{"question": "q", "answer": ', "could not read .* as json"),
+        ("broken.jsonl", '{"question": "q", "answer": "a"}\nnot json\n', "JSON parse error"),
         ("data.txt", "hello", "unsupported data file type .txt"),
     ],
 )
@@ -180,3 +181,17 @@ def test_load_rows_bad_files(tmp_path, name, content, message):
         path.write_text(content)
     with pytest.raises(UsageError, match=message):
         load_rows(str(path))
+
+
+def test_template_with_default_system_prompt_and_trailing_newlines(tokenizer):
+    """A ChatML-style template (Qwen's shape): a system turn is added, each turn ends in a marker and a newline."""
+    chatml = byte_tokenizer()
+    chatml.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|system|>You are helpful.<|end|>\n{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    (example,) = tokenize_conversations(rows_to_conversations([ROWS["question"]])[0], chatml, seq_len=512)
+    assert chatml.decode(example.input_ids).startswith("<|system|>You are helpful.<|end|>\n<|user|>\nOpposite")
+    assert labelled_text(chatml, example) == "cold<|end|>\n"
+    assert prompt_text(chatml, example).endswith("<|assistant|>\n")

@@ -233,3 +233,19 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
     assert factors[-1] > 0.1 and lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("family, tied", [("qwen2", True), ("qwen3", False), ("mistral", False)])
+def test_each_supported_family_trains_and_reloads(tmp_path, qa_file, family, tied):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = byte_tokenizer()
+    config = tiny_config(family, vocab_size=264, tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    build_model(config, seed=1).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    summary = train(small(tmp_path, "run", str(tmp_path / "model"), qa_file, batch_size=4, max_steps=2))
+    assert summary["steps"] == 2 and math.isfinite(summary["last_loss"])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert reloaded.config.model_type == family
+    assert not reloaded.config.tie_word_embeddings  # LoPT unties the head from the embeddings
