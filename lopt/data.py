@@ -29,7 +29,9 @@ ROW_FORMATS = (
     ("question", ("question", "answer"), ()),
     ("prompt", ("prompt", "completion"), ()),
 )
-EXPECTED_FIELDS = "messages | instruction + output (+ input) | query + response | question + answer | prompt + completion"
+EXPECTED_FIELDS = (
+    "messages | instruction + output (+ input) | query + response | question + answer | prompt + completion"
+)
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 

@@ -107,6 +107,8 @@ from pathlib import Path
 
 import torch
 
+from .model import split_layers
+
 GiB = 1 << 30
 RECOMPUTE_MODES = ("none", "selective", "full")
 OPTIMIZERS = ("adamw", "adamw-bf16", "adamw-8bit", "torch-adamw")
@@ -263,17 +265,6 @@ def _dtype_bytes(dtype) -> int:
         dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                  "fp32": torch.float32, "float32": torch.float32}[dtype]
     return torch.empty(0, dtype=dtype).element_size()
-
-
-def split_layers(num_layers: int, num_blocks: int) -> list[tuple[int, int]]:
-    """The engine's split (``lopt.model.split_layers``): contiguous, earlier blocks take the remainder."""
-    base, extra = divmod(num_layers, num_blocks)
-    ranges, start = [], 0
-    for b in range(num_blocks):
-        end = start + base + (1 if b < extra else 0)
-        ranges.append((start, end))
-        start = end
-    return ranges
 
 
 # ---------------------------------------------------------------------------------------------- per-token terms

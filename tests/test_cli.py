@@ -156,8 +156,8 @@ def test_directory_without_a_model(capsys, tmp_path):
         ("missing.jsonl", None, "data file not found"),
         ("empty.jsonl", "", "data file is empty"),
         ("broken.json", '[{"question": "q", "answer": ', "could not read"),
-        ("fields.jsonl", '{"text": "a", "label": 1}\n', "none of the known fields (found: label, text); expected "
-                                                       "messages | instruction + output"),
+        ("fields.jsonl", '{"text": "a", "label": 1}\n',
+         "none of the known fields (found: label, text); expected messages | instruction + output"),
     ],
 )
 def test_bad_data_files(capsys, tmp_path, name, content, fragment):
@@ -233,7 +233,7 @@ def test_resume_from_the_command_line_reuses_the_saved_settings(capsys, tmp_path
     # Only the directory, --resume and the new step limit: model, data, lr come from config.json.
     code, err = run_main(capsys, "--output-dir", str(out), "--resume", "--max-steps", "3")
     assert code == 0, err
-    assert "changed settings" not in err
+    assert "changed settings (max_steps 2 -> 3)" in err  # the only one: the longer cosine schedule
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     saved = json.loads((out / "config.json").read_text())
@@ -251,7 +251,7 @@ def lopt_process(*argv, **kwargs):
 
 def test_bad_input_in_a_real_process_prints_one_line_and_exits_2(tmp_path):
     proc = lopt_process("train", "--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "run"))
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_USAGE
     assert err.strip().splitlines() == [f"lopt: error: model directory not found: {tmp_path / 'missing'}"]
 

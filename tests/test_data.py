@@ -123,7 +123,8 @@ def test_collate_pads_right_and_masks_padding(tokenizer):
 
 def test_eval_examples_cut_before_the_last_answer(tokenizer):
     (example,) = eval_examples(rows_to_conversations([ROWS["messages"]])[0], tokenizer, seq_len=512)
-    assert tokenizer.decode(example.prompt_ids) == "<|system|>Be brief.<|end|><|user|>Capital of France?<|end|><|assistant|>"
+    prompt = "<|system|>Be brief.<|end|><|user|>Capital of France?<|end|><|assistant|>"
+    assert tokenizer.decode(example.prompt_ids) == prompt
     assert example.answer == "Paris"
 
 

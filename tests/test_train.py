@@ -58,10 +58,11 @@ def test_embedded_default_trains_evaluates_and_leaves_a_loadable_checkpoint(tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    summary = train(TrainConfig(output_dir=str(out), max_steps=4, save_every=2, eval_max_examples=4))
+    summary = train(TrainConfig(output_dir=str(out), max_steps=4, save_every=2, eval_every=2, eval_max_examples=4))
     assert summary["status"] == "completed" and summary["steps"] == 4
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [("eval_loss" in r) for r in rows] == [False, True, False, False]  # the end's eval is eval.json
     for key in ("loss", "task_loss", "aux_loss", "lr", "tokens_per_s", "step"):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert (out / "loss.png").stat().st_size > 1000
