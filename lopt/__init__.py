@@ -1,5 +1,7 @@
 """lopt: Local-Learning Post-Training (LoPT) with a boundary-scheduled training step."""
 
-from .model import AuxDecoder, LoPTModel
+from .config import TrainConfig
+from .model import AuxDecoder, LoPTModel, StepOutput
+from .train import train
 
-__all__ = ["AuxDecoder", "LoPTModel"]
+__all__ = ["AuxDecoder", "LoPTModel", "StepOutput", "TrainConfig", "train"]

@@ -353,6 +353,28 @@ class LoPTModel(nn.Module):
                     groups.append({"name": name + suffix, "params": members, "lr": group_lr, "weight_decay": wd})
         return groups
 
+    def block_param_groups(self, lr: float, lr_lower: float | None = None, weight_decay: float = 0.0):
+        """``param_groups`` split by the block that owns each parameter: one list of groups per block.
+
+        Block b < k-1 owns its layers and decoder (block 0 also the embeddings); the last block owns the
+        rest. One optimizer per block can then step a lower block at its boundary (``on_boundary``).
+        """
+        owner = {}
+        for b, (start, end) in enumerate(self.block_ranges[:-1]):
+            members = [*self.aux_decoders[b].parameters()]
+            members += [p for layer in self.model.model.layers[start:end] for p in layer.parameters()]
+            if b == 0:
+                members += list(self.model.model.embed_tokens.parameters())
+            owner.update({id(p): b for p in members})
+        last = self.num_blocks - 1
+        per_block = [[] for _ in range(self.num_blocks)]
+        for group in self.param_groups(lr, lr_lower, weight_decay):
+            for b in range(self.num_blocks):
+                params = [p for p in group["params"] if owner.get(id(p), last) == b]
+                if params:
+                    per_block[b].append({**group, "params": params})
+        return per_block
+
     def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
         """A plain Hugging Face checkpoint: the decoders are dropped, the kernels' patches are not saved."""
         self.model.save_pretrained(directory, **kwargs)

@@ -119,28 +119,17 @@ class Trainer:
         """One AdamW over all groups; with early_lower_step one per lower block plus one for the upper.
 
         The groups come from ``LoPTModel.param_groups`` (upper/lower learning rates, no decay on
-        vectors); for per-block optimizers each group is split by which block owns the parameter.
+        vectors), split by owning block (``block_param_groups``) for per-block optimizers.
         """
         cfg, model = self.config, self.model
-        groups = model.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay)
-        for group in groups:
-            group["initial_lr"] = group["lr"]
         if not cfg.early_lower_step or model.num_blocks == 1:
-            return [build_optimizer(cfg.optimizer, groups)], None
-        owner = {}
-        for b, (start, end) in enumerate(model.block_ranges[:-1]):
-            members = [*model.aux_decoders[b].parameters()]
-            members += [p for layer in model.model.model.layers[start:end] for p in layer.parameters()]
-            if b == 0:
-                members += list(model.model.model.embed_tokens.parameters())
-            owner.update({id(p): b for p in members})
-        upper = model.num_blocks - 1
-        per_block = [[] for _ in range(model.num_blocks)]
-        for group in groups:
-            for b in range(model.num_blocks):
-                params = [p for p in group["params"] if owner.get(id(p), upper) == b]
-                if params:
-                    per_block[b].append({**group, "params": params})
+            per_block = [model.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay)]
+        else:
+            per_block = model.block_param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay)
+        for group in (g for gs in per_block for g in gs):
+            group["initial_lr"] = group["lr"]
+        if len(per_block) == 1:
+            return [build_optimizer(cfg.optimizer, per_block[0])], None
         block_params = [[p for g in gs for p in g["params"]] for gs in per_block]
         return [build_optimizer(cfg.optimizer, gs) for gs in per_block], block_params
 

@@ -6,7 +6,10 @@ triton is first imported. Tests marked ``gpu`` are skipped where CUDA is absent.
 
 import os
 
-import torch
+# The tests' tensors are tiny: one thread per process beats two threads fighting over two cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -263,6 +263,19 @@ def test_param_groups_split_lower_and_upper():
     assert not any(id(p) in lower for p in m.model.model.layers[3].parameters())
 
 
+def test_block_param_groups_give_each_parameter_to_its_block():
+    config = tiny_config("llama", num_hidden_layers=5)
+    m = lopt.LoPTModel(build_model(config), num_blocks=3, kernels=False)
+    per_block = m.block_param_groups(lr=1e-3, lr_lower=5e-4)
+    owned = [{id(p) for g in groups for p in g["params"]} for groups in per_block]
+    assert sum(map(len, owned)) == len({id(p) for p in m.parameters()})  # a partition
+    assert id(m.model.model.embed_tokens.weight) in owned[0]
+    assert {id(p) for p in m.aux_decoders[1].parameters()} <= owned[1]
+    assert {id(p) for p in m.model.model.layers[1].parameters()} <= owned[0]  # blocks (0,2), (2,4), (4,5)
+    assert {id(p) for p in m.model.model.layers[4].parameters()} | {id(m.model.lm_head.weight)} <= owned[2]
+    assert all(g["lr"] == 5e-4 for g in per_block[1]) and all(g["lr"] == 1e-3 for g in per_block[2])
+
+
 def test_frozen_parameters_get_no_gradient():
     config = tiny_config("llama", num_hidden_layers=4)
     m = lopt.LoPTModel(build_model(config), num_blocks=2, kernels=False)

@@ -240,20 +240,7 @@ def _measured_step(lm, optimizer_name, batch, grad_accum=1, early=False):
     make = (lambda g: torch.optim.AdamW(g, foreach=False)) if optimizer_name == "torch-adamw" else (
         lambda g: build_optimizer(optimizer_name, g))
     if early:  # one optimizer per lower block, stepped at its boundary (as lopt.train does)
-        owner = {}
-        for b, (start, end) in enumerate(lm.block_ranges[:-1]):
-            members = list(lm.aux_decoders[b].parameters())
-            members += [p for layer in lm.model.model.layers[start:end] for p in layer.parameters()]
-            if b == 0:
-                members += list(lm.model.model.embed_tokens.parameters())
-            owner.update({id(p): b for p in members})
-        per_block = [[] for _ in range(lm.num_blocks)]
-        for group in groups:
-            for b in range(lm.num_blocks):
-                params = [p for p in group["params"] if owner.get(id(p), lm.num_blocks - 1) == b]
-                if params:
-                    per_block[b].append({**group, "params": params})
-        optimizers = [make(g) for g in per_block]
+        optimizers = [make(g) for g in lm.block_param_groups(1e-3)]
     else:
         optimizers = [make(groups)]
 

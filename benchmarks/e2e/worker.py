@@ -120,21 +120,7 @@ def _make_optimizer(name, params, lr):
 
 def _early_optimizers(lm, name, lr):
     """One optimizer per lower block (stepped at its boundary) and one for the upper, as lopt.train does."""
-    groups = lm.param_groups(lr)
-    owner = {}
-    for b, (start, end) in enumerate(lm.block_ranges[:-1]):
-        members = list(lm.aux_decoders[b].parameters())
-        members += [p for layer in lm.model.model.layers[start:end] for p in layer.parameters()]
-        if b == 0:
-            members += list(lm.model.model.embed_tokens.parameters())
-        owner.update({id(p): b for p in members})
-    per_block = [[] for _ in range(lm.num_blocks)]
-    for group in groups:
-        for b in range(lm.num_blocks):
-            params = [p for p in group["params"] if owner.get(id(p), lm.num_blocks - 1) == b]
-            if params:
-                per_block[b].append({**group, "params": params})
-    return [_make_optimizer(name, g, lr) for g in per_block]
+    return [_make_optimizer(name, g, lr) for g in lm.block_param_groups(lr)]
 
 
 def run(spec: dict) -> dict:
