@@ -25,6 +25,8 @@ PRETRAINED_LR = 2e-5  # fine-tuning a real checkpoint
 EMBEDDED_LR = 2e-3
 EMBEDDED_LR_LOWER = 3e-5
 EMBEDDED_MAX_STEPS = 60
+EMBEDDED_BATCH_SIZE = 32  # the tiny model learns the generated tasks in 60 steps of this (about 30 s on 2 cores)
+DEFAULT_BATCH_SIZE = 8
 
 
 def _flag(default, help: str, *, type=None, choices=None, group: str = "training", metavar=None):
@@ -78,7 +80,9 @@ class TrainConfig:
     warmup_steps: int | None = _flag(None, "linear warm-up steps before the cosine decay (default: 5%% of the steps)",
                                      type=int)
     min_lr_ratio: float = _flag(0.1, "the cosine decays to this fraction of the peak learning rate", type=float)
-    batch_size: int = _flag(8, "examples per micro-batch", type=int)
+    batch_size: int | None = _flag(
+        None, f"examples per micro-batch (default: {EMBEDDED_BATCH_SIZE} for the embedded default, else "
+        f"{DEFAULT_BATCH_SIZE})", type=int)
     grad_accum: int = _flag(1, "micro-batches per optimizer step (the step equals one batch of "
                                "batch-size x grad-accum examples exactly)", type=int)
     max_steps: int | None = _flag(
@@ -127,7 +131,11 @@ class TrainConfig:
                 max_steps = EMBEDDED_MAX_STEPS
             else:
                 epochs = 1
-        return dataclasses.replace(self, lr=lr, lr_lower=lr_lower, max_steps=max_steps, epochs=epochs)
+        batch_size = self.batch_size
+        if batch_size is None:
+            batch_size = EMBEDDED_BATCH_SIZE if embedded else DEFAULT_BATCH_SIZE
+        return dataclasses.replace(self, lr=lr, lr_lower=lr_lower, max_steps=max_steps, epochs=epochs,
+                                   batch_size=batch_size)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -895,6 +895,8 @@ def apply_recipe(config, recipe: str | None = None, gpu_mem: float | None = None
     """
     from .errors import UsageError
 
+    if config.batch_size is None:  # the run's default, filled in as the trainer would
+        config = dataclasses.replace(config, batch_size=config.resolved().batch_size)
     recipe = recipe if recipe is not None else getattr(config, "recipe", None)
     gpu_mem = gpu_mem if gpu_mem is not None else getattr(config, "gpu_mem", None)
     if gpu_mem is None:

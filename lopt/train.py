@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
@@ -395,19 +396,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out task loss (token-weighted) and exact match of greedily generated answers."""
+        """Held-out task loss (token-weighted), answer-token accuracy and exact match of greedy answers."""
         full, prompts = self.held_out
         was_training = self.model.training
         self.model.eval()
-        loss_sum, n_tokens = 0.0, 0
+        loss_sum, n_correct, n_tokens = 0.0, 0, 0
         for i in range(0, len(full), self.config.batch_size):
             part = full[i : i + self.config.batch_size]
-            tokens = sum(e.num_label_tokens for e in part)
-            if tokens:
+            if sum(e.num_label_tokens for e in part):
                 batch = {k: v.to(self.device) for k, v in collate(part, self.pad_id).items()}
-                _, task_loss, _ = self.model.objective(batch)
-                loss_sum += task_loss.float().item() * tokens
-                n_tokens += tokens
+                logits = self.model(batch["input_ids"], batch["attention_mask"])[:, :-1].float()
+                labels = batch["labels"][:, 1:]
+                loss_sum += F.cross_entropy(logits.transpose(1, 2), labels, reduction="sum").item()
+                answered = labels != -100
+                n_correct += (logits.argmax(-1) == labels)[answered].sum().item()
+                n_tokens += answered.sum().item()
         prompts = prompts[: self.config.eval_max_examples]
         generated = self._generate([p.prompt_ids for p in prompts], [p.answer for p in prompts])
         correct = sum(g.strip() == p.answer.strip() for g, p in zip(generated, prompts))
@@ -415,6 +418,7 @@ class Trainer:
         result = dict(
             step=self.step,
             loss=loss_sum / max(n_tokens, 1),
+            token_accuracy=n_correct / max(n_tokens, 1),  # teacher-forced next-token accuracy on answers
             exact_match=correct / max(len(prompts), 1),
             correct=correct,
             num_generated=len(prompts),
@@ -422,7 +426,8 @@ class Trainer:
             samples=[dict(prompt=self.tokenizer.decode(p.prompt_ids), answer=p.answer, generated=g)
                      for p, g in zip(prompts[:5], generated[:5])],
         )
-        self._say(f"held-out at step {self.step}: loss {result['loss']:.4f}, exact match {correct}/{len(prompts)}")
+        self._say(f"held-out at step {self.step}: loss {result['loss']:.4f}, "
+                  f"answer-token accuracy {result['token_accuracy']:.1%}, exact match {correct}/{len(prompts)}")
         return result
 
     def _generate(self, prompt_ids: list[list[int]], answers: list[str]) -> list[str]:

@@ -358,7 +358,7 @@ def test_apply_recipe_sets_the_plan_on_a_train_config():
     assert applied.lr == config.lr and applied.seq_len == 2048  # nothing else changes
     # the embedded default model fits anything
     small = apply_recipe(TrainConfig(), gpu_mem=8)
-    assert small.recompute == "none" and small.batch_size == TrainConfig().batch_size
+    assert small.recompute == "none" and small.batch_size == TrainConfig().resolved().batch_size
 
 
 def test_apply_recipe_raises_a_usage_error_when_nothing_fits():
