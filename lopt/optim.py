@@ -27,6 +27,10 @@ STATE_BYTES = {
 }
 
 
+# Values one update touches at a time: bounds the update's temporaries (4M values: ~80 MB).
+STEP_CHUNK_ELEMENTS = 1 << 22
+
+
 class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected) with moments stored in ``state_dtype``.
 
@@ -48,7 +52,6 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -60,20 +63,38 @@ class AdamW(torch.optim.Optimizer):
                     if self.state_dtype == torch.float32 and p.dtype != torch.float32:
                         state["master"] = p.float()
                 state["step"] += 1
-                step = state["step"]
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                grad = p.grad.to(exp_avg.dtype)
-                # The same arithmetic, in the same order, as torch.optim.AdamW's single-tensor path.
-                weight = state.get("master", p if p.dtype == torch.float32 else p.float())
-                weight.mul_(1 - group["lr"] * group["weight_decay"])
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step_size = group["lr"] / (1 - beta1**step)
-                denom = (exp_avg_sq.float().sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
-                weight.addcdiv_(exp_avg.float(), denom, value=-step_size)
-                if weight is not p:
-                    p.copy_(weight if "master" in state else _stochastic_round(weight, p.dtype))
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("master"))
+                # Large tensors (a 128k-vocab embedding) are updated in slices, so the update's fp32
+                # temporaries stay bounded instead of costing ~20 bytes per value of the largest tensor.
+                for part in _slices(tensors):
+                    _adamw_update(*part, group, state["step"])
         return loss
+
+
+def _adamw_update(p, grad, exp_avg, exp_avg_sq, master, group, step):
+    beta1, beta2 = group["betas"]
+    grad = grad.to(exp_avg.dtype)
+    # The same arithmetic, in the same order, as torch.optim.AdamW's single-tensor path.
+    weight = master if master is not None else (p if p.dtype == torch.float32 else p.float())
+    weight.mul_(1 - group["lr"] * group["weight_decay"])
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = group["lr"] / (1 - beta1**step)
+    denom = (exp_avg_sq.float().sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
+    weight.addcdiv_(exp_avg.float(), denom, value=-step_size)
+    if weight is not p:
+        p.copy_(weight if master is not None else _stochastic_round(weight, p.dtype))
+
+
+def _slices(tensors):
+    """The same slice of every tensor (``None`` stays ``None``), ``STEP_CHUNK_ELEMENTS`` values at a time."""
+    present = [t for t in tensors if t is not None]
+    if not all(t.is_contiguous() for t in present):
+        yield tensors
+        return
+    flat = [None if t is None else t.view(-1) for t in tensors]
+    for start in range(0, present[0].numel(), STEP_CHUNK_ELEMENTS):
+        yield [None if t is None else t[start : start + STEP_CHUNK_ELEMENTS] for t in flat]
 
 
 def _stochastic_round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
