@@ -20,3 +20,13 @@ def record_peak_memory(benchmark, step) -> None:
     step()
     benchmark.extra_info["peak_mem_over_inputs_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
     benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    benchmark.extra_info["torch"] = torch.__version__
+    benchmark.extra_info["triton"] = _triton_version()
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
