@@ -7,6 +7,7 @@ forces one.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -60,3 +61,17 @@ def current_backend(device: torch.device | str | None = None) -> str:
     if device.type == "cpu" and triton_interpreted():
         return "triton"
     return "torch"
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def persistent_programs(device: torch.device, n_tiles: int, per_sm: int = 4) -> int:
+    """Programs for a kernel that loops over ``n_tiles`` tiles: a few per SM, each owning one row of
+    fp32 partial sums (so few enough that those partials stay small). The interpreter gets a few."""
+    if device.type != "cuda":
+        return max(1, min(n_tiles, per_sm))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(n_tiles, per_sm * _sm_count(index)))

@@ -38,12 +38,11 @@ The forward does the backward's work whenever a gradient could be asked for: eva
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 
-from .backend import current_backend
+from .backend import current_backend, persistent_programs
 
 try:
     import triton
@@ -225,19 +224,6 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_programs(device: torch.device, n_tiles: int) -> int:
-    """Programs of the tile-looping kernels: a few per SM; each owns one row of the fp32 partial sums."""
-    if device.type != "cuda":
-        return max(1, min(n_tiles, 4))
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(n_tiles, 4 * _sm_count(index)))
-
-
 def _chunk_tokens(n_cols: int) -> int:
     return max(_MIN_CHUNK_TOKENS, CHUNK_ELEMENTS // n_cols)
 
@@ -311,7 +297,7 @@ def _fused_forward_backward(
     block_h, block_d = triton.next_power_of_2(n_cols), triton.next_power_of_2(d)
     rows_h, rows_d = max(1, _TILE_ELEMENTS // block_h), max(1, _TILE_ELEMENTS // block_d)
     warps_h = _num_warps(block_h)
-    n_programs = _num_programs(device, triton.cdiv(chunk, rows_h))
+    n_programs = persistent_programs(device, triton.cdiv(chunk, rows_h))
     loss_partial = torch.zeros((n_programs,), **f32)
     # Stands in for the buffers no one asked for: any valid pointer, never touched (flag off).
     unused = loss_partial

@@ -13,11 +13,10 @@ the normalised row from them.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
-from .backend import current_backend, import_triton
+from .backend import current_backend, import_triton, persistent_programs
 
 triton, tl = import_triton()  # stand-ins without Triton: current_backend() never picks it then
 
@@ -125,19 +124,6 @@ def _num_warps(tile: int) -> int:
     return 4 if tile <= 2048 else 8 if tile <= 8192 else 16
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _bwd_programs(device: torch.device, n_tiles: int) -> int:
-    """How many programs share the backward: enough to fill the GPU, few enough that the partial dw stays small."""
-    if device.type != "cuda":
-        return max(1, min(n_tiles, 4))
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(n_tiles, 4 * _sm_count(index)))
-
-
 _wrap_triton = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
 
 
@@ -162,7 +148,7 @@ def _rms_norm_bwd(
     n_rows, n_cols = x.shape
     block_n = triton.next_power_of_2(n_cols)
     block_m = _block_rows(block_n)
-    n_programs = _bwd_programs(x.device, triton.cdiv(n_rows, block_m))
+    n_programs = persistent_programs(x.device, triton.cdiv(n_rows, block_m))
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), block_m) * block_m
     n_programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 1
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)

@@ -16,6 +16,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from lopt.configs import build_model, tiny_config  # noqa: E402
+from lopt.tokenizer import byte_tokenizer  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -24,3 +27,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 4-layer Llama (hidden 64) with the byte tokenizer, saved as a Hugging Face checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = byte_tokenizer()
+    config = tiny_config("llama", vocab_size=264, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    build_model(config, seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+

@@ -15,21 +15,8 @@ import pytest
 
 from lopt.cli import EXIT_INTERRUPTED, EXIT_USAGE, build_parser, config_from_args, main
 from lopt.config import TrainConfig
-from lopt.configs import build_model, tiny_config
-from lopt.tokenizer import byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = byte_tokenizer()
-    config = tiny_config("llama", vocab_size=264, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    build_model(config, seed=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def write_jsonl(path, rows):

@@ -16,18 +16,6 @@ from lopt.train import Trainer, lr_factor, train
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 4-layer Llama (hidden 64) with the byte tokenizer, saved as a Hugging Face checkpoint."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = byte_tokenizer()
-    config = tiny_config("llama", vocab_size=264, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    build_model(config, seed=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def qa_file(tmp_path_factory):
     """16 question/answer rows of unequal prompt and answer lengths."""
     path = tmp_path_factory.mktemp("data") / "qa.jsonl"
