@@ -280,6 +280,7 @@ class LoPTModel(nn.Module):
     def _attention_mask(self, kind, attention_mask, seq_len, device, dtype):
         """Additive [B, 1, T, T] mask, or None where SDPA's own causal path is exact (no padding)."""
         window = getattr(self.model.config, "sliding_window", None) if kind == "sliding_attention" else None
+        # One host sync per step (not per layer) buys SDPA's fused causal path for unpadded batches.
         no_padding = attention_mask is None or bool(attention_mask.all())
         if no_padding and window is None and self.model.config._attn_implementation == "sdpa":
             return None

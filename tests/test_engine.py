@@ -298,3 +298,25 @@ def test_unsupported_architecture_is_refused():
     gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2))
     with pytest.raises(ValueError, match="supported families: llama, qwen2, qwen3, mistral"):
         lopt.LoPTModel(gpt2)
+
+
+@pytest.mark.parametrize("mode", ["torch", "extension"])
+def test_boundary_release_leaves_the_step_unchanged(mode):
+    """The engine with its boundary scope tracking and releasing (forced on for CPU tensors here; on
+    its own it tracks CUDA tensors only) gives the same gradients as without."""
+    import lopt_kernels
+
+    if mode == "extension" and not lopt_kernels.has_extension():
+        pytest.skip("lopt_kernels._C is not built")
+    config = tiny_config("llama", num_hidden_layers=6)
+    batch = padded_batch(config.vocab_size)
+    plain = lopt.LoPTModel(build_model(config), num_blocks=3, kernels=False)
+    tracked = lopt.LoPTModel(build_model(config), num_blocks=3, kernels=False, boundary_memory=mode)
+    tracked.load_state_dict(plain.state_dict())
+    assert tracked.boundary.mode == mode
+    tracked.boundary.block = lambda keep=(): tracked.boundary._block(list(keep), "cpu")
+    plain.train_step(batch)
+    tracked.train_step(batch)
+    expected = grads(plain)
+    for name, g in grads(tracked).items():
+        assert torch.equal(g, expected[name]), name
