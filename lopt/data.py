@@ -61,7 +61,10 @@ class EvalExample:
 
 def load_rows(source: str) -> list[dict]:
     """The rows of a local JSON / JSONL / Parquet / CSV file (or a directory of them), or of a hub dataset."""
-    import datasets  # the data path's own dependency: the GPU machine and the engine do without it
+    try:
+        import datasets  # the data path's own dependency: the GPU machine and the engine do without it
+    except ImportError:
+        raise UsageError("reading --data needs the datasets package: pip install datasets") from None
 
     path = Path(source).expanduser()
     if path.exists():
