@@ -71,6 +71,16 @@ def test_embedded_default_trains_evaluates_and_leaves_a_loadable_checkpoint(tmp_
     assert json.loads((out / "config.json").read_text())["max_steps"] == 4
 
 
+def test_embedded_default_loss_falls_clearly_within_sixty_steps(tmp_path):
+    summary = train(TrainConfig(output_dir=str(tmp_path / "run"), eval_max_examples=20))
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 60
+    first, last = rows[0]["task_loss"], sum(r["task_loss"] for r in rows[-10:]) / 10
+    assert last < 0.65 * first, (first, last)  # measured: 5.55 -> about 2.8
+    assert summary["eval"]["loss"] < 0.65 * first
+    assert summary["eval"]["token_accuracy"] > 0.15  # the answers' tokens, teacher-forced
+
+
 # ------------------------------------------------------------------------------------- exactness
 
 
