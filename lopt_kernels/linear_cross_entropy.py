@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import current_backend
+from .matmul import addmm_fp32_
 
 try:
     import triton
@@ -187,28 +188,6 @@ def _logits_block(buf: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | No
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
-def _probe_addmm_out_dtype() -> bool:
-    try:
-        a = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
-        torch.addmm(torch.empty(2, 2, device="meta"), a, a, out_dtype=torch.float32)
-        return True
-    except (TypeError, RuntimeError):
-        return False
-
-
-_ADDMM_OUT_DTYPE = _probe_addmm_out_dtype()
-
-
-def _addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b, accumulated and kept in fp32 (acc is fp32; a, b may be fp16/bf16)."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif acc.is_cuda and _ADDMM_OUT_DTYPE:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:  # the CPU (interpreter) path and torch without out_dtype
-        acc.addmm_(a.float(), b.float())
-
-
 # ----------------------------------------------------------------------------------------------------
 # The two ops. Shapes: hidden [N, h], weight [V, h], bias [V] or None, labels [N] int64 (contiguous).
 
@@ -287,10 +266,10 @@ def _lce_bwd(
                 _logits_grad_kernel, dlogits, labels[n0:n1], lse[n0:n1], g_block, g_block.stride(0), v0, ignore_index
             )
             if need_hidden:
-                _addmm_fp32_(grad_hidden[n0:n1], dlogits, w_block)
+                addmm_fp32_(grad_hidden[n0:n1], dlogits, w_block)
             if need_weight:
                 if token_blocked:
-                    _addmm_fp32_(grad_weight_block[: v1 - v0], dlogits.t(), h_block)
+                    addmm_fp32_(grad_weight_block[: v1 - v0], dlogits.t(), h_block)
                 else:
                     torch.mm(dlogits.t(), h_block, out=grad_weight[v0:v1])
             if need_bias:

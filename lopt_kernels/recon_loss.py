@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import current_backend, persistent_programs
+from .matmul import addmm_fp32_
 
 try:
     import triton
@@ -228,16 +229,6 @@ def _chunk_tokens(n_cols: int) -> int:
     return max(_MIN_CHUNK_TOKENS, CHUNK_ELEMENTS // n_cols)
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, with the product handed over in fp32 (acc is fp32)."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
-    else:  # CPU, where the Triton interpreter runs the tests: no 16-bit -> fp32 matmul there
-        acc.addmm_(a.float(), b.float())
-
-
 # Order of the gradient flags and of the gradients the fused op returns.
 _GRAD_INPUTS = ("h_out", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2")
 
@@ -331,7 +322,7 @@ def _fused_forward_backward(
             continue
         dy = y
         if need_w2:
-            _accumulate_mm(dw2, dy.t(), a)
+            addmm_fp32_(dw2, dy.t(), a)
         if not need_dz:
             continue
         da = torch.mm(dy, w2c, out=a)  # a is spent
@@ -340,7 +331,7 @@ def _fused_forward_backward(
         )  # fmt: skip
         dz = da
         if need_w1:
-            _accumulate_mm(dw1, dz.t(), x)
+            addmm_fp32_(dw1, dz.t(), x)
         if not need_dx:
             continue
         dx = torch.mm(dz, w1c, out=y)  # dy is spent
