@@ -187,8 +187,10 @@ class LoPTModel(nn.Module):
     ) -> StepOutput:
         """Forward and backward of one micro-batch; gradients accumulate in ``.grad`` (no optimizer step).
 
-        ``batch`` holds ``input_ids``, optionally ``attention_mask`` (1 = real token) and ``labels``
-        (default: the input ids with padding set to -100; the step shifts them). For gradient
+        ``batch`` holds ``input_ids``, optionally ``attention_mask`` (1 = real token), ``labels``
+        (default: the input ids with padding set to -100; the step shifts them) and, for rows that pack
+        several examples, ``document_ids`` (which example each token belongs to: attention stays
+        inside an example and positions restart at each one). For gradient
         accumulation pass the optimizer step's totals over all its micro-batches: ``total_tokens``
         (label tokens) and ``total_positions`` (unmasked positions). The micro-batches' gradients then
         add up to exactly those of one large batch.
@@ -196,14 +198,14 @@ class LoPTModel(nn.Module):
         ``on_boundary(b)`` runs right after lower block b's backward, while its gradients are complete
         and before the next block runs: an optimizer can step that block there and free its gradients.
         """
-        input_ids, attention_mask, labels = self._unpack(batch)
+        input_ids, attention_mask, labels, document_ids = self._unpack(batch)
         positions = attention_mask.bool() if attention_mask is not None else None
         num_tokens = (labels != IGNORE_INDEX).sum()
         num_positions = positions.sum() if positions is not None else torch.tensor(input_ids.numel(), device=input_ids.device)
         task_weight = loss_scale * _share(num_tokens, total_tokens)
         aux_weight = loss_scale * _share(num_positions, total_positions) * self.lambda_aux / max(self.num_blocks - 1, 1)
 
-        layer_inputs = self._layer_inputs(input_ids, attention_mask)
+        layer_inputs = self._layer_inputs(input_ids, attention_mask, document_ids)
         hidden = self.model.model.embed_tokens(input_ids)
         aux_losses = []
         for b, decoder in enumerate(self.aux_decoders):
@@ -237,9 +239,9 @@ class LoPTModel(nn.Module):
         gives the same gradients as ``train_step`` but keeps every block's activations alive until the
         end. It is the reference for tests and the ``lopt-paper`` benchmark method.
         """
-        input_ids, attention_mask, labels = self._unpack(batch)
+        input_ids, attention_mask, labels, document_ids = self._unpack(batch)
         positions = attention_mask.bool() if attention_mask is not None else None
-        layer_inputs = self._layer_inputs(input_ids, attention_mask)
+        layer_inputs = self._layer_inputs(input_ids, attention_mask, document_ids)
         hidden = self.model.model.embed_tokens(input_ids)
         aux_losses = []
         for b, decoder in enumerate(self.aux_decoders):
@@ -263,26 +265,36 @@ class LoPTModel(nn.Module):
             labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         # Position t predicts token t+1: shift left and ignore the last position.
         labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
-        return input_ids, attention_mask, labels
+        document_ids = batch.get("document_ids")
+        if document_ids is not None:  # nor does an example's last token predict the next example's first
+            labels[:, :-1].masked_fill_(document_ids[:, 1:] != document_ids[:, :-1], IGNORE_INDEX)
+        return input_ids, attention_mask, labels, document_ids
 
-    def _layer_inputs(self, input_ids, attention_mask) -> dict:
+    def _layer_inputs(self, input_ids, attention_mask, document_ids=None) -> dict:
         """What every decoder layer takes besides the hidden states: positions, rotary cos/sin, mask."""
         batch_size, seq_len = input_ids.shape
-        position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand(batch_size, -1)
+        idx = torch.arange(seq_len, device=input_ids.device)
+        if document_ids is None:
+            position_ids = idx.unsqueeze(0).expand(batch_size, -1)
+        else:  # positions restart where a packed example starts
+            starts = torch.ones_like(document_ids, dtype=torch.bool)
+            starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+            position_ids = idx - torch.where(starts, idx, 0).cummax(dim=1).values
         dtype = self.model.model.embed_tokens.weight.dtype
         with torch.no_grad():
             probe = torch.empty(0, device=input_ids.device, dtype=dtype)
             position_embeddings = self.model.model.rotary_emb(probe, position_ids)
         kinds = {_layer_type(self.model.config, i) for i in range(len(self.model.model.layers))}
-        masks = {kind: self._attention_mask(kind, attention_mask, seq_len, input_ids.device, dtype) for kind in kinds}
+        masks = {kind: self._attention_mask(kind, attention_mask, document_ids, seq_len, input_ids.device, dtype)
+                 for kind in kinds}
         return dict(position_ids=position_ids, position_embeddings=position_embeddings, masks=masks)
 
-    def _attention_mask(self, kind, attention_mask, seq_len, device, dtype):
-        """Additive [B, 1, T, T] mask, or None where SDPA's own causal path is exact (no padding)."""
+    def _attention_mask(self, kind, attention_mask, document_ids, seq_len, device, dtype):
+        """Additive [B, 1, T, T] mask, or None where SDPA's own causal path is exact (no padding or packing)."""
         window = getattr(self.model.config, "sliding_window", None) if kind == "sliding_attention" else None
         # One host sync per step (not per layer) buys SDPA's fused causal path for unpadded batches.
         no_padding = attention_mask is None or bool(attention_mask.all())
-        if no_padding and window is None and self.model.config._attn_implementation == "sdpa":
+        if no_padding and document_ids is None and window is None and self.model.config._attn_implementation == "sdpa":
             return None
         idx = torch.arange(seq_len, device=device)
         allowed = idx[None, :] <= idx[:, None]
@@ -291,6 +303,8 @@ class LoPTModel(nn.Module):
         allowed = allowed[None, None]
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, None, :]
+        if document_ids is not None:
+            allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
         # A fully masked query row (padding) would give NaN under -inf; the dtype's min keeps it finite.
         return torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 

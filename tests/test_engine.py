@@ -320,3 +320,42 @@ def test_boundary_release_leaves_the_step_unchanged(mode):
     expected = grads(plain)
     for name, g in grads(tracked).items():
         assert torch.equal(g, expected[name]), name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_packed_row_equals_its_examples_padded_into_rows(family):
+    """Two examples packed into one row (document_ids) give the loss and gradients of the same two
+    examples right-padded into two rows: attention, positions and labels stop at the example's end."""
+    config = tiny_config(family, num_hidden_layers=4)
+    m = lopt.LoPTModel(build_model(config), num_blocks=2, kernels=False)
+    g = torch.Generator().manual_seed(3)
+    lengths = (7, 12)
+    docs = [torch.randint(0, config.vocab_size, (n,), generator=g) for n in lengths]
+    labels = [d.clone() for d in docs]
+    for lab in labels:
+        lab[:3] = -100  # each example's prompt
+
+    padded = dict(
+        input_ids=torch.zeros(2, 12, dtype=torch.long),
+        attention_mask=torch.zeros(2, 12, dtype=torch.long),
+        labels=torch.full((2, 12), -100),
+    )
+    for row, (d, lab) in enumerate(zip(docs, labels)):
+        padded["input_ids"][row, : len(d)] = d
+        padded["attention_mask"][row, : len(d)] = 1
+        padded["labels"][row, : len(d)] = lab
+    packed = dict(
+        input_ids=torch.cat(docs)[None],
+        attention_mask=torch.ones(1, sum(lengths), dtype=torch.long),
+        labels=torch.cat(labels)[None],
+        document_ids=torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None],
+    )
+
+    out_padded = m.train_step(padded)
+    expected = grads(m)
+    m.zero_grad(set_to_none=True)
+    out_packed = m.train_step(packed)
+    assert out_packed.num_tokens == out_padded.num_tokens
+    torch.testing.assert_close(out_packed.loss, out_padded.loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads(m).items():
+        assert rel_err(grad, expected[name]) <= 1e-5, name
