@@ -50,6 +50,9 @@ class TrainConfig:
         "the embedded default's own held-out split is used when --data is not given",
         type=str, group="model and data", metavar="FILE_OR_NAME")
     seq_len: int = _flag(1024, "truncate each example to this many tokens", type=int, group="model and data")
+    pack: bool = _flag(False, "pack each micro-batch's examples into rows of up to --seq-len tokens (less padding; "
+                       "attention and positions stay inside each example, so the gradients are unchanged)",
+                       type=bool, group="model and data")
 
     # ---- LoPT
     num_blocks: int = _flag(2, "number of blocks the layers are split into (1 = plain end-to-end training)",

@@ -273,18 +273,45 @@ def eval_examples(conversations: Sequence[list[dict]], tokenizer, seq_len: int) 
 # ---------------------------------------------------------------------------------------------- batching
 
 
-def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: padding has attention_mask 0 and label -100."""
-    length = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, e in enumerate(examples):
+def collate(examples: Sequence[Example], pad_token_id: int, pack_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row: padding has attention_mask 0 and label -100.
+
+    With ``pack_to``, examples are first packed (first fit, in order) into rows of at most that many
+    tokens, and ``document_ids`` tells the engine where each example starts and ends.
+    """
+    rows = [[e] for e in examples] if pack_to is None else _pack(examples, pack_to)
+    length = max(sum(len(e.input_ids) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    document_ids = torch.full((len(rows), length), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for doc, e in enumerate(row):
+            end = start + len(e.input_ids)
+            input_ids[r, start:end] = torch.tensor(e.input_ids)
+            labels[r, start:end] = torch.tensor(e.labels)
+            attention_mask[r, start:end] = 1
+            document_ids[r, start:end] = doc
+            start = end
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if pack_to is not None:
+        batch["document_ids"] = document_ids
+    return batch
+
+
+def _pack(examples: Sequence[Example], capacity: int) -> list[list[Example]]:
+    rows, room = [], []
+    for e in examples:
         n = len(e.input_ids)
-        input_ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        fit = next((r for r, free in enumerate(room) if free >= n), None)
+        if fit is None:
+            rows.append([e])
+            room.append(capacity - n)
+        else:
+            rows[fit].append(e)
+            room[fit] -= n
+    return rows
 
 
 class StepSchedule:

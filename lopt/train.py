@@ -167,8 +167,9 @@ class Trainer:
         self._lower_grads_finite = True
         on_boundary = self._on_boundary if self.block_params is not None else None
         task_sum = aux_sum = 0.0
+        pack_to = cfg.seq_len if cfg.pack else None
         for part, n_tokens, n_positions in zip(parts, tokens, positions):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in collate(part, self.pad_id).items()}
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in collate(part, self.pad_id, pack_to).items()}
             out = self.model.train_step(batch, total_tokens=total_tokens, total_positions=total_positions,
                                         on_boundary=on_boundary)
             if n_tokens:  # a micro-batch without labels still trains the lower blocks, but has no task loss

@@ -196,3 +196,19 @@ def test_template_with_default_system_prompt_and_trailing_newlines(tokenizer):
     assert chatml.decode(example.input_ids).startswith("<|system|>You are helpful.<|end|>\n<|user|>\nOpposite")
     assert labelled_text(chatml, example) == "cold<|end|>\n"
     assert prompt_text(chatml, example).endswith("<|assistant|>\n")
+
+
+def test_collate_packs_examples_first_fit_into_rows():
+    from lopt.data import Example, collate
+
+    examples = [Example(list(range(1, n + 1)), [-100] * 2 + list(range(3, n + 1))) for n in (5, 7, 3, 6)]
+    batch = collate(examples, pad_token_id=0, pack_to=10)
+    # first fit: [5, 3] (8 tokens), [7] , [6]: rows of at most 10 tokens
+    assert batch["input_ids"].shape == (3, 8)
+    assert batch["document_ids"][0].tolist() == [0] * 5 + [1] * 3
+    assert batch["input_ids"][0].tolist() == [1, 2, 3, 4, 5, 1, 2, 3]
+    assert batch["labels"][0].tolist() == [-100, -100, 3, 4, 5, -100, -100, 3]
+    assert batch["attention_mask"][1].tolist() == [1] * 7 + [0]
+    assert batch["document_ids"][2].tolist() == [0] * 6 + [-1] * 2
+    assert batch["attention_mask"].sum() == sum(len(e.input_ids) for e in examples)
+    assert "document_ids" not in collate(examples, pad_token_id=0)

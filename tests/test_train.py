@@ -9,6 +9,7 @@ import torch
 
 from lopt.config import TrainConfig
 from lopt.configs import build_model, tiny_config
+import lopt
 import lopt.optim
 from lopt.optim import AdamW
 from lopt.tokenizer import byte_tokenizer
@@ -115,6 +116,31 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path, tiny_model_dir, 
         # Adam turns roundoff in near-zero gradients into ~1e-3 of an update (lr 3e-3): nothing more.
         for name, p in params.items():
             torch.testing.assert_close(p, reference_params[name], rtol=0, atol=2e-5, msg=name)
+
+
+def test_packing_gives_the_same_step(tmp_path, tiny_model_dir, qa_file, monkeypatch):
+    """--pack puts a micro-batch's examples into fewer rows; the gradients stay those of the padded batch."""
+    grads, rows_seen = [], []
+    original_step, original_train_step = AdamW.step, lopt.LoPTModel.train_step
+
+    def recording_step(self, closure=None):
+        grads[-1].append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        return original_step(self, closure)
+
+    def counting_train_step(self, batch, *args, **kwargs):
+        rows_seen[-1].append(batch["input_ids"].shape[0])
+        return original_train_step(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(AdamW, "step", recording_step)
+    monkeypatch.setattr(lopt.LoPTModel, "train_step", counting_train_step)
+    for pack in (False, True):
+        grads.append([])
+        rows_seen.append([])
+        train(small(tmp_path, f"pack{pack}", tiny_model_dir, qa_file, batch_size=4, max_steps=1, pack=pack,
+                    seq_len=128))
+    assert rows_seen[0] == [4] and rows_seen[1][0] < 4  # the packed batch has fewer rows
+    for g, ref in zip(grads[1][0], grads[0][0], strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
 
 
 def test_resume_continues_exactly(tmp_path, tiny_model_dir, qa_file, monkeypatch):
