@@ -82,7 +82,8 @@ def _check_architecture(hf_model: nn.Module) -> None:
         arch = type(hf_model).__name__
         raise ValueError(
             f"unsupported architecture {arch}: LoPT needs a decoder-only causal LM exposing model.embed_tokens, "
-            f"model.layers, model.norm, model.rotary_emb and lm_head (supported families: {', '.join(SUPPORTED_FAMILIES)})"
+            f"model.layers, model.norm, model.rotary_emb and lm_head "
+            f"(supported families: {', '.join(SUPPORTED_FAMILIES)})"
         )
 
 
@@ -201,7 +202,10 @@ class LoPTModel(nn.Module):
         input_ids, attention_mask, labels, document_ids = self._unpack(batch)
         positions = attention_mask.bool() if attention_mask is not None else None
         num_tokens = (labels != IGNORE_INDEX).sum()
-        num_positions = positions.sum() if positions is not None else torch.tensor(input_ids.numel(), device=input_ids.device)
+        if positions is not None:
+            num_positions = positions.sum()
+        else:
+            num_positions = torch.tensor(input_ids.numel(), device=input_ids.device)
         task_weight = loss_scale * _share(num_tokens, total_tokens)
         aux_weight = loss_scale * _share(num_positions, total_positions) * self.lambda_aux / max(self.num_blocks - 1, 1)
 
@@ -294,7 +298,8 @@ class LoPTModel(nn.Module):
         window = getattr(self.model.config, "sliding_window", None) if kind == "sliding_attention" else None
         # One host sync per step (not per layer) buys SDPA's fused causal path for unpadded batches.
         no_padding = attention_mask is None or bool(attention_mask.all())
-        if no_padding and document_ids is None and window is None and self.model.config._attn_implementation == "sdpa":
+        sdpa = self.model.config._attn_implementation == "sdpa"
+        if no_padding and document_ids is None and window is None and sdpa:
             return None
         idx = torch.arange(seq_len, device=device)
         allowed = idx[None, :] <= idx[:, None]
