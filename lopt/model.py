@@ -191,10 +191,11 @@ class LoPTModel(nn.Module):
         ``batch`` holds ``input_ids``, optionally ``attention_mask`` (1 = real token), ``labels``
         (default: the input ids with padding set to -100; the step shifts them) and, for rows that pack
         several examples, ``document_ids`` (which example each token belongs to: attention stays
-        inside an example and positions restart at each one). For gradient
-        accumulation pass the optimizer step's totals over all its micro-batches: ``total_tokens``
-        (label tokens) and ``total_positions`` (unmasked positions). The micro-batches' gradients then
-        add up to exactly those of one large batch.
+        inside an example and positions restart at each one).
+
+        For gradient accumulation pass the optimizer step's totals over all its micro-batches:
+        ``total_tokens`` (label tokens) and ``total_positions`` (unmasked positions). The
+        micro-batches' gradients then add up to exactly those of one large batch.
 
         ``on_boundary(b)`` runs right after lower block b's backward, while its gradients are complete
         and before the next block runs: an optimizer can step that block there and free its gradients.
