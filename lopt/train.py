@@ -92,6 +92,14 @@ def train(config: TrainConfig) -> dict:
 # ================================================================================= the training loop
 
 
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The micro-batch on ``device``. An all-ones attention mask is dropped here, on the host: the engine
+    then takes SDPA's causal path without reading the mask back from the GPU (a sync per step)."""
+    if "attention_mask" in batch and bool(batch["attention_mask"].all()):
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, model: LoPTModel, tokenizer, examples, held_out, out: Path, device):
         self.config, self.model, self.tokenizer, self.out, self.device = config, model, tokenizer, out, device
@@ -169,7 +177,7 @@ class Trainer:
         task_sum = aux_sum = 0.0
         pack_to = cfg.seq_len if cfg.pack else None
         for part, n_tokens, n_positions in zip(parts, tokens, positions):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in collate(part, self.pad_id, pack_to).items()}
+            batch = _to_device(collate(part, self.pad_id, pack_to), self.device)
             out = self.model.train_step(batch, total_tokens=total_tokens, total_positions=total_positions,
                                         on_boundary=on_boundary)
             if n_tokens:  # a micro-batch without labels still trains the lower blocks, but has no task loss

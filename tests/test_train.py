@@ -278,3 +278,24 @@ def test_each_supported_family_trains_and_reloads(tmp_path, qa_file, family, tie
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     assert reloaded.config.model_type == family
     assert not reloaded.config.tie_word_embeddings  # LoPT unties the head from the embeddings
+
+
+def test_an_all_ones_mask_is_dropped_on_the_host_with_the_same_gradients():
+    """The trainer drops an all-ones attention mask before the transfer (no device sync in the engine);
+    the engine's gradients without it equal those with it."""
+    from lopt.train import _to_device
+
+    padded = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5, [1] * 4 + [0]])}
+    assert "attention_mask" in _to_device(padded, torch.device("cpu"))
+    full = {"input_ids": torch.randint(0, 256, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    full["labels"] = full["input_ids"].clone()
+    assert set(_to_device(full, torch.device("cpu"))) == {"input_ids", "labels"}
+
+    grads = []
+    for batch in (full, _to_device(full, torch.device("cpu"))):
+        model = lopt.LoPTModel(build_model(tiny_config("llama", vocab_size=256), seed=0), num_blocks=2)
+        model.train_step(batch)
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for with_mask, without in zip(*grads):
+        torch.testing.assert_close(without, with_mask, rtol=1e-5, atol=1e-7)
