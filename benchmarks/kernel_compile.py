@@ -133,7 +133,7 @@ def _is_constexpr(parameter) -> bool:
 def exercise_ops(hidden: int, intermediate: int, q_heads: int, kv_heads: int, head_dim: int, vocab: int,
                  dtype: torch.dtype, tokens: int = 8) -> None:
     """Run every op of lopt_kernels forward and backward once on the CPU at a model's layer shapes."""
-    from lopt_kernels import apply_rope, linear_cross_entropy, recon_loss, rms_norm, swiglu
+    from lopt_kernels import adamw_step, apply_rope, linear_cross_entropy, recon_loss, rms_norm, swiglu
 
     def leaf(*shape, scale=1.0):
         return (torch.randn(*shape) * scale).to(dtype).requires_grad_()
@@ -156,14 +156,27 @@ def exercise_ops(hidden: int, intermediate: int, q_heads: int, kv_heads: int, he
     labels = torch.randint(0, vocab, (tokens,))
     labels[0] = -100
     linear_cross_entropy(leaf(tokens, hidden), leaf(vocab, hidden, scale=0.02), labels).backward()
+    # The optimizer step: fp32 moments (with an fp32 master copy of a low-precision parameter), and bf16
+    # moments with stochastic rounding.
+    param, grad = torch.randn(hidden, 8).to(dtype), torch.randn(hidden, 8).to(dtype)
+    steps = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=1)
+    master = param.float() if dtype != torch.float32 else None
+    adamw_step(param, grad, torch.zeros(hidden, 8), torch.zeros(hidden, 8), master, **steps)
+    if dtype == torch.bfloat16:
+        adamw_step(param, grad, torch.zeros_like(param), torch.zeros_like(param), None, **steps)
 
 
 def record(models: dict[str, tuple], dtypes: list[torch.dtype]) -> list[Launch]:
     """The distinct launches of every op at each model's shapes and dtype, in first-seen order."""
+    from unittest import mock
+
+    from lopt_kernels import adamw
+
     distinct: dict[Launch, None] = {}
     for shapes in models.values():
         for dtype in dtypes:
-            with recorded_launches() as launches:
+            # The AdamW launcher gives the interpreter larger blocks (CPU test speed): record the GPU's.
+            with recorded_launches() as launches, mock.patch.object(adamw, "INTERPRETER_BLOCK", adamw.BLOCK):
                 exercise_ops(*shapes, dtype=dtype)
             distinct.update(dict.fromkeys(launches))
     return list(distinct)

@@ -6,15 +6,22 @@ the last place and is lost. So:
 
 - ``adamw``: fp32 moments, and an fp32 master copy of every non-fp32 parameter; the update is made
   on the master and rounded into the parameter. State: 8 bytes per fp32 parameter, 12 per bf16 one.
-  On fp32 parameters it is exactly ``torch.optim.AdamW``.
+  On fp32 parameters it is ``torch.optim.AdamW``: bit for bit on the PyTorch path, to fp32 roundoff
+  in the kernel (which fuses multiply-adds).
 - ``adamw-bf16``: moments in bf16 and no master copy; a bf16 parameter takes its fp32 update with
   stochastic rounding, so small updates survive in expectation. State: 4 bytes per parameter.
 - ``adamw-8bit``: ``bitsandbytes.optim.AdamW8bit`` (block-wise 8-bit moments, about 2 bytes per parameter).
+
+``adamw`` and ``adamw-bf16`` update each parameter with ``lopt_kernels.adamw_step``: one Triton kernel
+(one pass over the parameter, gradient and state) where ``lopt_kernels.current_backend`` picks Triton,
+else the same arithmetic as PyTorch ops.
 """
 
 from __future__ import annotations
 
 import torch
+
+import lopt_kernels
 
 from .config import OPTIMIZERS
 from .errors import UsageError
@@ -25,10 +32,6 @@ STATE_BYTES = {
     "adamw-bf16": {torch.float32: 4, torch.bfloat16: 4},
     "adamw-8bit": {torch.float32: 2, torch.bfloat16: 2},
 }
-
-
-# Values one update touches at a time: bounds the update's temporaries (4M values: ~80 MB).
-STEP_CHUNK_ELEMENTS = 1 << 22
 
 
 class AdamW(torch.optim.Optimizer):
@@ -63,47 +66,11 @@ class AdamW(torch.optim.Optimizer):
                     if self.state_dtype == torch.float32 and p.dtype != torch.float32:
                         state["master"] = p.float()
                 state["step"] += 1
-                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("master"))
-                # Large tensors (a 128k-vocab embedding) are updated in slices, so the update's fp32
-                # temporaries stay bounded instead of costing ~20 bytes per value of the largest tensor.
-                for part in _slices(tensors):
-                    _adamw_update(*part, group, state["step"])
+                beta1, beta2 = group["betas"]
+                lopt_kernels.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("master"),
+                                        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                        weight_decay=group["weight_decay"], step=state["step"])
         return loss
-
-
-def _adamw_update(p, grad, exp_avg, exp_avg_sq, master, group, step):
-    beta1, beta2 = group["betas"]
-    grad = grad.to(exp_avg.dtype)
-    # The same arithmetic, in the same order, as torch.optim.AdamW's single-tensor path.
-    weight = master if master is not None else (p if p.dtype == torch.float32 else p.float())
-    weight.mul_(1 - group["lr"] * group["weight_decay"])
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step_size = group["lr"] / (1 - beta1**step)
-    denom = (exp_avg_sq.float().sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
-    weight.addcdiv_(exp_avg.float(), denom, value=-step_size)
-    if weight is not p:
-        p.copy_(weight if master is not None else _stochastic_round(weight, p.dtype))
-
-
-def _slices(tensors):
-    """The same slice of every tensor (``None`` stays ``None``), ``STEP_CHUNK_ELEMENTS`` values at a time."""
-    present = [t for t in tensors if t is not None]
-    if not all(t.is_contiguous() for t in present):
-        yield tensors
-        return
-    flat = [None if t is None else t.view(-1) for t in tensors]
-    for start in range(0, present[0].numel(), STEP_CHUNK_ELEMENTS):
-        yield [None if t is None else t[start : start + STEP_CHUNK_ELEMENTS] for t in flat]
-
-
-def _stochastic_round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 -> bf16, rounding up with probability equal to the discarded fraction (unbiased)."""
-    if dtype != torch.bfloat16:
-        return x.to(dtype)
-    bits = x.view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
 def build_optimizer(name: str, param_groups: list[dict]) -> torch.optim.Optimizer:

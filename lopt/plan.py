@@ -85,9 +85,10 @@ the next block starts): the peak is the largest of
 - the last block: the same with the head's forward and backward peaks, then the head's gradient held
   through the layers' backward;
 - the optimizer step: persistent + all gradients + the optimizer's temporaries for its largest
-  tensor (``lopt.optim.AdamW`` works tensor by tensor: the fp32 gradient, ``sqrt`` and the division,
-  12 B per value for ``adamw`` on bf16; 20 B for ``adamw-bf16``'s stochastic rounding; ``torch-adamw``
-  on CUDA runs foreach: one ``sqrt`` of the whole parameter group's second moment).
+  tensor. ``lopt.optim.AdamW`` on the GPU runs lopt_kernels' fused step, which makes none; its
+  PyTorch reference (``fused_optimizer=False``) works tensor by tensor: the fp32 gradient, ``sqrt`` and
+  the division, 12 B per value for ``adamw`` on bf16; 20 B for ``adamw-bf16``'s stochastic rounding.
+  ``torch-adamw`` on CUDA runs foreach: one ``sqrt`` of the whole parameter group's second moment.
 
 All sizes are exact byte counts of tensors; the CUDA caching allocator rounds blocks up (512 B) and
 fragments, which ``plan`` covers with a safety margin. ``tests/test_plan.py`` checks the activation,
@@ -106,6 +107,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from lopt_kernels.adamw import STEP_CHUNK_ELEMENTS
 
 from .model import split_layers
 
@@ -359,25 +362,20 @@ def optimizer_state_bytes(optimizer: str, numels: list[int], s: int) -> int:
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
 
 
-def _optimizer_step_chunk() -> int | None:
-    """Values ``lopt.optim``'s AdamW updates at once, if it splits large tensors (``STEP_CHUNK_ELEMENTS``)."""
-    try:
-        from . import optim
-    except ImportError:
-        return None
-    return getattr(optim, "STEP_CHUNK_ELEMENTS", None)
-
-
 def optimizer_step_temp_bytes(optimizer: str, largest_tensor: int, largest_group: int, s: int, *,
-                              foreach: bool, previous_tensor: int = 0) -> int:
+                              foreach: bool, previous_tensor: int = 0, fused: bool = True) -> int:
     """Temporaries of one optimizer step at its largest tensor.
 
-    ``lopt.optim.AdamW`` goes tensor by tensor; its locals (``denom``) keep the previous tensor's
-    denominator alive while the next one's is computed (``previous_tensor``: the size of that one).
+    ``fused``: ``lopt.optim.AdamW`` runs lopt_kernels' fused step (the GPU), which makes none. Its
+    reference goes tensor by tensor; its locals (``denom``) keep the previous tensor's denominator
+    alive while the next one's is computed (``previous_tensor``: the size of that one).
     """
-    chunk = _optimizer_step_chunk()
-    if chunk:  # an optimizer that updates large tensors piece by piece
-        largest_tensor, previous_tensor = min(largest_tensor, chunk), min(previous_tensor, chunk)
+    if optimizer in ("adamw", "adamw-bf16"):
+        if fused:
+            return 0
+        # the reference updates large tensors piece by piece
+        largest_tensor = min(largest_tensor, STEP_CHUNK_ELEMENTS)
+        previous_tensor = min(previous_tensor, STEP_CHUNK_ELEMENTS)
     n, prev = largest_tensor, previous_tensor
     if optimizer == "adamw":
         return n * (12 if s < 4 else 8) + 4 * prev  # fp32 grad copy (bf16 only), sqrt, division
@@ -474,13 +472,15 @@ def estimate_memory(
     dtype=torch.bfloat16,
     padded: bool = False,
     foreach: bool = True,
+    fused_optimizer: bool = True,
 ) -> MemoryEstimate:
     """Predict the memory of one optimizer step of LoPT training (see the module docstring).
 
     ``config``: a transformers config (or a ``ModelShape``). ``dtype``: the parameters' (bf16 on the
     GPU). ``kernels``: lopt_kernels' fused ops (patch, fused head and decoder loss) or the PyTorch
     reference path. ``padded``: batches with padding (an explicit attention mask). ``foreach``: only
-    for ``torch-adamw`` (its default on CUDA). Returns bytes.
+    for ``torch-adamw`` (its default on CUDA). ``fused_optimizer``: lopt's AdamW runs lopt_kernels' fused
+    step (what runs on CUDA) rather than its PyTorch reference. Returns bytes.
     """
     shape = model_shape(config)
     s = _dtype_bytes(dtype)
@@ -516,7 +516,8 @@ def estimate_memory(
     lower_numel = (shape.embed_params + sum(layer_numels[: ranges[-1][0]]) + (k - 1) * shape.decoder_params) if k > 1 else 0
     upper_numel = n_params - lower_numel
     opt_temp_all = optimizer_step_temp_bytes(optimizer, largest_tensor, max(lower_numel, upper_numel), s,
-                                             foreach=foreach, previous_tensor=shape.largest_layer_tensor)
+                                             foreach=foreach, fused=fused_optimizer,
+                                             previous_tensor=shape.largest_layer_tensor)
 
     # ---- per-token terms
     saved_tok = saved_per_layer(shape, s, recompute, kernels=kernels, padded=padded)
@@ -606,6 +607,7 @@ def estimate_memory(
         if early_lower_step:
             largest = max(shape.largest_layer_tensor, shape.embed_params if b == 0 else 0)
             temp = optimizer_step_temp_bytes(optimizer, largest, (block_grads + embed) // s, s, foreach=foreach,
+                                             fused=fused_optimizer,
                                              previous_tensor=shape.largest_layer_tensor)
             add(f"block {b} early optimizer step", gradients=block_grads + embed, boundary=boundary_end,
                 optimizer_step=temp)
@@ -626,7 +628,7 @@ def estimate_memory(
         + embed_at_end, boundary=boundary_end)
     if early_lower_step:
         last_temp = optimizer_step_temp_bytes(optimizer, max(shape.head_params, shape.largest_layer_tensor),
-                                              upper_numel, s, foreach=foreach,
+                                              upper_numel, s, foreach=foreach, fused=fused_optimizer,
                                               previous_tensor=shape.largest_layer_tensor)
     else:
         last_temp = opt_temp_all

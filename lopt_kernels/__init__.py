@@ -5,6 +5,7 @@ Every op has a pure-PyTorch reference beside it (``*_reference``): the CPU path 
 ``has_extension()`` tells whether it is loaded, ``build_extension()`` builds it on the spot.
 """
 
+from .adamw import adamw_step, adamw_step_reference
 from .backend import current_backend
 from .boundary import BoundaryMemory
 from .extension import build_extension, has_extension
@@ -17,6 +18,8 @@ from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "BoundaryMemory",
+    "adamw_step",
+    "adamw_step_reference",
     "apply_rope",
     "apply_rope_reference",
     "build_extension",

@@ -36,7 +36,8 @@ def test_every_kernel_is_recorded(compiled):
     recorded = {launch.kernel.split(":")[1] for launch in launches}
     expected = {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
                 "_rope_kernel", "_layer_norm_fwd_kernel", "_gelu_fwd_kernel", "_residual_kernel",
-                "_gelu_bwd_kernel", "_layer_norm_bwd_kernel", "_lse_block_kernel", "_logits_grad_kernel"}
+                "_gelu_bwd_kernel", "_layer_norm_bwd_kernel", "_lse_block_kernel", "_logits_grad_kernel",
+                "_adamw_step_kernel"}
     assert expected <= recorded
 
 

@@ -10,7 +10,7 @@ import torch
 from lopt.config import TrainConfig
 from lopt.configs import build_model, tiny_config
 import lopt
-import lopt.optim
+import lopt_kernels.adamw
 from lopt.optim import AdamW
 from lopt.tokenizer import byte_tokenizer
 from lopt.train import Trainer, lr_factor, train
@@ -203,8 +203,9 @@ def test_early_lower_step_uses_one_optimizer_per_block(tmp_path, tiny_model_dir,
 
 @pytest.mark.parametrize("chunk", [None, 8])
 def test_adamw_matches_torch_on_fp32_parameters(chunk, monkeypatch):
-    if chunk:  # the update in slices of 8 values (the 5x7 matrix: 5 slices, the last one short)
-        monkeypatch.setattr(lopt.optim, "STEP_CHUNK_ELEMENTS", chunk)
+    if chunk:  # the PyTorch path, in slices of 8 values (the 5x7 matrix: 5 slices, the last one short)
+        monkeypatch.setenv("LOPT_KERNELS_BACKEND", "torch")
+        monkeypatch.setattr(lopt_kernels.adamw, "STEP_CHUNK_ELEMENTS", chunk)
     torch.manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(7))]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
