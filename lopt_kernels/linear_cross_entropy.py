@@ -394,19 +394,20 @@ def linear_cross_entropy(
     Runs the Triton kernels or the PyTorch reference, per ``current_backend(hidden.device)``.
     """
     _check_args(hidden, weight, labels, reduction, bias)
-    if current_backend(hidden.device) != "triton" or hidden.dtype == torch.float64 or weight.dtype == torch.float64:
-        return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction, bias)
-
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+    autocast = torch.is_autocast_enabled(device_type)
+    if not autocast and (weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype)):
         raise ValueError(
             f"linear_cross_entropy: hidden is {hidden.dtype} but weight/bias are "
             f"{weight.dtype}/{None if bias is None else bias.dtype}: cast them to one dtype (or use autocast)"
         )
+    if current_backend(hidden.device) != "triton" or hidden.dtype == torch.float64 or weight.dtype == torch.float64:
+        return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction, bias)
+
+    if autocast:
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     flat_labels = labels.reshape(-1).long().contiguous()
     losses, _ = _lce_fwd(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels, ignore_index)
     return _reduce(losses, flat_labels, ignore_index, reduction, labels.shape)

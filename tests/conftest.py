@@ -1,7 +1,9 @@
 """Shared test set-up.
 
 Without a GPU the Triton kernels run through the Triton interpreter, which must be switched on before
-triton is first imported. Tests marked ``gpu`` are skipped where CUDA is absent.
+triton is first imported. Tests marked ``gpu`` are skipped where CUDA is absent. Kernel tests build their
+inputs on ``KERNEL_DEVICE`` (``from conftest import KERNEL_DEVICE``): a CPU tensor on a GPU machine would
+take the PyTorch reference, not the kernels.
 """
 
 import os
@@ -13,6 +15,9 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Where kernel tests put their tensors: on a GPU the kernels run compiled on CUDA; without one, interpreted on the CPU.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 import pytest  # noqa: E402
 

@@ -1,14 +1,16 @@
 """RMSNorm, SwiGLU and RoPE kernels against a float64 reference: outputs and every gradient.
 
-On the CPU the kernels run in the Triton interpreter (conftest.py), so the shapes are small and odd:
+The inputs live on ``KERNEL_DEVICE`` (conftest.py): CUDA where there is a GPU, so the compiled kernels
+run; else the CPU, where the kernels run in the Triton interpreter. Hence the shapes are small and odd:
 37 rows, widths that are not powers of two, head_dim 24, 6 query heads over 2 key heads.
 bf16 criterion: the kernel's error against float64 is no worse than the bf16 reference's (what Hugging
 Face computes) plus one bf16 ulp of the largest value (the interpreter truncates fp32 -> bf16 casts
-where the GPU rounds to nearest).
+where the GPU rounds to nearest; on the GPU that ulp is spare).
 """
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICE
 
 from lopt_kernels import current_backend
 from lopt_kernels.rms_norm import rms_norm, rms_norm_reference
@@ -52,23 +54,30 @@ def _assert_matches_float64(op, reference, inputs, grad_outputs):
             assert err <= native_err + slack, f"result {i}: error {err:.3g} vs bf16 reference's {native_err:.3g}"
 
 
-def _randn(*shape, dtype=torch.float32, seed=0, requires_grad=False):
+def _randn(*shape, dtype=torch.float32, seed=0, requires_grad=False, device=KERNEL_DEVICE):
+    """Seeded normal values, drawn on the CPU (the same values on every device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+    t = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    return t.to(device).requires_grad_(requires_grad)
 
 
-def _rope_tables(batch, seq_len, head_dim, dtype, hf_layout=True, seed=5):
-    """cos/sin [batch, T, D]: LlamaRotaryEmbedding's (both halves equal) or unrelated halves (general rotate_half)."""
+def _rope_tables(batch, seq_len, head_dim, dtype, hf_layout=True, seed=5, device=KERNEL_DEVICE):
+    """cos/sin [batch, T, D]: LlamaRotaryEmbedding's (both halves equal) or unrelated halves (general rotate_half).
+
+    Computed on the CPU, then moved to ``device``.
+    """
     half = head_dim // 2 if hf_layout else head_dim
-    angles = _randn(batch, seq_len, half, dtype=torch.float64, seed=seed) * 3
+    angles = _randn(batch, seq_len, half, dtype=torch.float64, seed=seed, device="cpu") * 3
     if hf_layout:
         angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), (angles.sin() * (1 if hf_layout else 0.7)).to(dtype)
+    cos, sin = angles.cos().to(dtype), (angles.sin() * (1 if hf_layout else 0.7)).to(dtype)
+    return cos.to(device), sin.to(device)
 
 
 def test_the_kernels_are_what_runs():
-    """On this machine the ops take the Triton path (the interpreter on the CPU), so these tests test the kernels."""
-    if current_backend("cpu") != "triton":
+    """On KERNEL_DEVICE the ops take the Triton path (compiled on CUDA, the interpreter on the CPU), so these
+    tests test the kernels."""
+    if current_backend(KERNEL_DEVICE) != "triton":
         pytest.skip("triton is not installed")
     x, w = _randn(3, 96, requires_grad=True), _randn(96, requires_grad=True)
     assert "RMSNormFunction" in rms_norm(x, w).grad_fn.name()

@@ -1,15 +1,18 @@
 """Fused lm_head + cross-entropy against a float64 oracle: loss and every gradient, all reductions.
 
-On the CPU the Triton kernels run through the interpreter (tests/conftest.py), so shapes are small and
-odd (37 tokens, width 96/136, vocab 777) and dot-free dtypes are fp32/fp16. Tests marked ``gpu`` check
-real vocabulary sizes in bf16 with the criterion: the kernel's error against float64 is no worse than
-native bf16 PyTorch's error against the same answer, plus a small tolerance.
+The inputs live on ``KERNEL_DEVICE`` (tests/conftest.py): CUDA where there is a GPU, so the compiled
+kernels run; else the CPU, where the Triton kernels run through the interpreter. Hence shapes are small
+and odd (37 tokens, width 96/136, vocab 777) and the dtypes fp32/fp16 (the interpreter truncates casts
+to bf16). Tests about the CPU alone (the backend switch, argument errors, lm_head_weight) stay on the CPU.
+Tests marked ``gpu`` check real vocabulary sizes in bf16 with the criterion: the kernel's error against
+float64 is no worse than native bf16 PyTorch's error against the same answer, plus a small tolerance.
 """
 
 import importlib
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICE
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -23,8 +26,12 @@ IGNORE = -100
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def make_inputs(n, h, v, *, dtype=torch.float32, device="cpu", bias=True, ignore_frac=0.25, logit_std=2.0, seed=0):
-    """hidden [n, h], weight [v, h], bias [v] or None, labels [n]; logits have about ``logit_std`` spread."""
+def make_inputs(
+    n, h, v, *, dtype=torch.float32, device=KERNEL_DEVICE, bias=True, ignore_frac=0.25, logit_std=2.0, seed=0
+):
+    """hidden [n, h], weight [v, h], bias [v] or None, labels [n]; logits have about ``logit_std`` spread.
+
+    Drawn on the CPU (the same values on every device), then moved to ``device``."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=gen)
     weight = torch.randn(v, h, generator=gen) * (logit_std / h**0.5)
@@ -200,7 +207,7 @@ def test_frozen_hidden_only_weight_grad():
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_inputs_are_not_modified_and_saved_tensors_stay_valid(reduction):
     hidden, weight, b, labels = make_inputs(37, 96, 777)
-    z = torch.randn(37, 96).requires_grad_()
+    z = torch.randn(37, 96).to(KERNEL_DEVICE).requires_grad_()
     w, bb = weight.clone().requires_grad_(), b.clone().requires_grad_()
     h = torch.tanh(z)  # tanh saves its output for backward: an in-place write to it would raise there
     snapshot = [t.detach().clone() for t in (h, w, bb, labels)]
@@ -223,7 +230,7 @@ def test_leading_dims_and_int32_labels():
 def test_autocast_casts_like_f_linear():
     """fp32 parameters under bf16 autocast: bf16 compute, fp32 gradients, as the reference under autocast."""
     hidden, weight, b, labels = make_inputs(37, 96, 777)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
         got_loss, got_grads = loss_and_grads(linear_cross_entropy, hidden, weight, b, labels, "mean")
         nat_loss, nat_grads = loss_and_grads(linear_cross_entropy_reference, hidden, weight, b, labels, "mean")
     ref_loss, ref_grads = float64_oracle(hidden, weight, b, labels, "mean")
@@ -236,7 +243,7 @@ def test_autocast_casts_like_f_linear():
 
 def test_backend_torch_uses_the_reference(monkeypatch):
     monkeypatch.setenv("LOPT_KERNELS_BACKEND", "torch")
-    hidden, weight, b, labels = make_inputs(37, 96, 777)
+    hidden, weight, b, labels = make_inputs(37, 96, 777, device="cpu")
     with _OpLog() as log:
         out = linear_cross_entropy(hidden, weight, labels, bias=b)
     assert not any("lopt_kernels" in name for name, _ in log.calls)
@@ -244,7 +251,8 @@ def test_backend_torch_uses_the_reference(monkeypatch):
 
 
 def test_bad_arguments_raise():
-    hidden, weight, b, labels = make_inputs(37, 96, 777)
+    # On the CPU: on CUDA the out-of-range label would trip a device-side assert, which ends the CUDA context.
+    hidden, weight, b, labels = make_inputs(37, 96, 777, device="cpu")
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(hidden, weight, labels, reduction="avg")
     with pytest.raises(ValueError, match="leading shape"):
@@ -255,7 +263,10 @@ def test_bad_arguments_raise():
         linear_cross_entropy(hidden, weight.half(), labels)
     bad = labels.clone()
     bad[3] = 777
-    with pytest.raises(RuntimeError, match="outside"):
+    # The kernels' own check where they run on the CPU (the interpreter); the reference (a GPU
+    # machine's CPU path) raises PyTorch's IndexError.
+    kernel_path = current_backend("cpu") == "triton"
+    with pytest.raises(RuntimeError if kernel_path else IndexError, match="outside" if kernel_path else "out of bounds"):
         linear_cross_entropy(hidden, weight, bad)
 
 
@@ -264,7 +275,8 @@ def test_custom_ops_pass_opcheck():
     args = (hidden.requires_grad_(), weight.requires_grad_(), b.requires_grad_(), labels, IGNORE)
     torch.library.opcheck(torch.ops.lopt_kernels.linear_cross_entropy_fwd.default, args)
     _, lse = torch.ops.lopt_kernels.linear_cross_entropy_fwd(*args)
-    bwd_args = (torch.randn(9), hidden.detach(), weight.detach(), b.detach(), labels, lse, IGNORE, True, True, True)
+    grad_loss = torch.randn(9).to(hidden.device)
+    bwd_args = (grad_loss, hidden.detach(), weight.detach(), b.detach(), labels, lse, IGNORE, True, True, True)
     torch.library.opcheck(torch.ops.lopt_kernels.linear_cross_entropy_bwd.default, bwd_args)
 
 

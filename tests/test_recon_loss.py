@@ -1,6 +1,9 @@
-"""recon_loss: the fused Triton path (the interpreter on CPU) and the reference, against float64.
+"""recon_loss: the fused Triton path and the reference, against float64.
 
-CPU tests use fp32 and fp16; bf16 and real widths run on the GPU (tests marked gpu).
+The inputs live on ``KERNEL_DEVICE`` (conftest.py): CUDA where there is a GPU, so the compiled kernels
+run; else the CPU, where the kernels run in the Triton interpreter. Those tests use small shapes, fp32
+and fp16; bf16 and real widths run on the GPU only (tests marked gpu). Tests of the reference alone and
+of argument errors stay on the CPU.
 Most tests call the Triton path with a small chunk, so that a few chunks (the last one ragged) run.
 """
 
@@ -8,6 +11,7 @@ import importlib
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICE
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -17,12 +21,14 @@ from lopt_kernels.recon_loss import _fused_forward_backward, _recon_loss_triton,
 recon_module = importlib.import_module("lopt_kernels.recon_loss")  # the package exports a function of that name
 
 PARAMS = ("ln_weight", "ln_bias", "w1", "b1", "w2", "b2")
-CHUNK = 32  # tokens per chunk in the CPU tests: 74 tokens make chunks of 32, 32 and 10
+CHUNK = 32  # tokens per chunk in the small-shape tests: 74 tokens make chunks of 32, 32 and 10
 EPS = 1e-5
 
 
-def make_inputs(shape, dtype=torch.float32, mask="none", device="cpu", seed=0):
-    """(h_out, target, params, mask): h_out/params require grad; a decoder of the engine's shape."""
+def make_inputs(shape, dtype=torch.float32, mask="none", device=KERNEL_DEVICE, seed=0):
+    """(h_out, target, params, mask): h_out/params require grad; a decoder of the engine's shape.
+
+    Drawn on the CPU (the same values on every device), then moved to ``device``."""
     gen = torch.Generator().manual_seed(seed)
     *lead, h = shape
     d = h // 4
@@ -129,7 +135,7 @@ def test_fp16_no_worse_than_native_fp16(shape, mask):
 
 def test_reference_is_the_masked_mean_it_claims():
     """The oracle itself, against the formula written out from scratch on the kept rows."""
-    h_out, target, params, mask = make_inputs((2, 37, 136), torch.float64, "holes")
+    h_out, target, params, mask = make_inputs((2, 37, 136), torch.float64, "holes", device="cpu")
     p = {k: v.detach() for k, v in params.items()}
     rows = h_out.detach()[mask]
     x = (rows - rows.mean(-1, keepdim=True)) / torch.sqrt(rows.var(-1, unbiased=False, keepdim=True) + EPS)
@@ -216,7 +222,7 @@ def test_recon_loss_dispatches_on_the_backend(monkeypatch):
     calls = []
     monkeypatch.setattr(recon_module, "_recon_loss_triton", lambda *a: calls.append(a) or _recon_loss_triton(*a))
     loss, _ = loss_and_grads(recon_loss, *inputs)
-    assert current_backend("cpu") == "triton" and len(calls) == 1
+    assert current_backend(inputs[0].device) == "triton" and len(calls) == 1
     torch.testing.assert_close(loss, oracle(*inputs)[0].float())
     monkeypatch.setenv("LOPT_KERNELS_BACKEND", "torch")
     loss, _ = loss_and_grads(recon_loss, *inputs)
@@ -225,7 +231,7 @@ def test_recon_loss_dispatches_on_the_backend(monkeypatch):
 
 
 def test_shape_errors_are_reported():
-    h_out, target, params, mask = make_inputs((2, 37, 96), torch.float32, "holes")
+    h_out, target, params, mask = make_inputs((2, 37, 96), torch.float32, "holes", device="cpu")
     with pytest.raises(ValueError, match="mask has shape"):
         recon_loss(h_out, target, *params.values(), mask[:, :-1])
     with pytest.raises(ValueError, match="w2 has shape"):
