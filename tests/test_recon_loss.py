@@ -183,7 +183,7 @@ def test_frozen_inputs_get_no_gradient(frozen):
         (h_out if name == "h_out" else params[name]).requires_grad_(False)
     loss, grads = triton_path(h_out, target, params, mask)
     ref_loss, ref_grads = oracle(h_out, target, params, mask)
-    torch.testing.assert_close(loss.double(), ref_loss)
+    torch.testing.assert_close(loss, ref_loss.float())  # an fp32 loss: fp32 tolerance, whatever the reduction order
     for name, g, ref in zip(("h_out", *PARAMS), grads, ref_grads):
         if name in frozen:
             assert g is None and ref is None, name
