@@ -24,6 +24,17 @@ def record_peak_memory(benchmark, step) -> None:
     benchmark.extra_info["triton"] = _triton_version()
 
 
+def run_benchmark(benchmark, step, *, rounds: int, warmup_rounds: int, reset=None, **info) -> None:
+    """Run ``step`` once to warm up (compile, autotune, allocator), then ``reset()`` if given (e.g. drop
+    the warm-up's gradients), record its peak memory (CUDA), put ``info`` into ``extra_info`` and time it."""
+    step()
+    if reset is not None:
+        reset()
+    record_peak_memory(benchmark, step)
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+
+
 def _triton_version() -> str | None:
     try:
         import triton

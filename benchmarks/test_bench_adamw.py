@@ -17,7 +17,7 @@ Llama-3.2-1B's embedding (128256 x 2048) and an MLP matrix (8192 x 2048). On the
 import pytest
 import torch
 
-from benchmarks.common import record_peak_memory, sync
+from benchmarks.common import run_benchmark, sync
 from lopt_kernels import adamw_step, adamw_step_reference, current_backend
 
 CUDA = torch.cuda.is_available()
@@ -60,12 +60,10 @@ def test_adamw_step(benchmark, impl, kind, size):
         call()
         sync()
 
-    step()  # compile / allocator warm-up
-    record_peak_memory(benchmark, step)
-    benchmark.extra_info.update(
+    run_benchmark(
+        benchmark, step, rounds=20 if CUDA else 3, warmup_rounds=2 if CUDA else 1,
         backend=current_backend(DEVICE) if impl == "fused" else "torch",
         kind=kind,
         size=list(size),
         traffic_mib=round(KINDS[kind][2] * size[0] * size[1] / 2**20, 1),
     )
-    benchmark.pedantic(step, rounds=20 if CUDA else 3, warmup_rounds=2 if CUDA else 1, iterations=1)

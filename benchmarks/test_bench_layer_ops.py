@@ -15,7 +15,7 @@ import functools
 import pytest
 import torch
 
-from benchmarks.common import record_peak_memory, sync
+from benchmarks.common import run_benchmark, sync
 from lopt_kernels import current_backend
 from lopt_kernels.rms_norm import rms_norm, rms_norm_reference
 from lopt_kernels.rope import apply_rope, apply_rope_reference
@@ -107,12 +107,10 @@ def test_layer_op_fwd_bwd(benchmark, op, size, impl):
         torch.autograd.backward(outs if isinstance(outs, tuple) else (outs,), grad_outs)
         sync()
 
-    step()  # compile / allocator warm-up
-    record_peak_memory(benchmark, step)
-    benchmark.extra_info.update(
+    run_benchmark(
+        benchmark, step, rounds=20 if CUDA else 3, warmup_rounds=2 if CUDA else 1,
         backend=current_backend(DEVICE) if impl == "fused" else "torch",
         op=op,
         size=list(size),
         dtype=str(DTYPE),
     )
-    benchmark.pedantic(step, rounds=20 if CUDA else 3, warmup_rounds=2 if CUDA else 1, iterations=1)

@@ -16,7 +16,7 @@ import functools
 import pytest
 import torch
 
-from benchmarks.common import record_peak_memory, sync
+from benchmarks.common import run_benchmark, sync
 from lopt_kernels import current_backend
 from lopt_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
@@ -68,14 +68,14 @@ def test_linear_cross_entropy_fwd_bwd(benchmark, impl, n_tokens):
         fn(hidden, weight, labels).backward()
         sync()
 
-    step()  # compile / autotune / allocator warm-up
-    hidden.grad = weight.grad = None
-    record_peak_memory(benchmark, step)
-    benchmark.extra_info.update(
+    def drop_grads():
+        hidden.grad = weight.grad = None
+
+    run_benchmark(
+        benchmark, step, rounds=10 if CUDA else 3, warmup_rounds=1, reset=drop_grads,
         backend=current_backend(DEVICE) if impl == "fused" else "torch",
         tokens=n_tokens,
         hidden=HIDDEN,
         vocab=VOCAB,
         dtype=str(DTYPE),
     )
-    benchmark.pedantic(step, rounds=10 if CUDA else 3, warmup_rounds=1, iterations=1)

@@ -16,7 +16,7 @@ import functools
 import pytest
 import torch
 
-from benchmarks.common import record_peak_memory, sync
+from benchmarks.common import run_benchmark, sync
 from lopt_kernels import current_backend
 from lopt_kernels.recon_loss import recon_loss, recon_loss_reference
 
@@ -66,12 +66,10 @@ def test_recon_loss_fwd_bwd(benchmark, impl, n_tokens):
         fn(h_out, target, *params, mask).backward()
         sync()
 
-    step()  # compile / allocator warm-up
-    record_peak_memory(benchmark, step)
-    benchmark.extra_info.update(
+    run_benchmark(
+        benchmark, step, rounds=10 if CUDA else 3, warmup_rounds=1,
         backend=current_backend(DEVICE) if impl == "fused" else "torch",
         tokens=n_tokens,
         hidden=h,
         dtype=str(DTYPE),
     )
-    benchmark.pedantic(step, rounds=10 if CUDA else 3, warmup_rounds=1, iterations=1)
