@@ -59,7 +59,7 @@ def _adamw_step_kernel(
     bias_correction2_sqrt,
     eps,
     step_size,
-    seed,
+    SEED,
     HAS_MASTER: tl.constexpr,
     STOCHASTIC_ROUND: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -93,7 +93,7 @@ def _adamw_step_kernel(
     if HAS_MASTER:
         tl.store(MASTER + offsets, w, mask=mask)
     if STOCHASTIC_ROUND:
-        noise = tl.randint(seed, offsets) & 0xFFFF
+        noise = tl.randint(tl.load(SEED), offsets) & 0xFFFF
         bits = w.to(tl.uint32, bitcast=True)
         w = ((bits + noise) & 0xFFFF0000).to(tl.float32, bitcast=True)  # exact in bf16 from here
     tl.store(PARAM + offsets, w.to(PARAM.dtype.element_ty), mask=mask)
@@ -103,10 +103,10 @@ def _adamw_step_triton(param, grad, exp_avg, exp_avg_sq, master, *, lr, beta1, b
                        generator):
     """Launch the kernel on contiguous tensors of the same shape (the scalars become fp32 kernel arguments)."""
     stochastic_round = master is None and param.dtype == torch.bfloat16
-    seed = 0
-    if stochastic_round:  # a fresh seed per call, drawn from torch: manual_seed and a saved RNG state reproduce it
-        device = generator.device if generator is not None else "cpu"
-        seed = int(torch.randint(1 << 31, (), generator=generator, device=device))
+    # A fresh seed per call, drawn on the parameter's device (no host sync) from torch's generator, so
+    # manual_seed and a saved RNG state reproduce it; the kernel reads it from memory, so a new value
+    # compiles nothing new (an integer argument would be specialised on its value).
+    seed = torch.randint(1 << 31, (1,), generator=generator, device=param.device) if stochastic_round else param
     n_elements = param.numel()
     block = BLOCK if param.device.type == "cuda" else min(INTERPRETER_BLOCK, triton.next_power_of_2(n_elements))
     _adamw_step_kernel[(triton.cdiv(n_elements, block),)](
@@ -171,7 +171,8 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, master, *, lr, beta1, beta2, ep
     (an fp32 copy of a lower-precision parameter, or None) are updated too.
 
     ``step`` counts from 1. A bf16 parameter without a master rounds stochastically, with random bits from
-    ``generator`` (default: the global generator; on the Triton path, the CPU's: one draw seeds the kernel).
+    ``generator`` (default: the global generator of the parameter's device; on the Triton path one draw
+    from it seeds the kernel).
     Runs the Triton kernel where ``current_backend`` says so and every tensor is contiguous; else, and for
     float64 parameters (the kernel computes in fp32), ``adamw_step_reference``.
     """
