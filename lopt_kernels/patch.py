@@ -87,23 +87,56 @@ def _is_silu(act_fn: object) -> bool:
 
 
 def _attention_forward_with_rope(cls: type):
-    """The class's forward with ``apply_rotary_pos_emb`` resolved to ``apply_rope``; None if it does not call it."""
-    forward = cls.forward
-    code = getattr(forward, "__code__", None)
-    original = getattr(forward, "__globals__", {}).get("apply_rotary_pos_emb")
-    if code is None or "apply_rotary_pos_emb" not in code.co_names or original is None:
+    """The class's forward with ``apply_rotary_pos_emb`` resolved to ``apply_rope``; None if it does not call it.
+
+    The forward may be wrapped by decorators (``functools.wraps`` chains, e.g. transformers'
+    ``deprecate_kwarg``): the function that calls RoPE is found down the ``__wrapped__`` chain, rebuilt
+    with the stand-in, and every wrapper above it is rebuilt around the new inner function, so the
+    decorators' own behaviour (argument renames, warnings) is kept.
+    """
+    chain = [cls.forward]
+    while callable(getattr(chain[-1], "__wrapped__", None)) and len(chain) < 16:
+        chain.append(chain[-1].__wrapped__)
+    calls_rope = [fn for fn in chain if "apply_rotary_pos_emb" in getattr(getattr(fn, "__code__", None), "co_names", ())]
+    if not calls_rope:
         return None
-    stand_in = _ROPE_STAND_INS.get(tuple(inspect.signature(original).parameters))
+    inner = calls_rope[-1]
+    original = inner.__globals__.get("apply_rotary_pos_emb")
+    stand_in = _ROPE_STAND_INS.get(tuple(inspect.signature(original).parameters)) if callable(original) else None
     if stand_in is None:
         return None
-    fn_globals = dict(forward.__globals__)
-    fn_globals["apply_rotary_pos_emb"] = stand_in
-    patched = types.FunctionType(code, fn_globals, forward.__name__, forward.__defaults__, forward.__closure__)
-    patched.__kwdefaults__ = forward.__kwdefaults__
-    patched.__qualname__ = forward.__qualname__
-    patched.__doc__ = forward.__doc__
+    patched = _rebuilt(inner, {**inner.__globals__, "apply_rotary_pos_emb": stand_in}, inner.__closure__)
+    for wrapper, wrapped in zip(reversed(chain[: chain.index(inner)]), reversed(chain[1 : chain.index(inner) + 1])):
+        closure = _closure_with(wrapper, wrapped, patched)
+        if closure is None:
+            return None  # the wrapper holds its inner function some other way: leave this class unfused
+        patched = _rebuilt(wrapper, wrapper.__globals__, closure, wrapped=patched)
     setattr(patched, _MARK, True)
     return patched
+
+
+def _rebuilt(fn, fn_globals: dict, closure, wrapped=None):
+    """A copy of function ``fn`` with other globals and closure cells (and ``__wrapped__``, if given)."""
+    copy = types.FunctionType(fn.__code__, fn_globals, fn.__name__, fn.__defaults__, closure)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__dict__.update(fn.__dict__)
+    copy.__qualname__, copy.__doc__, copy.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    if wrapped is not None:
+        copy.__wrapped__ = wrapped
+    return copy
+
+
+def _closure_with(wrapper, old, new):
+    """``wrapper``'s closure with the cell that holds ``old`` replaced by one holding ``new``; None if none does."""
+    cells, found = [], False
+    for cell in wrapper.__closure__ or ():
+        try:
+            holds_old = cell.cell_contents is old
+        except ValueError:  # an empty cell
+            holds_old = False
+        found |= holds_old
+        cells.append(types.CellType(new) if holds_old else cell)
+    return tuple(cells) if found else None
 
 
 def _installed_forward(module: nn.Module):

@@ -187,3 +187,58 @@ def test_rope_stands_in_for_the_older_signature_too():
     cos, sin = torch.ones(1, 5, 12), torch.zeros(1, 5, 12)
     q_out, k_out = forward(None, q, k, cos, sin)
     assert torch.equal(q_out, q) and torch.equal(k_out, k)
+
+
+def _renaming(old, new):
+    """A decorator of the shape transformers' ``deprecate_kwarg`` has: it renames a keyword, then calls on."""
+    import functools
+
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapped(*args, **kwargs):
+            if old in kwargs:
+                kwargs[new] = kwargs.pop(old)
+            return func(*args, **kwargs)
+
+        return wrapped
+
+    return decorate
+
+
+class _DecoratedAttention:
+    @_renaming("legacy", "past_key_values")
+    @_renaming("past_key_values", "cache")
+    def forward(self, q, k, cos, sin, cache=None):
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, cache
+
+
+def test_rope_is_fused_under_decorators_that_keep_working():
+    """transformers 5.2x wraps every attention forward in deprecate_kwarg: RoPE is still swapped in, and
+    the wrappers still run (two stacked renames: legacy -> past_key_values -> cache)."""
+    from lopt_kernels.patch import _attention_forward_with_rope
+
+    forward = _attention_forward_with_rope(_DecoratedAttention)
+    assert forward is not None and forward is not _DecoratedAttention.forward
+    q, k = _randn_like_heads(Q_HEADS), _randn_like_heads(2)
+    cos, sin = torch.ones(1, 5, 12), torch.zeros(1, 5, 12)
+    q_out, k_out, cache = forward(None, q, k, cos, sin, legacy="kept")
+    assert torch.equal(q_out, q) and torch.equal(k_out, k) and cache == "kept"
+    assert _DecoratedAttention.forward.__wrapped__.__wrapped__.__globals__["apply_rotary_pos_emb"] is apply_rotary_pos_emb
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_every_family_fuses_rope_with_the_installed_transformers(model_type, caplog):
+    """No family may silently fall back to its unfused RoPE (the warning patch() logs then fails here)."""
+    import transformers
+
+    model = _tiny_model(model_type)
+    with caplog.at_level("WARNING", logger="lopt_kernels.patch"):
+        patch(model)
+    assert not caplog.records, f"transformers {transformers.__version__}: {caplog.text}"
+    attention = model.model.layers[0].self_attn
+    assert "forward" in attention.__dict__
+    rope = attention.forward.__func__
+    while "apply_rotary_pos_emb" not in rope.__code__.co_names:
+        rope = rope.__wrapped__
+    assert rope.__globals__["apply_rotary_pos_emb"].__module__ == "lopt_kernels.patch"
