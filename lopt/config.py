@@ -16,6 +16,7 @@ RECOMPUTE = ("none", "full", "selective")
 RECIPES = ("8gb", "12gb", "16gb", "24gb")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp32")
+BOUNDARIES = ("stale", "fresh")  # see LoPTModel.train_step
 
 # What ``None`` resolves to where a default depends on the run (see ``TrainConfig.resolved``).
 PRETRAINED_LR = 2e-5  # fine-tuning a real checkpoint
@@ -58,6 +59,11 @@ class TrainConfig:
     num_blocks: int = _flag(2, "number of blocks the layers are split into (1 = plain end-to-end training)",
                             type=int, group="LoPT")
     lambda_aux: float = _flag(10.0, "weight of the blocks' reconstruction loss", type=float, group="LoPT")
+    boundary: str = _flag(
+        "stale", "what the block after a boundary trains on: stale (the lower block's output from before its "
+        "update, as the paper's released code) or fresh (recomputed after the lower block has stepped, as the "
+        "paper's text describes; one extra lower forward, each lower block stepped and clipped on its own at its "
+        "boundary, needs --grad-accum 1)", type=str, choices=BOUNDARIES, group="LoPT")
     recompute: str = _flag("none", "activation recomputation of the layers: none, full, or selective (MLPs only)",
                            type=str, choices=RECOMPUTE, group="LoPT")
     kernels: bool | None = _flag(None, "use the fused lopt_kernels ops (default: on CUDA with Triton)",

@@ -22,6 +22,7 @@ import torch.utils.checkpoint
 import lopt_kernels
 from lopt_kernels.boundary import BoundaryMemory
 
+from .config import BOUNDARIES
 from .configs import SUPPORTED_FAMILIES
 
 IGNORE_INDEX = -100
@@ -185,6 +186,7 @@ class LoPTModel(nn.Module):
         total_tokens: torch.Tensor | int | None = None,
         total_positions: torch.Tensor | int | None = None,
         on_boundary: Callable[[int], None] | None = None,
+        boundary: str = "stale",
     ) -> StepOutput:
         """Forward and backward of one micro-batch; gradients accumulate in ``.grad`` (no optimizer step).
 
@@ -199,7 +201,17 @@ class LoPTModel(nn.Module):
 
         ``on_boundary(b)`` runs right after lower block b's backward, while its gradients are complete
         and before the next block runs: an optimizer can step that block there and free its gradients.
+
+        ``boundary`` says what the next block trains on. ``"stale"`` (the paper's released code): block
+        b's output from the forward pass, computed before its update. ``"fresh"`` (the paper's text):
+        after ``on_boundary(b)`` has stepped block b, its output is recomputed under no_grad from its
+        input (block 0: the updated embeddings), one extra forward of the block without stored activations.
         """
+        if boundary not in BOUNDARIES:
+            raise ValueError(f"boundary must be one of {', '.join(BOUNDARIES)}, got {boundary!r}")
+        if boundary == "fresh" and on_boundary is None and self.num_blocks > 1:
+            raise ValueError("boundary='fresh' recomputes each lower block after its update: pass an on_boundary "
+                             "that steps the block's optimizer")
         input_ids, attention_mask, labels, document_ids = self._unpack(batch)
         positions = attention_mask.bool() if attention_mask is not None else None
         num_tokens = (labels != IGNORE_INDEX).sum()
@@ -216,15 +228,22 @@ class LoPTModel(nn.Module):
         for b, decoder in enumerate(self.aux_decoders):
             # Lower block b: forward, local loss, backward now. Its saved activations are freed here,
             # before block b+1 allocates its own; only the detached output crosses the boundary.
+            block_input = hidden.detach()
             with self.boundary.block(keep=[hidden]):
                 block_output = self._run_block(b, hidden, layer_inputs)
-                aux = decoder.recon_loss(block_output, hidden.detach(), positions, fused=self.kernels)
+                aux = decoder.recon_loss(block_output, block_input, positions, fused=self.kernels)
                 if aux.requires_grad:
                     (aux * aux_weight).backward()
                 hidden = block_output.detach()
             aux_losses.append(aux.detach())
             if on_boundary is not None:
                 on_boundary(b)
+            if boundary == "fresh":  # block b has stepped: hand on what its updated weights compute
+                with torch.no_grad():
+                    if b == 0:  # block 0 owns the embeddings, which have stepped too
+                        block_input = self.model.model.embed_tokens(input_ids)
+                    hidden = self._run_block(b, block_input, layer_inputs)
+            del block_input  # not held through the next block's step
 
         # Last block: task loss only. Its activations (or, with recompute, only the layer inputs) live
         # until this backward, so the step's peak is the largest block's, not the sum over blocks.

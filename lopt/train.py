@@ -125,13 +125,14 @@ class Trainer:
     # ----------------------------------------------------------------------------- optimizers
 
     def _build_optimizers(self):
-        """One AdamW over all groups; with early_lower_step one per lower block plus one for the upper.
+        """One AdamW over all groups; with early_lower_step or a fresh boundary one per lower block plus
+        one for the upper.
 
         The groups come from ``LoPTModel.param_groups`` (upper/lower learning rates, no decay on
         vectors), split by owning block (``block_param_groups``) for per-block optimizers.
         """
         cfg, model = self.config, self.model
-        if not cfg.early_lower_step or model.num_blocks == 1:
+        if not (cfg.early_lower_step or cfg.boundary == "fresh") or model.num_blocks == 1:
             per_block = [model.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay)]
         else:
             per_block = model.block_param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay)
@@ -179,7 +180,7 @@ class Trainer:
         for part, n_tokens, n_positions in zip(parts, tokens, positions):
             batch = _to_device(collate(part, self.pad_id, pack_to), self.device)
             out = self.model.train_step(batch, total_tokens=total_tokens, total_positions=total_positions,
-                                        on_boundary=on_boundary)
+                                        on_boundary=on_boundary, boundary=cfg.boundary)
             if n_tokens:  # a micro-batch without labels still trains the lower blocks, but has no task loss
                 task_sum = task_sum + out.task_loss.float() * (n_tokens / total_tokens)
             aux_sum = aux_sum + out.aux_loss.float() * (n_positions / total_positions)
@@ -501,6 +502,10 @@ def _validate(cfg: TrainConfig):
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other: pick one"),
         (not (cfg.early_lower_step and cfg.grad_accum > 1),
          "--early-lower-step steps each block once per micro-batch, so it needs --grad-accum 1"),
+        # fresh would need every micro-batch's lower backward before the lower step, then a second pass.
+        (not (cfg.boundary == "fresh" and cfg.grad_accum > 1),
+         "--boundary fresh steps each lower block before the next block sees its output, once per micro-batch, "
+         "so it needs --grad-accum 1 (raise --batch-size instead)"),
     ]
     for ok, message in checks:
         if not ok:
