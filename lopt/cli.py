@@ -82,11 +82,33 @@ def build_parser(with_plan_arguments: bool = False) -> argparse.ArgumentParser:
         help="predict a step's GPU memory and pick batch size, accumulation, recomputation and optimizer for a card",
         description="Predict the GPU memory of a LoPT training step and pick the settings that fit a card.",
     )
+    eval_parser = commands.add_parser(
+        "eval",
+        help="measure a model's held-out task score and retention (general-text NLL, KL from a reference)",
+        description="Held-out task score (loss, exact match of greedy answers through the chat template) and the "
+        "retention measures of lopt.retention: the mean NLL of general text and, with --reference, the KL "
+        "divergence from the reference model on general chat prompts.",
+    )
+    add_eval_arguments(eval_parser)
     if with_plan_arguments:
         from .plan import add_plan_arguments  # imported only for `lopt plan`: training does not need it
 
         add_plan_arguments(plan_parser)
     return parser
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="PATH", help="the model to measure (as lopt train --model)")
+    parser.add_argument("--reference", metavar="PATH", help="the model KL is measured from (same tokenizer), "
+                        "e.g. the checkpoint before training; default: no KL")
+    parser.add_argument("--data", metavar="FILE", help="held-out data (lopt train --data formats); default: the "
+                        "embedded task's held-out split")
+    parser.add_argument("--seq-len", type=int, default=128, help="truncate examples, and chunk the general text, to "
+                        "this many tokens (default: 128)")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
+    parser.add_argument("--eval-max-examples", type=int, default=200, help="held-out examples whose answers are "
+                        "generated for exact match (default: 200)")
+    parser.add_argument("--output", metavar="FILE", help="also write the measures to this JSON file")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "plan":
             from .plan import run_plan
 
@@ -122,10 +146,50 @@ def _train(args: argparse.Namespace) -> int:
         print(f"trained {summary['steps']} steps in {summary['elapsed_s']:.0f}s: loss {summary['first_loss']:.4f} -> "
               f"{summary['last_loss']:.4f}")
     if "eval" in summary:
-        e = summary["eval"]
-        print(f"held-out: loss {e['loss']:.4f}, exact match {e['correct']}/{e['num_generated']} "
-              f"({100 * e['exact_match']:.1f}%)")
+        from .retention import before_after_lines
+
+        print("before -> after training:\n  " + "\n  ".join(before_after_lines(summary["eval"])))
     print(f"final checkpoint: {summary['final_dir']} (AutoModelForCausalLM.from_pretrained loads it)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .loading import load_model, resolve_model
+
+    for spec in (args.model, args.reference):
+        if spec is not None:
+            resolve_model(spec)  # a bad path fails before anything loads
+    from .data import eval_examples, load_rows, rows_to_conversations, tokenize_conversations
+    from .default_data import sft_splits
+    from .evaluation import task_score
+    from .retention import RetentionProbe, general_text, text_nll
+
+    model, tokenizer, _ = load_model(args.model)
+    rows = load_rows(args.data) if args.data else sft_splits()[1]
+    conversations, _ = rows_to_conversations(rows, args.data or "the embedded held-out split")
+    held_out = (tokenize_conversations(conversations, tokenizer, args.seq_len),
+                eval_examples(conversations, tokenizer, args.seq_len))
+    result = task_score(model, tokenizer, held_out, args.batch_size, args.eval_max_examples)
+    lines = [f"exact match: {result['exact_match']:.1%} ({result['correct']}/{result['num_generated']})",
+             f"task loss: {result['loss']:.4f}"]
+    if args.reference is None:
+        chunks = general_text(tokenizer, args.seq_len)
+        result.update(general_nll=text_nll(model, chunks, args.batch_size), general_tokens=chunks.numel())
+    else:
+        reference_model, reference_tokenizer, _ = load_model(args.reference)
+        if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise UsageError(f"--reference {args.reference} has another vocabulary than --model {args.model}: "
+                             "KL needs the same tokenizer")
+        probe = RetentionProbe(reference_model, tokenizer, args.seq_len, args.batch_size)
+        del reference_model  # the probe keeps what KL needs: the reference's answers and log-probabilities
+        result.update(probe.measure(model))
+        lines.append(f"KL from the reference: {result['kl']:.4f} (NLL of its answers {result['answer_nll']:.4f})")
+    lines.insert(2, f"general-text NLL: {result['general_nll']:.4f}")
+    print("\n".join(lines))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -117,6 +117,9 @@ class TrainConfig:
                             type=int, group="run")
     eval_every: int = _flag(0, "evaluate the held-out set every N steps (0 = only at the end)", type=int,
                             group="run")
+    retention: bool = _flag(True, "measure retention before and after training: the mean NLL of general text "
+                            "(Python's language reference) and the KL divergence from the model as loaded on "
+                            "general chat prompts (see lopt.retention)", type=bool, group="run")
     eval_max_examples: int = _flag(200, "held-out examples whose answers are generated for exact match",
                                    type=int, group="run")
 

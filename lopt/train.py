@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
@@ -50,9 +49,11 @@ from .data import (
     tokenize_conversations,
 )
 from .errors import NonFiniteLossError, UsageError
+from .evaluation import task_score
 from .model import LoPTModel
 from .optim import build_optimizer
 from .plotting import plot_losses
+from .retention import RetentionProbe, before_after_lines
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # The embedded default's model: 2.9M parameters; its 60 steps take under a minute on 2 CPU cores.
@@ -82,6 +83,7 @@ def train(config: TrainConfig) -> dict:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, model, tokenizer, examples, held_out, out, device)
+    trainer.measure_before()
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
     # What was run, for the record and for `lopt train --resume` to start from.
@@ -121,6 +123,8 @@ class Trainer:
         self.stop_requested = False
         self._lower_grads_finite = True
         self._pbar = None
+        self.probe: RetentionProbe | None = None  # set with the before-training measures (measure_before)
+        self.before: dict = {}
 
     # ----------------------------------------------------------------------------- optimizers
 
@@ -274,8 +278,9 @@ class Trainer:
         if interrupted:
             return summary
         summary["final_dir"] = str(self.save_final())
-        if self.held_out is not None:
-            summary["eval"] = result = self.evaluate()
+        result = self.final_evaluation()
+        if result is not None:
+            summary["eval"] = result
             (self.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         return summary
 
@@ -404,64 +409,36 @@ class Trainer:
         result = self.evaluate()
         return {"eval_loss": result["loss"], "exact_match": result["exact_match"]}
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out task loss (token-weighted), answer-token accuracy and exact match of greedy answers."""
-        full, prompts = self.held_out
-        was_training = self.model.training
-        self.model.eval()
-        loss_sum, n_correct, n_tokens = 0.0, 0, 0
-        for i in range(0, len(full), self.config.batch_size):
-            part = full[i : i + self.config.batch_size]
-            if sum(e.num_label_tokens for e in part):
-                batch = {k: v.to(self.device) for k, v in collate(part, self.pad_id).items()}
-                logits = self.model(batch["input_ids"], batch["attention_mask"])[:, :-1].float()
-                labels = batch["labels"][:, 1:]
-                loss_sum += F.cross_entropy(logits.transpose(1, 2), labels, reduction="sum").item()
-                answered = labels != -100
-                n_correct += (logits.argmax(-1) == labels)[answered].sum().item()
-                n_tokens += answered.sum().item()
-        prompts = prompts[: self.config.eval_max_examples]
-        generated = self._generate([p.prompt_ids for p in prompts], [p.answer for p in prompts])
-        correct = sum(g.strip() == p.answer.strip() for g, p in zip(generated, prompts))
-        self.model.train(was_training)
-        result = dict(
-            step=self.step,
-            loss=loss_sum / max(n_tokens, 1),
-            token_accuracy=n_correct / max(n_tokens, 1),  # teacher-forced next-token accuracy on answers
-            exact_match=correct / max(len(prompts), 1),
-            correct=correct,
-            num_generated=len(prompts),
-            num_examples=len(full),
-            samples=[dict(prompt=self.tokenizer.decode(p.prompt_ids), answer=p.answer, generated=g)
-                     for p, g in zip(prompts[:5], generated[:5])],
-        )
-        self._say(f"held-out at step {self.step}: loss {result['loss']:.4f}, "
-                  f"answer-token accuracy {result['token_accuracy']:.1%}, exact match {correct}/{len(prompts)}")
+        result = dict(step=self.step, **task_score(self.model.model, self.tokenizer, self.held_out,
+                                                   self.config.batch_size, self.config.eval_max_examples))
+        self._say(f"held-out at step {self.step}: loss {result['loss']:.4f}, answer-token accuracy "
+                  f"{result['token_accuracy']:.1%}, exact match {result['correct']}/{result['num_generated']}")
         return result
 
-    def _generate(self, prompt_ids: list[list[int]], answers: list[str]) -> list[str]:
-        from transformers import GenerationConfig
+    def measure_before(self):
+        """The task score and retention of the model as loaded, and the reference that KL is measured
+        against (its answers to the general prompts): before any checkpoint is loaded, so a resumed run
+        compares with the same original model."""
+        if self.config.retention:
+            self.probe = RetentionProbe(self.model.model, self.tokenizer, self.config.seq_len, self.config.batch_size)
+        self.before = self._measure()
 
-        hf_model, tok = self.model.model, self.tokenizer
-        eos = set()
-        for ids in (tok.eos_token_id, hf_model.config.eos_token_id, hf_model.generation_config.eos_token_id):
-            eos.update(ids if isinstance(ids, list) else [ids] if isinstance(ids, int) else [])
-        max_new = min(256, max((len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers), default=1) + 8)
-        gen_config = GenerationConfig(max_new_tokens=max_new, do_sample=False, pad_token_id=self.pad_id,
-                                      eos_token_id=sorted(eos) or None)
-        texts = []
-        for i in range(0, len(prompt_ids), self.config.batch_size):
-            part = prompt_ids[i : i + self.config.batch_size]
-            width = max(len(p) for p in part)
-            # Left padding: every prompt ends where generation starts.
-            input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in part], device=self.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device=self.device)
-            out = hf_model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen_config)
-            for row in out[:, width:].tolist():
-                cut = next((j for j, t in enumerate(row) if t in eos), len(row))
-                texts.append(tok.decode(row[:cut], skip_special_tokens=True))
-        return texts
+    def _measure(self) -> dict:
+        result = self.evaluate() if self.held_out is not None else {"step": self.step}
+        if self.probe is not None:
+            result.update(self.probe.measure(self.model.model))
+        return result
+
+    def final_evaluation(self) -> dict | None:
+        """``eval.json``: the trained model's task score and retention, and ``before`` (the model as loaded)."""
+        if self.held_out is None and self.probe is None:
+            return None
+        result = dict(self._measure(), before=self.before)
+        for line in before_after_lines(result):
+            self._say(line)
+        return result
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

@@ -44,6 +44,10 @@ INTERPRETER_BLOCK = 8192
 STEP_CHUNK_ELEMENTS = 1 << 22
 
 
+# ----------------------------------------------------------------------------------------------------
+# Kernel
+
+
 @triton.jit
 def _adamw_step_kernel(
     PARAM,
@@ -99,6 +103,10 @@ def _adamw_step_kernel(
     tl.store(PARAM + offsets, w.to(PARAM.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Launcher (no autograd: an in-place optimizer step)
+
+
 def _adamw_step_triton(param, grad, exp_avg, exp_avg_sq, master, *, lr, beta1, beta2, eps, weight_decay, step,
                        generator):
     """Launch the kernel on contiguous tensors of the same shape (the scalars become fp32 kernel arguments)."""
@@ -115,6 +123,10 @@ def _adamw_step_triton(param, grad, exp_avg, exp_avg_sq, master, *, lr, beta1, b
         float((1 - beta2**step) ** 0.5), float(eps), float(lr / (1 - beta1**step)), seed,
         HAS_MASTER=master is not None, STOCHASTIC_ROUND=stochastic_round, BLOCK=block, num_warps=NUM_WARPS,
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference
 
 
 def adamw_step_reference(param, grad, exp_avg, exp_avg_sq, master, *, lr, beta1, beta2, eps, weight_decay, step,
@@ -163,6 +175,10 @@ def _stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator=None) -> to
     bits = x.view(torch.int32)
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public op
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, master, *, lr, beta1, beta2, eps, weight_decay, step,

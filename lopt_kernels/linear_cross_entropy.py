@@ -29,7 +29,8 @@ h=1536, V=151936: roughly 75 MiB more than Liger's chunk at that point, but Lige
 [V, h] weight gradient from the forward through to the backward).
 
 Wrapped as ``torch.library.custom_op`` ops (``lopt_kernels::linear_cross_entropy_fwd/_bwd``) with
-fake implementations and registered autograd, so ``torch.compile`` (fullgraph) traces through it. No
+fake implementations and registered autograd, so ``torch.compile`` (fullgraph) traces through it; a
+second-order gradient through it raises (``backend.first_order_only``). No
 host syncs: the mean's divisor stays on the device and label-range errors are raised by a device
 assert. The reduction over tokens happens outside the ops in plain PyTorch, shared with the reference.
 
@@ -45,17 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backend import current_backend
+from .backend import current_backend, first_order_only, import_triton, num_warps
 from .matmul import addmm_fp32_
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: current_backend() never picks it, so the kernels are never launched
-    from types import SimpleNamespace
-
-    triton = SimpleNamespace(jit=lambda fn: fn, next_power_of_2=None, cdiv=None)
-    tl = None
+triton, tl = import_triton()  # stand-ins without Triton: current_backend() never picks it then
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "lm_head_weight"]
 
@@ -68,6 +62,10 @@ _MIN_BLOCK_VOCAB = 4096  # narrower blocks make the fp32 grad_hidden read-modify
 _VOCAB_ALIGN = 128
 _KERNEL_TILE = 4096  # logits a kernel program holds at once (rows x columns)
 _KERNEL_MAX_COLS = 4096  # widest tile; wider rows are swept in several tiles
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
 
 
 @triton.jit
@@ -150,6 +148,10 @@ def _logits_grad_kernel(
         tl.store(ptrs, (g[:, None] * d).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Launchers, registered as custom ops (with fake implementations) for torch.compile
+
+
 def _launch(kernel, logits: Tensor, *args) -> None:
     """One program per BLOCK_ROWS rows of ``logits``, each sweeping the row in tiles of BLOCK_COLS."""
     n_rows, n_cols = logits.shape
@@ -163,7 +165,7 @@ def _launch(kernel, logits: Tensor, *args) -> None:
         *args,
         BLOCK_ROWS=block_rows,
         BLOCK_COLS=block_cols,
-        num_warps=8 if block_rows * block_cols >= 2048 else 4,
+        num_warps=num_warps(block_rows * block_cols),
     )
 
 
@@ -188,7 +190,6 @@ def _logits_block(buf: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | No
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
-# ----------------------------------------------------------------------------------------------------
 # The two ops. Shapes: hidden [N, h], weight [V, h], bias [V] or None, labels [N] int64 (contiguous).
 
 
@@ -293,6 +294,10 @@ def _(grad_loss, hidden, weight, bias, labels, lse, ignore_index, need_hidden, n
     )
 
 
+# ----------------------------------------------------------------------------------------------------
+# Autograd
+
+
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1])
@@ -300,6 +305,7 @@ def _setup_context(ctx, inputs, output):
     ctx.ignore_index = ignore_index
 
 
+@first_order_only("linear_cross_entropy")
 def _backward(ctx, grad_loss, _grad_lse):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -319,7 +325,7 @@ _lce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Public API
+# Reference and public op
 
 
 def _check_args(hidden: Tensor, weight: Tensor, labels: Tensor, reduction: str, bias: Tensor | None) -> None:

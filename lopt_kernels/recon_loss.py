@@ -38,21 +38,13 @@ The forward does the backward's work whenever a gradient could be asked for: eva
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
-from .backend import current_backend, persistent_programs
+from .backend import current_backend, double_backward_error, import_triton, num_warps, persistent_programs
 from .matmul import addmm_fp32_
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: current_backend() never picks it, so the kernels are never launched
-    from types import SimpleNamespace
-
-    triton = SimpleNamespace(jit=lambda fn: fn, next_power_of_2=None, cdiv=None)
-    tl = None
+triton, tl = import_triton()  # stand-ins without Triton: current_backend() never picks it then
 
 __all__ = ["recon_loss", "recon_loss_reference"]
 
@@ -65,6 +57,10 @@ MAX_FUSED_COLS = 16384
 _MIN_CHUNK_TOKENS = 256
 # Elements of the [rows, columns] tile that one program holds at once: whole rows, as many as fit.
 _TILE_ELEMENTS = 4096
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
 
 
 @triton.jit
@@ -221,8 +217,8 @@ def _layer_norm_bwd_kernel(
         _add_to_partial(DLNB_PARTIAL, pid, tl.arange(0, BLOCK_H), n_cols, dlnb)
 
 
-def _num_warps(block: int) -> int:
-    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+# ----------------------------------------------------------------------------------------------------
+# Launcher
 
 
 def _chunk_tokens(n_cols: int) -> int:
@@ -287,7 +283,7 @@ def _fused_forward_backward(
 
     block_h, block_d = triton.next_power_of_2(n_cols), triton.next_power_of_2(d)
     rows_h, rows_d = max(1, _TILE_ELEMENTS // block_h), max(1, _TILE_ELEMENTS // block_d)
-    warps_h = _num_warps(block_h)
+    warps_h = num_warps(block_h)
     n_programs = persistent_programs(device, triton.cdiv(chunk, rows_h))
     loss_partial = torch.zeros((n_programs,), **f32)
     # Stands in for the buffers no one asked for: any valid pointer, never touched (flag off).
@@ -359,6 +355,10 @@ def _fused_forward_backward(
     )
 
 
+# ----------------------------------------------------------------------------------------------------
+# Registration
+
+
 # An opaque op to torch.compile: it traces through recon_loss without a graph break, and the chunk
 # loop and its in-place buffer reuse run as written.
 _recon_loss_fwd_bwd = torch.library.custom_op("lopt_kernels::recon_loss_fwd_bwd", mutates_args=())(
@@ -379,6 +379,10 @@ def _(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask, eps, needs_grad, 
     )
 
 
+# ----------------------------------------------------------------------------------------------------
+# Autograd
+
+
 def _setup_context(ctx, inputs, output):
     ctx.needs_grad = inputs[10]
     ctx.param_dtypes = tuple(p.dtype for p in inputs[2:8])
@@ -391,7 +395,11 @@ def _backward(ctx, grad_loss, *_):
 
     Out of place, so that a second backward through a retained graph sees the same gradients; that
     holds one more [N, h] tensor (the scaled dh) until autograd frees the saved one.
+    Refuses create_graph=True: the gradients are finished values and the inputs are not saved, so there
+    is nothing a second-order gradient could be taken through.
     """
+    if torch.is_grad_enabled() and any(ctx.needs_input_grad):
+        raise double_backward_error("recon_loss")
     dh, *param_grads = ctx.saved_tensors
     need_dh, *need_params = ctx.needs_grad
     grads = [
@@ -402,6 +410,21 @@ def _backward(ctx, grad_loss, *_):
 
 
 _recon_loss_fwd_bwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _recon_loss_triton(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask, eps, chunk_tokens):
+    """The fused op, asked for the gradients that autograd could want and no others."""
+    grad_enabled = torch.is_grad_enabled()
+    inputs = dict(h_out=h_out, ln_weight=ln_weight, ln_bias=ln_bias, w1=w1, b1=b1, w2=w2, b2=b2)
+    needs_grad = [grad_enabled and inputs[name].requires_grad for name in _GRAD_INPUTS]
+    return _recon_loss_fwd_bwd(
+        h_out, target.detach(), ln_weight.contiguous(), ln_bias.contiguous(), w1, b1, w2, b2,
+        None if mask is None else mask.detach(), float(eps), needs_grad, int(chunk_tokens),
+    )[0]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference
 
 
 def _check_inputs(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask) -> None:
@@ -425,15 +448,22 @@ def _check_inputs(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask) -> No
             )
 
 
-def _recon_loss_triton(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask, eps, chunk_tokens):
-    """The fused op, asked for the gradients that autograd could want and no others."""
-    grad_enabled = torch.is_grad_enabled()
-    inputs = dict(h_out=h_out, ln_weight=ln_weight, ln_bias=ln_bias, w1=w1, b1=b1, w2=w2, b2=b2)
-    needs_grad = [grad_enabled and inputs[name].requires_grad for name in _GRAD_INPUTS]
-    return _recon_loss_fwd_bwd(
-        h_out, target.detach(), ln_weight.contiguous(), ln_bias.contiguous(), w1, b1, w2, b2,
-        None if mask is None else mask.detach(), float(eps), needs_grad, int(chunk_tokens),
-    )[0]  # fmt: skip
+def recon_loss_reference(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask=None, eps=1e-5) -> torch.Tensor:
+    """``recon_loss`` in plain PyTorch autograd. The squared error is taken in fp32 (float64 stays
+    float64, so this doubles as the test oracle)."""
+    _check_inputs(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask)
+    n_cols = h_out.shape[-1]
+    x = F.layer_norm(h_out, (n_cols,), ln_weight, ln_bias, eps)
+    y = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    sq_err = (y.to(torch.promote_types(y.dtype, torch.float32)) - target.detach()).square().sum(-1)
+    if mask is None:
+        return sq_err.sum() / max(sq_err.numel() * n_cols, 1)
+    keep = mask != 0
+    return torch.where(keep, sq_err, 0.0).sum() / (keep.sum() * n_cols).clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public op
 
 
 def recon_loss(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask=None, eps=1e-5) -> torch.Tensor:
@@ -453,17 +483,3 @@ def recon_loss(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask=None, eps
         return recon_loss_reference(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask, eps)
     _check_inputs(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask)
     return _recon_loss_triton(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask, eps, _chunk_tokens(n_cols))
-
-
-def recon_loss_reference(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask=None, eps=1e-5) -> torch.Tensor:
-    """``recon_loss`` in plain PyTorch autograd. The squared error is taken in fp32 (float64 stays
-    float64, so this doubles as the test oracle)."""
-    _check_inputs(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask)
-    n_cols = h_out.shape[-1]
-    x = F.layer_norm(h_out, (n_cols,), ln_weight, ln_bias, eps)
-    y = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
-    sq_err = (y.to(torch.promote_types(y.dtype, torch.float32)) - target.detach()).square().sum(-1)
-    if mask is None:
-        return sq_err.sum() / max(sq_err.numel() * n_cols, 1)
-    keep = mask != 0
-    return torch.where(keep, sq_err, 0.0).sum() / (keep.sum() * n_cols).clamp_min(1)

@@ -8,15 +8,23 @@ Hugging Face's ``LlamaRMSNorm.forward`` (the Qwen and Mistral ones are the same 
 
 The kernels keep that order of casts: the normalised row is rounded to the input dtype before the
 weight multiplies it. The forward saves ``x`` and one fp32 ``rstd`` per row; the backward recomputes
-the normalised row from them.
+the normalised row from them. The backward kernel is not differentiable: a second-order gradient
+raises (``backend.first_order_only``); ``rms_norm_reference`` has one.
 """
 
 from __future__ import annotations
 
-
 import torch
 
-from .backend import current_backend, import_triton, persistent_programs
+from .backend import (
+    current_backend,
+    first_order_only,
+    import_triton,
+    num_warps,
+    persistent_programs,
+    register_op,
+    wrap_triton,
+)
 
 triton, tl = import_triton()  # stand-ins without Triton: current_backend() never picks it then
 
@@ -28,6 +36,10 @@ MAX_FUSED_COLS = 16384
 # rows (per-head norms, small models) share programs.
 _TILE_ELEMENTS = 4096
 _MAX_BLOCK_ROWS = 64
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
 
 
 @triton.jit
@@ -114,17 +126,13 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+
+
 def _block_rows(block_n: int) -> int:
     """BLOCK_M, from the width alone: the constexprs stay fixed as the number of rows varies."""
     return max(1, min(_TILE_ELEMENTS // block_n, _MAX_BLOCK_ROWS))
-
-
-def _num_warps(tile: int) -> int:
-    """For a BLOCK_M x BLOCK_N tile of ``tile`` elements."""
-    return 4 if tile <= 2048 else 8 if tile <= 8192 else 16
-
-
-_wrap_triton = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
 
 
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,9 +142,9 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     block_n = triton.next_power_of_2(n_cols)
     block_m = _block_rows(block_n)
-    _wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, block_m),)](
+    wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, block_m),)](
         x, weight, y, rstd, n_rows, n_cols, x.stride(0), y.stride(0), eps,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps(block_m * block_n),
     )  # fmt: skip
     return y, rstd
 
@@ -153,22 +161,26 @@ def _rms_norm_bwd(
     n_programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 1
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     dw_partial = torch.empty((n_programs if compute_dw else 0, n_cols), dtype=torch.float32, device=x.device)
-    _wrap_triton(_rms_norm_bwd_kernel)[(n_programs,)](
+    wrap_triton(_rms_norm_bwd_kernel)[(n_programs,)](
         dy, x, weight, rstd, dx, dw_partial, n_rows, n_cols, rows_per_program,
         dy.stride(0), x.stride(0), dx.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, COMPUTE_DW=compute_dw, num_warps=_num_warps(block_m * block_n),
+        BLOCK_M=block_m, BLOCK_N=block_n, COMPUTE_DW=compute_dw, num_warps=num_warps(block_m * block_n),
     )  # fmt: skip
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else weight.new_empty((0,))
     return dx, dw
 
 
-# Registered as torch.library ops for torch.compile, which then sees each launch as one node (and Inductor
-# sees into the kernels). Eager calls go straight to the launchers: the op dispatcher costs time per call.
-if tl is not None and hasattr(torch.library, "triton_op"):
-    _rms_norm_fwd_op = torch.library.triton_op("lopt_kernels::rms_norm_fwd", mutates_args=())(_rms_norm_fwd)
-    _rms_norm_bwd_op = torch.library.triton_op("lopt_kernels::rms_norm_bwd", mutates_args=())(_rms_norm_bwd)
-else:
-    _rms_norm_fwd_op, _rms_norm_bwd_op = _rms_norm_fwd, _rms_norm_bwd
+# ----------------------------------------------------------------------------------------------------
+# Registration
+
+
+# For torch.compile (backend.register_op): the registered ops while it traces, the launchers in eager.
+_rms_norm_fwd_op = register_op("rms_norm_fwd", _rms_norm_fwd)
+_rms_norm_bwd_op = register_op("rms_norm_bwd", _rms_norm_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -178,20 +190,23 @@ class _RMSNormFunction(torch.autograd.Function):
         x2d = x.reshape(-1, shape[-1])
         if x2d.stride(-1) != 1:
             x2d = x2d.contiguous()
-        rms_norm_fwd = _rms_norm_fwd_op if torch.compiler.is_compiling() else _rms_norm_fwd
-        y, rstd = rms_norm_fwd(x2d, weight, eps)
+        y, rstd = _rms_norm_fwd_op(x2d, weight, eps)
         ctx.save_for_backward(x2d, weight, rstd)
         return y.view(shape)
 
     @staticmethod
+    @first_order_only("rms_norm")
     def backward(ctx, dy):
         x2d, weight, rstd = ctx.saved_tensors
         dy2d = dy.reshape(x2d.shape)
         if dy2d.stride(-1) != 1:
             dy2d = dy2d.contiguous()
-        rms_norm_bwd = _rms_norm_bwd_op if torch.compiler.is_compiling() else _rms_norm_bwd
-        dx, dw = rms_norm_bwd(dy2d, x2d, weight, rstd, ctx.needs_input_grad[1])
+        dx, dw = _rms_norm_bwd_op(dy2d, x2d, weight, rstd, ctx.needs_input_grad[1])
         return dx.view(dy.shape), (dw if ctx.needs_input_grad[1] else None), None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -200,6 +215,10 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
     h = x.to(torch.promote_types(input_dtype, torch.float32))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(input_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public op
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

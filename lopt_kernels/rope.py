@@ -10,14 +10,15 @@ The kernel sees x [B, H, T, D] as B * H * T rows of D and rotates a tile of many
 row's (batch, position) for its cos/sin row; the rows are ordered so that neighbouring rows of a tile are
 neighbours in memory, whichever of heads or positions is the inner dimension. q and k take one launch each
 (so their head counts may differ, as in grouped-query attention). The map is linear in x, so the backward
-is the same kernel with the transposed rotation; nothing but cos and sin is saved.
+is the same kernel with the transposed rotation; nothing but cos and sin is saved. The backward's backward
+is the rotation again, so gradients of every order are exact.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .backend import current_backend, import_triton
+from .backend import current_backend, import_triton, num_warps, register_op, wrap_triton
 
 triton, tl = import_triton()  # stand-ins without Triton: current_backend() never picks it then
 
@@ -25,6 +26,10 @@ __all__ = ["apply_rope", "apply_rope_reference"]
 
 # Elements of each half of x (x1, and as many of x2) one program rotates: BLOCK_R rows of BLOCK_D.
 _TILE_ELEMENTS = 4096
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
 
 
 @triton.jit
@@ -84,7 +89,8 @@ def _rope_kernel(
     tl.store(out_ptr + half, out2.to(OUT.dtype.element_ty), mask=mask)
 
 
-_wrap_triton = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
+# ----------------------------------------------------------------------------------------------------
+# Launchers
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
@@ -100,12 +106,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     n_rows = batch * n_heads * seq_len
     block_d = triton.next_power_of_2(head_dim // 2)
     block_r = max(1, _TILE_ELEMENTS // block_d)  # not from n_rows: the constexprs stay fixed as B or T vary
-    _wrap_triton(_rope_kernel)[(triton.cdiv(n_rows, block_r),)](
+    wrap_triton(_rope_kernel)[(triton.cdiv(n_rows, block_r),)](
         x, cos, sin, out, n_rows, x.shape[dims[0]], x.shape[dims[1]], head_dim // 2,
         x.stride(0), x.stride(dims[0]), x.stride(dims[1]),
         out.stride(0), out.stride(dims[0]), out.stride(dims[1]),
         cos.stride(0), *cos_strides,
-        BLOCK_R=block_r, BLOCK_D=block_d, BACKWARD=backward, num_warps=4 if block_r * block_d <= 2048 else 8,
+        BLOCK_R=block_r, BLOCK_D=block_d, BACKWARD=backward, num_warps=num_warps(block_r * block_d),
     )  # fmt: skip
     return out
 
@@ -120,12 +126,16 @@ def _rope(
     return _rotate(q, cos, sin, backward), _rotate(k, cos, sin, backward)
 
 
-# Registered as torch.library ops for torch.compile, which then sees each launch as one node (and Inductor
-# sees into the kernels). Eager calls go straight to the launchers: the op dispatcher costs time per call.
-if tl is not None and hasattr(torch.library, "triton_op"):
-    _rope_op = torch.library.triton_op("lopt_kernels::rope", mutates_args=())(_rope)
-else:
-    _rope_op = _rope
+# ----------------------------------------------------------------------------------------------------
+# Registration
+
+
+# For torch.compile (backend.register_op): the registered op while it traces, the launcher in eager.
+_rope_op = register_op("rope", _rope)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd
 
 
 def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
@@ -133,18 +143,30 @@ def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
 
 
 class _RoPEFunction(torch.autograd.Function):
+    """The rotation of (q, k), or with ``transposed`` its transpose: each is the other's backward.
+
+    The map is linear in q and k, so under create_graph=True the backward is this Function again
+    (transposed), and gradients of every order are exact.
+    """
+
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        rope = _rope_op if torch.compiler.is_compiling() else _rope
+    def forward(ctx, q, k, cos, sin, transposed):
         ctx.save_for_backward(cos, sin)
-        return rope(_unit_stride_last(q), _unit_stride_last(k), cos, sin, False)
+        ctx.transposed = transposed
+        return _rope_op(_unit_stride_last(q), _unit_stride_last(k), cos, sin, transposed)
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):
-        rope = _rope_op if torch.compiler.is_compiling() else _rope
         cos, sin = ctx.saved_tensors
-        dq, dk = rope(_unit_stride_last(dq_out), _unit_stride_last(dk_out), cos, sin, True)
-        return dq, dk, None, None
+        if torch.is_grad_enabled():
+            dq, dk = _RoPEFunction.apply(dq_out, dk_out, cos, sin, not ctx.transposed)
+        else:
+            dq, dk = _rope_op(_unit_stride_last(dq_out), _unit_stride_last(dk_out), cos, sin, not ctx.transposed)
+        return dq, dk, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -158,6 +180,10 @@ def apply_rope_reference(
     """Hugging Face's ``apply_rotary_pos_emb`` in plain PyTorch."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public op
 
 
 def _fusable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -194,4 +220,4 @@ def apply_rope(
     cos, sin = cos.expand(q.shape[0], -1, -1), sin.expand(q.shape[0], -1, -1)
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
-    return _RoPEFunction.apply(q, k, cos, sin)
+    return _RoPEFunction.apply(q, k, cos, sin, False)

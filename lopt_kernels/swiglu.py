@@ -2,14 +2,15 @@
 
 Hugging Face computes ``act_fn(gate_proj(x)) * up_proj(x)`` in two kernels and keeps ``silu(gate)`` for
 the backward. Here one kernel computes it in fp32 (one rounding), and the backward recomputes the
-sigmoid from the saved ``gate`` and ``up``: nothing else is kept.
+sigmoid from the saved ``gate`` and ``up``: nothing else is kept. The backward kernel is not differentiable:
+a second-order gradient raises (``backend.first_order_only``); ``swiglu_reference`` has one.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .backend import current_backend, import_triton
+from .backend import current_backend, first_order_only, import_triton, num_warps, register_op, wrap_triton
 
 triton, tl = import_triton()  # stand-ins without Triton: current_backend() never picks it then
 
@@ -20,6 +21,10 @@ __all__ = ["swiglu", "swiglu_reference"]
 _TILE_ELEMENTS = 4096
 # Columns one tile spans at most; a wider row is split across programs.
 _MAX_BLOCK_COLS = 1024
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
 
 
 @triton.jit
@@ -81,25 +86,26 @@ def _swiglu_bwd_kernel(
     tl.store(DUP + rows[:, None] * stride_dup + cols[None, :], d_up.to(DUP.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+
+
 def _tiling(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int, int]:
     """(grid, BLOCK_R, BLOCK_C, num_warps) for a [n_rows, n_cols] input."""
     block_c = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_COLS)
     block_r = max(1, _TILE_ELEMENTS // block_c)  # not from n_rows: the constexprs stay fixed as it varies
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))
-    return grid, block_r, block_c, 4 if block_r * block_c <= 2048 else 8
-
-
-_wrap_triton = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
+    return grid, block_r, block_c, num_warps(block_r * block_c)
 
 
 def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up: [rows, cols], unit stride along cols."""
     n_rows, n_cols = gate.shape
     out = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
-    grid, block_r, block_c, num_warps = _tiling(n_rows, n_cols)
-    _wrap_triton(_swiglu_fwd_kernel)[grid](
+    grid, block_r, block_c, warps = _tiling(n_rows, n_cols)
+    wrap_triton(_swiglu_fwd_kernel)[grid](
         gate, up, out, n_rows, n_cols, gate.stride(0), up.stride(0), out.stride(0),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
     return out
 
@@ -109,22 +115,26 @@ def _swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tup
     n_rows, n_cols = gate.shape
     d_gate = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
     d_up = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
-    grid, block_r, block_c, num_warps = _tiling(n_rows, n_cols)
-    _wrap_triton(_swiglu_bwd_kernel)[grid](
+    grid, block_r, block_c, warps = _tiling(n_rows, n_cols)
+    wrap_triton(_swiglu_bwd_kernel)[grid](
         dout, gate, up, d_gate, d_up, n_rows, n_cols,
         dout.stride(0), gate.stride(0), up.stride(0), d_gate.stride(0), d_up.stride(0),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
     return d_gate, d_up
 
 
-# Registered as torch.library ops for torch.compile, which then sees each launch as one node (and Inductor
-# sees into the kernels). Eager calls go straight to the launchers: the op dispatcher costs time per call.
-if tl is not None and hasattr(torch.library, "triton_op"):
-    _swiglu_fwd_op = torch.library.triton_op("lopt_kernels::swiglu_fwd", mutates_args=())(_swiglu_fwd)
-    _swiglu_bwd_op = torch.library.triton_op("lopt_kernels::swiglu_bwd", mutates_args=())(_swiglu_bwd)
-else:
-    _swiglu_fwd_op, _swiglu_bwd_op = _swiglu_fwd, _swiglu_bwd
+# ----------------------------------------------------------------------------------------------------
+# Registration
+
+
+# For torch.compile (backend.register_op): the registered ops while it traces, the launchers in eager.
+_swiglu_fwd_op = register_op("swiglu_fwd", _swiglu_fwd)
+_swiglu_bwd_op = register_op("swiglu_bwd", _swiglu_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -137,22 +147,29 @@ class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         gate2d, up2d = _rows(gate), _rows(up)
-        swiglu_fwd = _swiglu_fwd_op if torch.compiler.is_compiling() else _swiglu_fwd
-        out = swiglu_fwd(gate2d, up2d)
+        out = _swiglu_fwd_op(gate2d, up2d)
         ctx.save_for_backward(gate2d, up2d)
         return out.view(gate.shape)
 
     @staticmethod
+    @first_order_only("swiglu")
     def backward(ctx, dout):
         gate2d, up2d = ctx.saved_tensors
-        swiglu_bwd = _swiglu_bwd_op if torch.compiler.is_compiling() else _swiglu_bwd
-        d_gate, d_up = swiglu_bwd(_rows(dout), gate2d, up2d)
+        d_gate, d_up = _swiglu_bwd_op(_rows(dout), gate2d, up2d)
         return d_gate.view(dout.shape), d_up.view(dout.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` in plain PyTorch, as Hugging Face's MLP computes it."""
     return torch.nn.functional.silu(gate) * up
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public op
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

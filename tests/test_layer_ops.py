@@ -11,6 +11,7 @@ where the GPU rounds to nearest; on the GPU that ulp is spare).
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
+from kernel_checks import double_backward
 
 from lopt_kernels import current_backend
 from lopt_kernels.rms_norm import rms_norm, rms_norm_reference
@@ -264,6 +265,48 @@ def test_rope_leaves_its_inputs_alone():
     torch.autograd.backward(apply_rope(q, k, cos, sin), [dq, dk])
     for t, b in zip(inputs, before):
         assert torch.equal(t.detach(), b)
+
+
+# Double backward: each op computes the second-order gradient exactly or refuses it with an error naming
+# it; a silent wrong answer fails. The references (the CPU path) differentiate twice as any PyTorch code.
+
+
+def _double_backward_cases():
+    x, w = _randn(ROWS, 136, requires_grad=True), (1 + 0.1 * _randn(136, seed=1)).requires_grad_()
+    gate, up = _randn(ROWS, 136, seed=2, requires_grad=True), _randn(ROWS, 136, seed=3, requires_grad=True)
+    q = _randn(2, Q_HEADS, 5, HEAD_DIM, seed=4, requires_grad=True)
+    k = _randn(2, K_HEADS, 5, HEAD_DIM, seed=5, requires_grad=True)
+    cos, sin = _rope_tables(1, 5, HEAD_DIM, torch.float32, hf_layout=False)
+    return {
+        "rms_norm": (rms_norm, rms_norm_reference, [x, w]),
+        "swiglu": (swiglu, swiglu_reference, [gate, up]),
+        "apply_rope": (apply_rope, apply_rope_reference, [q, k, cos, sin]),
+    }
+
+
+@pytest.mark.parametrize("op,expected", [("rms_norm", "raised"), ("swiglu", "raised"), ("apply_rope", "matched")])
+def test_double_backward_is_exact_or_refused(op, expected):
+    """RMSNorm's and SwiGLU's backward kernels are not differentiable: they refuse. RoPE is linear in q and k,
+    so its backward is the same kernel transposed, and that differentiates exactly."""
+    fn, reference, inputs = _double_backward_cases()[op]
+    assert double_backward(op, fn, reference, inputs) == expected
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "apply_rope"])
+def test_reference_backend_double_backward(op, monkeypatch):
+    monkeypatch.setenv("LOPT_KERNELS_BACKEND", "torch")
+    fn, reference, inputs = _double_backward_cases()[op]
+    assert double_backward(op, fn, reference, inputs) == "matched"
+
+
+def test_first_order_under_create_graph_is_unchanged():
+    """create_graph=True alone (no second-order gradient taken) still gives the kernels' first-order gradients."""
+    x, w = _randn(ROWS, 136, requires_grad=True), (1 + 0.1 * _randn(136, seed=1)).requires_grad_()
+    dy = _randn(ROWS, 136, seed=2)
+    plain = torch.autograd.grad(rms_norm(x, w), (x, w), dy)
+    graphed = torch.autograd.grad(rms_norm(x, w), (x, w), dy, create_graph=True)
+    for a, b in zip(plain, graphed):
+        assert torch.equal(a, b.detach())
 
 
 # torch.compile: the kernels go through torch.library.triton_op, which the interpreter cannot trace.

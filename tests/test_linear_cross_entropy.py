@@ -13,6 +13,7 @@ import importlib
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
+from kernel_checks import double_backward
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -268,6 +269,21 @@ def test_bad_arguments_raise():
     kernel_path = current_backend("cpu") == "triton"
     with pytest.raises(RuntimeError if kernel_path else IndexError, match="outside" if kernel_path else "out of bounds"):
         linear_cross_entropy(hidden, weight, bad)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_double_backward_is_refused_or_exact(backend, monkeypatch):
+    """The fused op refuses a second-order gradient with an error naming it; the reference gives the exact one."""
+    monkeypatch.setenv("LOPT_KERNELS_BACKEND", backend)
+    hidden, weight, b, labels = make_inputs(9, 16, 40, ignore_frac=0.3)
+    hidden.requires_grad_(), weight.requires_grad_(), b.requires_grad_()
+
+    def op(fn):
+        return lambda hidden, weight, bias: fn(hidden, weight, labels, bias=bias)
+
+    outcome = double_backward("linear_cross_entropy", op(linear_cross_entropy), op(linear_cross_entropy_reference),
+                              [hidden, weight, b])
+    assert outcome == ("raised" if backend == "triton" else "matched")
 
 
 def test_custom_ops_pass_opcheck():

@@ -12,6 +12,7 @@ import importlib
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
+from kernel_checks import double_backward
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -228,6 +229,21 @@ def test_recon_loss_dispatches_on_the_backend(monkeypatch):
     loss, _ = loss_and_grads(recon_loss, *inputs)
     assert len(calls) == 1
     assert torch.equal(loss, loss_and_grads(recon_loss_reference, *inputs)[0])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_double_backward_is_refused_or_exact(backend, monkeypatch):
+    """The fused pass saves finished gradients, nothing to differentiate again: it refuses a second-order
+    gradient with an error naming it. The reference differentiates twice as any PyTorch code."""
+    monkeypatch.setenv("LOPT_KERNELS_BACKEND", backend)
+    h_out, target, params, mask = make_inputs((2, 5, 96), torch.float32, "holes")
+
+    def op(fn):
+        return lambda h_out, target, *rest: fn(h_out, target, *rest[:-1], mask=rest[-1])
+
+    inputs = [h_out, target, *params.values(), mask]
+    outcome = double_backward("recon_loss", op(recon_loss), op(recon_loss_reference), inputs)
+    assert outcome == ("raised" if backend == "triton" else "matched")
 
 
 def test_shape_errors_are_reported():

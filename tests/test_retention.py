@@ -1,0 +1,151 @@
+"""Retention measures at toy size: deterministic, KL of a model from itself is 0 and grows with a
+perturbation, the text NLL is the hand-computed one."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lopt.configs import build_model, tiny_config
+from lopt.retention import (
+    GENERAL_PROMPTS,
+    RetentionProbe,
+    general_text,
+    kl_from_reference,
+    reference,
+    text_nll,
+)
+from lopt.tokenizer import byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    config = tiny_config("llama", vocab_size=264, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    return build_model(config, seed=5).eval()
+
+
+def perturbed(model, scale, seed=0):
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.abs().mean())
+    return other
+
+
+def test_general_text_is_the_fixed_slice_of_the_python_reference(tokenizer):
+    from pydoc_data.topics import topics
+
+    chunks = general_text(tokenizer, chunk_len=100, num_tokens=1000)
+    assert chunks.shape == (10, 100)
+    # The byte tokenizer: the first 1000 characters (ASCII there) of the topics in sorted order.
+    expected = tokenizer("\n\n".join(topics[k] for k in sorted(topics))[:1000], add_special_tokens=False)["input_ids"]
+    assert chunks.flatten().tolist() == expected
+    assert torch.equal(general_text(tokenizer, 100, 1000), chunks)
+    assert general_text(tokenizer, 1000, 4096).shape == (16, 256)  # chunks capped at MAX_CHUNK_LEN
+
+
+def test_text_nll_equals_a_hand_computation(model, tokenizer):
+    text = "The quick brown fox jumps over the lazy dog. " * 2
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:36]
+    chunks = torch.tensor(ids).view(3, 12)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in chunks:  # each position scored from its own prefix, one forward per position
+            for t in range(1, len(chunk)):
+                logits = model(input_ids=chunk[None, :t]).logits[0, -1]
+                total -= F.log_softmax(logits.double(), -1)[chunk[t]].item()
+                count += 1
+    assert count == 3 * 11
+    assert text_nll(model, chunks, batch_size=2) == pytest.approx(total / count, rel=1e-6)
+    assert math.isclose(text_nll(model, chunks, batch_size=2), text_nll(model, chunks, batch_size=2))
+
+
+def test_kl_of_a_model_from_itself_is_zero_and_grows_with_a_perturbation(model, tokenizer):
+    ref = reference(model, tokenizer, batch_size=8, prompts=GENERAL_PROMPTS[:6], answer_tokens=8)
+    assert len(ref.sequences) == 6 and ref.log_probs.shape[1] == model.config.vocab_size
+    assert ref.log_probs.shape[0] == sum(len(s) - a for s, a in zip(ref.sequences, ref.answer_starts))
+    same = kl_from_reference(model, ref, batch_size=8)
+    assert same["kl"] == 0.0
+    kls = [kl_from_reference(perturbed(model, scale), ref, batch_size=8)["kl"] for scale in (0.05, 0.2, 0.8)]
+    assert 0 < kls[0] < kls[1] < kls[2], kls
+    # The reference's greedy answer is its own argmax: its NLL can only rise under a big perturbation.
+    assert kl_from_reference(perturbed(model, 0.8), ref, batch_size=8)["answer_nll"] > same["answer_nll"]
+
+
+def test_the_probe_is_deterministic_and_measures_against_the_model_as_built(model, tokenizer):
+    working = copy.deepcopy(model)
+    probe = RetentionProbe(working, tokenizer, chunk_len=64, batch_size=8)
+    before = probe.measure(working)
+    assert before == probe.measure(working)
+    assert before == RetentionProbe(copy.deepcopy(model), tokenizer, 64, 8).measure(model)
+    assert before["kl"] == 0.0 and before["kl_positions"] > len(GENERAL_PROMPTS)
+    assert before["general_tokens"] == 4096 and before["chunk_len"] == 64
+    with torch.no_grad():  # training moves the model; the probe keeps the original's answers
+        for p in working.parameters():
+            p.mul_(1.1)
+    after = probe.measure(working)
+    assert after["kl"] > 0 and after["general_nll"] != before["general_nll"]
+
+
+def test_the_trainer_records_task_score_and_retention_before_and_after(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from lopt.config import TrainConfig
+    from lopt.train import train
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Say {w}.", "answer": w}) + "\n"
+                            for w in ("red", "green", "blue", "cyan", "black", "white", "pink", "grey")))
+    common = dict(model=tiny_model_dir, data=str(data), eval_data=str(data), seq_len=48, batch_size=4,
+                  save_every=0, lr=3e-3, max_steps=2)
+    summary = train(TrainConfig(output_dir=str(tmp_path / "run"), **common))
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result == json.loads(json.dumps(summary["eval"]))
+    before = result["before"]
+    assert before["kl"] == 0.0 and result["kl"] > 0
+    for key in ("general_nll", "answer_nll", "loss", "exact_match"):
+        assert math.isfinite(before[key]) and math.isfinite(result[key]), key
+    assert result["general_nll"] != before["general_nll"] and result["loss"] != before["loss"]
+    log = capsys.readouterr().err
+    assert f"KL from the original: 0.0000 -> {result['kl']:.4f}" in log
+    assert f"general-text NLL: {before['general_nll']:.4f} -> {result['general_nll']:.4f}" in log
+    assert "exact match: " in log and f"task loss: {before['loss']:.4f} -> {result['loss']:.4f}" in log
+
+    train(TrainConfig(output_dir=str(tmp_path / "plain"), retention=False, **common))
+    plain = json.loads((tmp_path / "plain" / "eval.json").read_text())
+    assert "kl" not in plain and "general_nll" not in plain and "loss" in plain["before"]
+
+
+def test_lopt_eval_measures_any_model_against_a_reference(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lopt.cli import main
+
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Say {w}.", "answer": w}) + "\n" for w in ("red", "blue", "pink")))
+    moved = tmp_path / "moved"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    perturbed(model, 0.3).save_pretrained(moved)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(moved)
+
+    args = ["eval", "--model", str(moved), "--reference", tiny_model_dir, "--data", str(data), "--seq-len", "32"]
+    assert main([*args, "--output", str(tmp_path / "moved.json")]) == 0
+    assert main(["eval", "--model", tiny_model_dir, "--reference", tiny_model_dir, "--data", str(data),
+                 "--seq-len", "32", "--output", str(tmp_path / "same.json")]) == 0
+    out = capsys.readouterr().out
+    same, moved_result = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("same", "moved"))
+    assert same["kl"] == 0.0 and moved_result["kl"] > 0
+    assert same["num_examples"] == 3 and moved_result["general_nll"] != same["general_nll"]
+    assert f"KL from the reference: {moved_result['kl']:.4f}" in out
+    assert f"general-text NLL: {same['general_nll']:.4f}" in out
