@@ -11,7 +11,7 @@ where the GPU rounds to nearest; on the GPU that ulp is spare).
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
-from kernel_checks import double_backward
+from kernel_checks import assert_no_worse_than_native, double_backward, max_abs_err, seeded_randn
 
 from lopt_kernels import current_backend
 from lopt_kernels.rms_norm import rms_norm, rms_norm_reference
@@ -49,17 +49,8 @@ def _assert_matches_float64(op, reference, inputs, grad_outputs):
         if dtype == torch.float32:
             torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"result {i}: {m}")
         else:
-            err = (g.double() - w).abs().max().item()
-            native_err = (native[i].double() - w).abs().max().item()
             slack = 2**-7 * w.abs().max().item()
-            assert err <= native_err + slack, f"result {i}: error {err:.3g} vs bf16 reference's {native_err:.3g}"
-
-
-def _randn(*shape, dtype=torch.float32, seed=0, requires_grad=False, device=KERNEL_DEVICE):
-    """Seeded normal values, drawn on the CPU (the same values on every device), then moved to ``device``."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-    return t.to(device).requires_grad_(requires_grad)
+            assert_no_worse_than_native(g, native[i], w, slack=slack, error=max_abs_err, name=f"result {i}")
 
 
 def _rope_tables(batch, seq_len, head_dim, dtype, hf_layout=True, seed=5, device=KERNEL_DEVICE):
@@ -68,7 +59,7 @@ def _rope_tables(batch, seq_len, head_dim, dtype, hf_layout=True, seed=5, device
     Computed on the CPU, then moved to ``device``.
     """
     half = head_dim // 2 if hf_layout else head_dim
-    angles = _randn(batch, seq_len, half, dtype=torch.float64, seed=seed, device="cpu") * 3
+    angles = seeded_randn(batch, seq_len, half, dtype=torch.float64, seed=seed, device="cpu") * 3
     if hf_layout:
         angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos().to(dtype), (angles.sin() * (1 if hf_layout else 0.7)).to(dtype)
@@ -80,10 +71,10 @@ def test_the_kernels_are_what_runs():
     tests test the kernels."""
     if current_backend(KERNEL_DEVICE) != "triton":
         pytest.skip("triton is not installed")
-    x, w = _randn(3, 96, requires_grad=True), _randn(96, requires_grad=True)
+    x, w = seeded_randn(3, 96, requires_grad=True), seeded_randn(96, requires_grad=True)
     assert "RMSNormFunction" in rms_norm(x, w).grad_fn.name()
     assert "SwiGLUFunction" in swiglu(x, x).grad_fn.name()
-    q, k = _randn(1, 2, 3, 8, requires_grad=True), _randn(1, 1, 3, 8, requires_grad=True)
+    q, k = seeded_randn(1, 2, 3, 8, requires_grad=True), seeded_randn(1, 1, 3, 8, requires_grad=True)
     cos, sin = _rope_tables(1, 3, 8, torch.float32)
     assert "RoPEFunction" in apply_rope(q, k, cos, sin)[0].grad_fn.name()
 
@@ -94,17 +85,17 @@ def test_the_kernels_are_what_runs():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", WIDTHS)
 def test_rms_norm_matches_float64(dtype, width):
-    x = _randn(ROWS, width, dtype=dtype, requires_grad=True)
-    weight = (1 + 0.1 * _randn(width, seed=1)).to(dtype).requires_grad_()
-    dy = _randn(ROWS, width, seed=2)
+    x = seeded_randn(ROWS, width, dtype=dtype, requires_grad=True)
+    weight = (1 + 0.1 * seeded_randn(width, seed=1)).to(dtype).requires_grad_()
+    dy = seeded_randn(ROWS, width, seed=2)
     _assert_matches_float64(rms_norm, rms_norm_reference, [x, weight], [dy])
 
 
 def test_rms_norm_per_head_on_a_strided_input():
     """Qwen3's q_norm/k_norm: RMSNorm over head_dim of [B, T, H, D]; here through a transposed (non-contiguous) view."""
-    x = _randn(2, Q_HEADS, 5, HEAD_DIM, requires_grad=True)
-    weight = (1 + 0.1 * _randn(HEAD_DIM, seed=1)).requires_grad_()
-    dy = _randn(2, 5, Q_HEADS, HEAD_DIM, seed=2)
+    x = seeded_randn(2, Q_HEADS, 5, HEAD_DIM, requires_grad=True)
+    weight = (1 + 0.1 * seeded_randn(HEAD_DIM, seed=1)).requires_grad_()
+    dy = seeded_randn(2, 5, Q_HEADS, HEAD_DIM, seed=2)
     _assert_matches_float64(
         lambda x, w: rms_norm(x.transpose(1, 2), w),
         lambda x, w: rms_norm_reference(x.transpose(1, 2), w),
@@ -114,17 +105,17 @@ def test_rms_norm_per_head_on_a_strided_input():
 
 
 def test_rms_norm_bf16_input_with_fp32_weight_promotes_like_hf():
-    x = _randn(ROWS, 136, dtype=torch.bfloat16, requires_grad=True)
-    weight = (1 + 0.1 * _randn(136, seed=1)).requires_grad_()
+    x = seeded_randn(ROWS, 136, dtype=torch.bfloat16, requires_grad=True)
+    weight = (1 + 0.1 * seeded_randn(136, seed=1)).requires_grad_()
     y = rms_norm(x, weight)
     assert y.dtype == rms_norm_reference(x, weight).dtype == torch.float32
-    _assert_matches_float64(rms_norm, rms_norm_reference, [x, weight], [_randn(ROWS, 136, seed=2)])
+    _assert_matches_float64(rms_norm, rms_norm_reference, [x, weight], [seeded_randn(ROWS, 136, seed=2)])
 
 
 def test_rms_norm_frozen_weight_and_no_grad():
-    x = _randn(ROWS, 136, requires_grad=True)
-    weight = 1 + 0.1 * _randn(136, seed=1)  # requires_grad=False
-    _assert_matches_float64(rms_norm, rms_norm_reference, [x, weight], [_randn(ROWS, 136, seed=2)])
+    x = seeded_randn(ROWS, 136, requires_grad=True)
+    weight = 1 + 0.1 * seeded_randn(136, seed=1)  # requires_grad=False
+    _assert_matches_float64(rms_norm, rms_norm_reference, [x, weight], [seeded_randn(ROWS, 136, seed=2)])
     x.grad = None
     y = rms_norm(x, weight)
     y.sum().backward()
@@ -136,9 +127,9 @@ def test_rms_norm_frozen_weight_and_no_grad():
 
 
 def test_rms_norm_leaves_its_inputs_alone():
-    x = _randn(ROWS, 136, requires_grad=True)
-    weight = (1 + 0.1 * _randn(136, seed=1)).requires_grad_()
-    dy = _randn(ROWS, 136, seed=2)
+    x = seeded_randn(ROWS, 136, requires_grad=True)
+    weight = (1 + 0.1 * seeded_randn(136, seed=1)).requires_grad_()
+    dy = seeded_randn(ROWS, 136, seed=2)
     before = [t.detach().clone() for t in (x, weight, dy)]
     rms_norm(x, weight).backward(dy)
     for t, b in zip((x, weight, dy), before):
@@ -156,24 +147,24 @@ def test_rms_norm_rejects_a_mismatched_weight():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", WIDTHS)
 def test_swiglu_matches_float64(dtype, width):
-    gate = _randn(ROWS, width, dtype=dtype, requires_grad=True)
-    up = _randn(ROWS, width, dtype=dtype, seed=1, requires_grad=True)
-    _assert_matches_float64(swiglu, swiglu_reference, [gate, up], [_randn(ROWS, width, seed=2)])
+    gate = seeded_randn(ROWS, width, dtype=dtype, requires_grad=True)
+    up = seeded_randn(ROWS, width, dtype=dtype, seed=1, requires_grad=True)
+    _assert_matches_float64(swiglu, swiglu_reference, [gate, up], [seeded_randn(ROWS, width, seed=2)])
 
 
 def test_swiglu_on_chunks_of_a_fused_projection():
     """gate and up as halves of one [.., 2I] projection: row-strided views, read in place."""
-    gate_up = _randn(3, ROWS, 2 * 136, requires_grad=True)
-    dy = _randn(3, ROWS, 136, seed=2)
+    gate_up = seeded_randn(3, ROWS, 2 * 136, requires_grad=True)
+    dy = seeded_randn(3, ROWS, 136, seed=2)
     _assert_matches_float64(
         lambda t: swiglu(*t.chunk(2, dim=-1)), lambda t: swiglu_reference(*t.chunk(2, dim=-1)), [gate_up], [dy]
     )
 
 
 def test_swiglu_one_frozen_input_and_no_grad():
-    gate = _randn(ROWS, 136, requires_grad=True)
-    up = _randn(ROWS, 136, seed=1)
-    _assert_matches_float64(swiglu, swiglu_reference, [gate, up], [_randn(ROWS, 136, seed=2)])
+    gate = seeded_randn(ROWS, 136, requires_grad=True)
+    up = seeded_randn(ROWS, 136, seed=1)
+    _assert_matches_float64(swiglu, swiglu_reference, [gate, up], [seeded_randn(ROWS, 136, seed=2)])
     with torch.no_grad():
         out = swiglu(gate, up)
     assert out.grad_fn is None
@@ -181,9 +172,9 @@ def test_swiglu_one_frozen_input_and_no_grad():
 
 
 def test_swiglu_leaves_its_inputs_alone():
-    gate = _randn(ROWS, 136, requires_grad=True)
-    up = _randn(ROWS, 136, seed=1, requires_grad=True)
-    dy = _randn(ROWS, 136, seed=2)
+    gate = seeded_randn(ROWS, 136, requires_grad=True)
+    up = seeded_randn(ROWS, 136, seed=1, requires_grad=True)
+    dy = seeded_randn(ROWS, 136, seed=2)
     before = [t.detach().clone() for t in (gate, up, dy)]
     swiglu(gate, up).backward(dy)
     for t, b in zip((gate, up, dy), before):
@@ -203,28 +194,28 @@ def test_swiglu_rejects_mismatched_inputs():
 def test_rope_matches_float64(dtype, cos_batch):
     """GQA shapes, head_dim 24; cos/sin shared by the batch (batch 1) or per sequence, as LlamaRotaryEmbedding gives."""
     batch, seq_len = 2, 13
-    q = _randn(batch, Q_HEADS, seq_len, HEAD_DIM, dtype=dtype, requires_grad=True)
-    k = _randn(batch, K_HEADS, seq_len, HEAD_DIM, dtype=dtype, seed=1, requires_grad=True)
+    q = seeded_randn(batch, Q_HEADS, seq_len, HEAD_DIM, dtype=dtype, requires_grad=True)
+    k = seeded_randn(batch, K_HEADS, seq_len, HEAD_DIM, dtype=dtype, seed=1, requires_grad=True)
     cos, sin = _rope_tables(cos_batch, seq_len, HEAD_DIM, dtype)
-    dq, dk = _randn(*q.shape, seed=2), _randn(*k.shape, seed=3)
+    dq, dk = seeded_randn(*q.shape, seed=2), seeded_randn(*k.shape, seed=3)
     _assert_matches_float64(apply_rope, apply_rope_reference, [q, k, cos, sin], [dq, dk])
 
 
 def test_rope_with_unequal_halves_of_cos_sin():
     """The general rotate_half formula (the backward is the transposed map, not merely the rotation by -sin)."""
-    q = _randn(1, Q_HEADS, ROWS, HEAD_DIM, requires_grad=True)
-    k = _randn(1, K_HEADS, ROWS, HEAD_DIM, seed=1, requires_grad=True)
+    q = seeded_randn(1, Q_HEADS, ROWS, HEAD_DIM, requires_grad=True)
+    k = seeded_randn(1, K_HEADS, ROWS, HEAD_DIM, seed=1, requires_grad=True)
     cos, sin = _rope_tables(1, ROWS, HEAD_DIM, torch.float32, hf_layout=False)
-    dq, dk = _randn(*q.shape, seed=2), _randn(*k.shape, seed=3)
+    dq, dk = seeded_randn(*q.shape, seed=2), seeded_randn(*k.shape, seed=3)
     _assert_matches_float64(apply_rope, apply_rope_reference, [q, k, cos, sin], [dq, dk])
 
 
 def test_rope_on_projection_views_and_unsqueeze_dim_2():
     """As attention calls it: [B, T, H, D] projections viewed as [B, H, T, D]; and unsqueeze_dim=2 on [B, T, H, D]."""
-    q = _randn(2, 7, Q_HEADS, HEAD_DIM, requires_grad=True)
-    k = _randn(2, 7, K_HEADS, HEAD_DIM, seed=1, requires_grad=True)
+    q = seeded_randn(2, 7, Q_HEADS, HEAD_DIM, requires_grad=True)
+    k = seeded_randn(2, 7, K_HEADS, HEAD_DIM, seed=1, requires_grad=True)
     cos, sin = _rope_tables(1, 7, HEAD_DIM, torch.float32)
-    dq, dk = _randn(2, Q_HEADS, 7, HEAD_DIM, seed=2), _randn(2, K_HEADS, 7, HEAD_DIM, seed=3)
+    dq, dk = seeded_randn(2, Q_HEADS, 7, HEAD_DIM, seed=2), seeded_randn(2, K_HEADS, 7, HEAD_DIM, seed=3)
 
     def transposed(op):
         return lambda q, k, cos, sin: op(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -237,10 +228,11 @@ def test_rope_on_projection_views_and_unsqueeze_dim_2():
 
 
 def test_rope_no_grad_and_frozen_key():
-    q = _randn(1, Q_HEADS, 5, HEAD_DIM, requires_grad=True)
-    k = _randn(1, K_HEADS, 5, HEAD_DIM, seed=1)
+    q = seeded_randn(1, Q_HEADS, 5, HEAD_DIM, requires_grad=True)
+    k = seeded_randn(1, K_HEADS, 5, HEAD_DIM, seed=1)
     cos, sin = _rope_tables(1, 5, HEAD_DIM, torch.float32)
-    _assert_matches_float64(apply_rope, apply_rope_reference, [q, k, cos, sin], [_randn(*q.shape), _randn(*k.shape)])
+    grads = [seeded_randn(*q.shape), seeded_randn(*k.shape)]
+    _assert_matches_float64(apply_rope, apply_rope_reference, [q, k, cos, sin], grads)
     with torch.no_grad():
         q_out, k_out = apply_rope(q, k, cos, sin)
     assert q_out.grad_fn is None and k_out.grad_fn is None
@@ -248,18 +240,18 @@ def test_rope_no_grad_and_frozen_key():
 
 def test_rope_gives_cos_sin_gradients_when_they_require_grad():
     """The kernel has none for cos/sin, so such calls take the reference rather than drop them."""
-    q = _randn(1, Q_HEADS, 5, HEAD_DIM, requires_grad=True)
-    k = _randn(1, K_HEADS, 5, HEAD_DIM, seed=1, requires_grad=True)
+    q = seeded_randn(1, Q_HEADS, 5, HEAD_DIM, requires_grad=True)
+    k = seeded_randn(1, K_HEADS, 5, HEAD_DIM, seed=1, requires_grad=True)
     cos, sin = (t.requires_grad_() for t in _rope_tables(1, 5, HEAD_DIM, torch.float32))
-    dq, dk = _randn(*q.shape, seed=2), _randn(*k.shape, seed=3)
+    dq, dk = seeded_randn(*q.shape, seed=2), seeded_randn(*k.shape, seed=3)
     _assert_matches_float64(apply_rope, apply_rope_reference, [q, k, cos, sin], [dq, dk])
 
 
 def test_rope_leaves_its_inputs_alone():
-    q = _randn(1, Q_HEADS, 5, HEAD_DIM, requires_grad=True)
-    k = _randn(1, K_HEADS, 5, HEAD_DIM, seed=1, requires_grad=True)
+    q = seeded_randn(1, Q_HEADS, 5, HEAD_DIM, requires_grad=True)
+    k = seeded_randn(1, K_HEADS, 5, HEAD_DIM, seed=1, requires_grad=True)
     cos, sin = _rope_tables(1, 5, HEAD_DIM, torch.float32)
-    dq, dk = _randn(*q.shape, seed=2), _randn(*k.shape, seed=3)
+    dq, dk = seeded_randn(*q.shape, seed=2), seeded_randn(*k.shape, seed=3)
     inputs = (q, k, cos, sin, dq, dk)
     before = [t.detach().clone() for t in inputs]
     torch.autograd.backward(apply_rope(q, k, cos, sin), [dq, dk])
@@ -272,10 +264,10 @@ def test_rope_leaves_its_inputs_alone():
 
 
 def _double_backward_cases():
-    x, w = _randn(ROWS, 136, requires_grad=True), (1 + 0.1 * _randn(136, seed=1)).requires_grad_()
-    gate, up = _randn(ROWS, 136, seed=2, requires_grad=True), _randn(ROWS, 136, seed=3, requires_grad=True)
-    q = _randn(2, Q_HEADS, 5, HEAD_DIM, seed=4, requires_grad=True)
-    k = _randn(2, K_HEADS, 5, HEAD_DIM, seed=5, requires_grad=True)
+    x, w = seeded_randn(ROWS, 136, requires_grad=True), (1 + 0.1 * seeded_randn(136, seed=1)).requires_grad_()
+    gate, up = seeded_randn(ROWS, 136, seed=2, requires_grad=True), seeded_randn(ROWS, 136, seed=3, requires_grad=True)
+    q = seeded_randn(2, Q_HEADS, 5, HEAD_DIM, seed=4, requires_grad=True)
+    k = seeded_randn(2, K_HEADS, 5, HEAD_DIM, seed=5, requires_grad=True)
     cos, sin = _rope_tables(1, 5, HEAD_DIM, torch.float32, hf_layout=False)
     return {
         "rms_norm": (rms_norm, rms_norm_reference, [x, w]),
@@ -301,8 +293,8 @@ def test_reference_backend_double_backward(op, monkeypatch):
 
 def test_first_order_under_create_graph_is_unchanged():
     """create_graph=True alone (no second-order gradient taken) still gives the kernels' first-order gradients."""
-    x, w = _randn(ROWS, 136, requires_grad=True), (1 + 0.1 * _randn(136, seed=1)).requires_grad_()
-    dy = _randn(ROWS, 136, seed=2)
+    x, w = seeded_randn(ROWS, 136, requires_grad=True), (1 + 0.1 * seeded_randn(136, seed=1)).requires_grad_()
+    dy = seeded_randn(ROWS, 136, seed=2)
     plain = torch.autograd.grad(rms_norm(x, w), (x, w), dy)
     graphed = torch.autograd.grad(rms_norm(x, w), (x, w), dy, create_graph=True)
     for a, b in zip(plain, graphed):
@@ -315,10 +307,10 @@ def test_first_order_under_create_graph_is_unchanged():
 @pytest.mark.gpu
 def test_ops_compile_fullgraph():
     device = "cuda"
-    x = _randn(ROWS, 136).to(device).requires_grad_()
-    w = (1 + 0.1 * _randn(136, seed=1)).to(device).requires_grad_()
-    q = _randn(2, Q_HEADS, 13, HEAD_DIM).to(device).requires_grad_()
-    k = _randn(2, K_HEADS, 13, HEAD_DIM, seed=1).to(device).requires_grad_()
+    x = seeded_randn(ROWS, 136).to(device).requires_grad_()
+    w = (1 + 0.1 * seeded_randn(136, seed=1)).to(device).requires_grad_()
+    q = seeded_randn(2, Q_HEADS, 13, HEAD_DIM).to(device).requires_grad_()
+    k = seeded_randn(2, K_HEADS, 13, HEAD_DIM, seed=1).to(device).requires_grad_()
     cos, sin = (t.to(device) for t in _rope_tables(1, 13, HEAD_DIM, torch.float32))
 
     def loss(x, w, q, k):
