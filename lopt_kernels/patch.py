@@ -97,7 +97,7 @@ def _attention_forward_with_rope(cls: type):
     chain = [cls.forward]
     while callable(getattr(chain[-1], "__wrapped__", None)) and len(chain) < 16:
         chain.append(chain[-1].__wrapped__)
-    calls_rope = [fn for fn in chain if "apply_rotary_pos_emb" in getattr(getattr(fn, "__code__", None), "co_names", ())]
+    calls_rope = [fn for fn in chain if hasattr(fn, "__code__") and "apply_rotary_pos_emb" in fn.__code__.co_names]
     if not calls_rope:
         return None
     inner = calls_rope[-1]

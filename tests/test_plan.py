@@ -67,13 +67,15 @@ def test_shipped_config_builds_with_published_size(name):
     config = shipped_config(name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # transformers 5.0 leaves a meta-device model untied until asked
     count = sum(p.numel() for p in model.parameters())
     assert round(count / 1e9, 2) == pytest.approx(PUBLISHED[name] / 1e9, abs=0.006), count
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as released
     shape = model_shape(config)
-    assert shape.total_params(1, untie=False) == count
-    # LoPT unties the head: one more V x h matrix
-    assert shape.total_params(1) == count + config.vocab_size * config.hidden_size
+    assert shape.total_params(1) == count  # one block is plain fine-tuning: the head stays tied
+    # Two or more blocks untie the head: one more V x h matrix (and a decoder per lower block)
+    assert shape.total_params(2) == count + config.vocab_size * config.hidden_size + shape.decoder_params
+    assert shape.total_params(1, untie=True) == count + config.vocab_size * config.hidden_size
 
 
 def test_llama_3_2_rope_scaling_is_llama3():
@@ -296,6 +298,20 @@ def test_step_peak_matches_counted_bytes(case):
     assert sum(est.breakdown.values()) == est.peak
 
 
+@pytest.mark.parametrize("num_blocks", [1, 2])
+def test_a_tied_head_is_counted_once_at_one_block(num_blocks):
+    """k = 1 keeps a tied head tied (one matrix, one gradient, one optimizer state); k = 2 unties it."""
+    config = tiny_config("llama", hidden_size=64, num_hidden_layers=4, vocab_size=512, tie_word_embeddings=True)
+    lm = LoPTModel(build_model(config), num_blocks=num_blocks, kernels=False, boundary_memory="torch")
+    assert model_shape(config).total_params(num_blocks) == sum(p.numel() for p in lm.parameters())
+    batch = {"input_ids": torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))}
+    persistent, _ = _measured_step(lm, "adamw", batch)
+    est = estimate_memory(config, seq_len=32, batch_size=2, num_blocks=num_blocks, recompute="none",
+                          optimizer="adamw", kernels=False, dtype=torch.float32, foreach=False,
+                          fused_optimizer=current_backend("cpu") == "triton")
+    assert est.persistent == pytest.approx(persistent, rel=ACT_TOL)
+
+
 # ---------------------------------------------------------------------------------------------- the plan
 
 
@@ -330,7 +346,8 @@ def test_plan_cli_prints_table(capsys):
     status = run_plan(parser.parse_args(["--model", "llama-3.2-1b", "--gpu-mem", "24", "--seq-len", "2048"]))
     out = capsys.readouterr().out
     assert status == 0
-    for needle in ("predicted peak", "parameters", "optimizer state", "activations", "lopt train --model llama-3.2-1b"):
+    for needle in ("predicted peak", "parameters", "optimizer state", "activations",
+                   "lopt train --model CHECKPOINT --seq-len 2048", "CHECKPOINT: a local Hugging Face directory"):
         assert needle in out
     status = run_plan(parser.parse_args(["--model", "qwen2.5-0.5b", "--recipe", "16gb", "--json"]))
     data = json.loads(capsys.readouterr().out)
