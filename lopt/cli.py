@@ -3,8 +3,9 @@
 ``lopt train`` maps its flags one to one onto ``TrainConfig`` (built from the dataclass's fields, so
 the two cannot drift apart) and calls ``lopt.train.train``. ``lopt plan`` is ``lopt.plan``'s.
 
-Exit status: 0 done; 2 bad input (one line on stderr, no traceback); 130 stopped by Ctrl-C (after
-saving a checkpoint that ``--resume`` continues from).
+Exit status: 0 done; 2 bad input, a damaged run directory, a full disk or a diverged run (one line on
+stderr, no traceback); 130 stopped by Ctrl-C (SIGINT), 143 by SIGTERM, each after saving a checkpoint
+that ``--resume`` continues from.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from .config import TrainConfig
 from .errors import UsageError
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
+EXIT_INTERRUPTED = 130  # the shell's convention: 128 + the signal's number (SIGINT 2)
+EXIT_TERMINATED = 143  # SIGTERM (15)
+EXIT_STATUS = ("Exit status: 0 done, 2 bad input (one line on stderr), 130 stopped by Ctrl-C and 143 by SIGTERM, "
+               "each after saving a checkpoint (continue with --resume).")
 
 GROUPS = ("model and data", "LoPT", "training", "memory recipe", "run")
 
@@ -52,9 +56,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     base = TrainConfig()
     if given.get("resume"):
-        saved = Path(given.get("output_dir", base.output_dir)).expanduser() / "config.json"
-        if saved.is_file():
-            base = TrainConfig.from_json(saved)
+        from .run_dir import read_saved_config
+
+        base = read_saved_config(Path(given.get("output_dir", base.output_dir)).expanduser()) or base
     return dataclasses.replace(base, **given)
 
 
@@ -63,7 +67,7 @@ def build_parser(with_plan_arguments: bool = False) -> argparse.ArgumentParser:
         prog="lopt",
         description="LoPT (Local-Learning Post-Training) for Hugging Face causal LMs. `lopt train` with no "
         "flags trains a small model on a generated SFT set offline in a few minutes (into runs/lopt).",
-        epilog="Exit status: 0 done, 2 bad input, 130 stopped by Ctrl-C after saving a checkpoint.",
+        epilog=EXIT_STATUS,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     train_parser = commands.add_parser(
@@ -73,8 +77,7 @@ def build_parser(with_plan_arguments: bool = False) -> argparse.ArgumentParser:
         "block learns from its own reconstruction loss and frees its activations before the next block runs. "
         "Writes metrics.jsonl, checkpoints, loss.png, eval.json and final/ (a Hugging Face checkpoint) "
         "into --output-dir.",
-        epilog="Exit status: 0 done, 2 bad input, 130 stopped by Ctrl-C after saving a checkpoint "
-        "(continue with --resume).",
+        epilog=EXIT_STATUS,
     )
     add_train_arguments(train_parser)
     plan_parser = commands.add_parser(
@@ -141,10 +144,13 @@ def _train(args: argparse.Namespace) -> int:
     if summary["status"] == "interrupted":
         print(f"lopt: stopped at step {summary['steps']}; checkpoint saved in {summary['checkpoint']} "
               f"(continue with: lopt train --output-dir {summary['output_dir']} --resume)", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if summary["first_loss"] is not None:
-        print(f"trained {summary['steps']} steps in {summary['elapsed_s']:.0f}s: loss {summary['first_loss']:.4f} -> "
-              f"{summary['last_loss']:.4f}")
+        return EXIT_TERMINATED if summary["signal"] == "SIGTERM" else EXIT_INTERRUPTED
+    if summary["new_steps"] == 0:
+        print(f"trained 0 new steps: the run was already complete at step {summary['steps']}")
+    elif summary["first_loss"] is not None:
+        resumed = "" if summary["new_steps"] == summary["steps"] else f" (now at step {summary['steps']})"
+        print(f"trained {summary['new_steps']} steps{resumed} in {summary['elapsed_s']:.0f}s: loss "
+              f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
     if "eval" in summary:
         from .retention import before_after_lines
 

@@ -12,8 +12,13 @@ kernels see the dtype they are tuned for, and ``lopt.optim.AdamW`` keeps fp32 mo
 master copy so small updates are not lost to bf16 rounding.
 
 Output directory: ``config.json``, ``metrics.jsonl`` (one row per logged step), ``checkpoint-NNNNNN/``
-(the latest only; written to a temporary directory, then renamed), ``loss.png``, ``eval.json``, and
-``final/`` (a plain Hugging Face checkpoint with its tokenizer).
+(the latest good one; ``lopt.checkpoint``), ``loss.png``, ``eval.json``, and ``final/`` (a plain Hugging
+Face checkpoint with its tokenizer). What a run may write, delete and lock there is ``lopt.run_dir``'s.
+
+Divergence: after every update one fused reduction checks that the weights and optimizer state are
+finite, read with the step's losses (one host sync per step). A checkpoint replaces the previous one
+only once the next step's loss has come out finite, so the update that wrecks the weights is never
+what ``--resume`` continues from.
 """
 
 from __future__ import annotations
@@ -37,6 +42,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import (
+    disk_full,
+    load_optimizer_state,
+    read_latest,
+    remove,
+    remove_partial_writes,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from .config import TrainConfig
 from .configs import SUPPORTED_FAMILIES, build_model, tiny_config
 from .data import (
@@ -53,9 +68,9 @@ from .evaluation import task_score
 from .model import LoPTModel
 from .optim import build_optimizer
 from .plotting import plot_losses
+from .run_dir import TMP_PREFIX, RunDir, checkpoint_name, checkpoint_step, checkpoints, read_saved_config
 from .retention import RetentionProbe, before_after_lines
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # The embedded default's model: 2.9M parameters; its 60 steps take under a minute on 2 CPU cores.
 EMBEDDED_MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 # Settings a resumed run may change without changing its trajectory (the step count sets the schedule).
@@ -66,29 +81,38 @@ RUN_CONTROL_FIELDS = {"resume", "overwrite", "output_dir", "log_every", "save_ev
 def train(config: TrainConfig) -> dict:
     """Train as ``config`` says; returns a summary (losses, eval, paths, ``status``).
 
-    ``status`` is ``"completed"`` or ``"interrupted"`` (Ctrl-C: a checkpoint was saved first).
-    Raises ``UsageError`` for bad input and ``NonFiniteLossError`` when the loss stops being finite.
+    ``status`` is ``"completed"`` or ``"interrupted"`` (SIGINT or SIGTERM, named by ``signal``: a checkpoint
+    was saved first); ``new_steps`` counts the steps this call trained. Raises ``UsageError`` for bad input,
+    a damaged run directory or a full disk, and ``NonFiniteLossError`` when training diverges.
     """
     config = _apply_recipe(config.resolved())
     _validate(config)
-    out = Path(config.output_dir).expanduser()
-    checkpoint = _check_output_dir(out, config)  # refuses before anything is loaded or touched
+    run_dir = RunDir(Path(config.output_dir).expanduser())
+    run_dir.check(config)  # refuses before anything is loaded or touched
     device, dtype = _device_and_dtype(config)
+    if config.resume:
+        _note_changed_settings(run_dir.path, config)
+        resume_from = read_latest(checkpoints(run_dir.path), device)  # a damaged one fails before the model loads
     _seed_everything(config.seed)
     # Cheap checks first: the model's config and tokenizer, then the data, then the weights.
     tokenizer, model_config = _load_tokenizer_and_config(config)
     examples, held_out = _load_data(config, tokenizer)
     model = _wrap(_load_weights(config, model_config, device, dtype), config)
-    if config.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, model, tokenizer, examples, held_out, out, device)
-    trainer.measure_before()
-    if checkpoint is not None:
-        trainer.load_checkpoint(checkpoint)
-    # What was run, for the record and for `lopt train --resume` to start from.
-    (out / "config.json").write_text(dataclasses.replace(config, resume=False, overwrite=False).to_json() + "\n")
-    return trainer.run()
+    with run_dir.lock():  # held until the run ends: a second `lopt train` here is refused
+        if config.overwrite:
+            run_dir.clear()
+        trainer = Trainer(config, model, tokenizer, examples, held_out, run_dir, device)
+        trainer.measure_before()
+        if config.resume:
+            trainer.load_checkpoint(*resume_from)
+        # What was run, for the record and for `lopt train --resume` to start from.
+        run_dir.write_text("config.json", dataclasses.replace(config, resume=False, overwrite=False).to_json() + "\n")
+        try:
+            return trainer.run()
+        except Exception as error:  # a partial write is already removed; the checkpoints on disk are whole
+            if not disk_full(error):
+                raise
+            raise UsageError(trainer.disk_full_message()) from None
 
 
 # ================================================================================= the training loop
@@ -103,8 +127,10 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, model: LoPTModel, tokenizer, examples, held_out, out: Path, device):
-        self.config, self.model, self.tokenizer, self.out, self.device = config, model, tokenizer, out, device
+    def __init__(self, config: TrainConfig, model: LoPTModel, tokenizer, examples, held_out, run_dir: RunDir,
+                 device):
+        self.config, self.model, self.tokenizer, self.run_dir, self.device = config, model, tokenizer, run_dir, device
+        self.out = run_dir.path
         self.examples, self.held_out = examples, held_out
         self.pad_id = _pad_id(tokenizer)
         self.schedule = StepSchedule(len(examples), config.batch_size, config.grad_accum, config.seed)
@@ -118,9 +144,12 @@ class Trainer:
         self.optimizers, self.block_params = self._build_optimizers()
         # Position: optimizer steps done, and where the data order stands.
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.start_step = 0  # where this process started: the resumed checkpoint's step
         self.metrics: list[dict] = []
-        self.last_checkpoint: Path | None = None
+        self.last_checkpoint: Path | None = None  # the newest checkpoint known good
+        self.unconfirmed_checkpoint: Path | None = None  # newer: good once the next step's loss is finite
         self.stop_requested = False
+        self.stop_signal: int | None = None
         self._lower_grads_finite = True
         self._pbar = None
         self.probe: RetentionProbe | None = None  # set with the before-training measures (measure_before)
@@ -198,23 +227,51 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).float()
         else:
             grad_norm = torch.zeros((), device=self.device)
-        task, aux, norm = torch.stack([task_sum, torch.as_tensor(aux_sum, device=self.device), grad_norm]).tolist()
-        loss = task + self.model.lambda_aux * aux
-        if not (math.isfinite(loss) and math.isfinite(norm) and self._lower_grads_finite):
-            for optimizer in self.optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                    else "no checkpoint was written yet")
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1} (task {task:.4g}, aux {aux:.4g}); training stopped and "
-                f"{kept}; lower --lr (or clip harder with a smaller --max-grad-norm), then --resume"
-            )
         last = self.optimizers[-1]  # the only one, or (early_lower_step) the upper block's
         last.step()
         last.zero_grad(set_to_none=True)
+        # The step's one read of the device: its losses, and whether the update left everything finite.
+        task, aux, norm, updated_finite = torch.stack(
+            [task_sum, torch.as_tensor(aux_sum, device=self.device), grad_norm, self._all_finite()]).tolist()
+        loss = task + self.model.lambda_aux * aux
+        if not (math.isfinite(loss) and math.isfinite(norm) and self._lower_grads_finite):
+            raise self._diverged(f"non-finite loss at step {self.step + 1} (task {task:.4g}, aux {aux:.4g})",
+                                 weights_were_bad=True)
+        self._confirm_checkpoint()  # its weights have just given a finite loss
+        if not updated_finite:
+            raise self._diverged(f"non-finite weights or optimizer state after the update of step {self.step + 1}",
+                                 weights_were_bad=False)
         lr = last.param_groups[0]["lr"]
         return dict(loss=loss, task_loss=task, aux_loss=aux, grad_norm=norm, lr=lr, tokens=total_positions,
                     label_tokens=total_tokens)
+
+    def _all_finite(self) -> torch.Tensor:
+        """1.0 if every parameter and optimizer state tensor is finite, else 0.0: a device scalar, no sync.
+        One fused norm per dtype (a non-finite element, or a norm that overflows, is not finite)."""
+        tensors = list(self.model.parameters())
+        for optimizer in self.optimizers:
+            for state in optimizer.state.values():
+                tensors.extend(v for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((t.dtype, t.device), []).append(t)
+        flags = [torch.stack(torch._foreach_norm(group)).isfinite().all() for group in groups.values()]
+        return torch.stack(flags).all().float()
+
+    def _diverged(self, what: str, weights_were_bad: bool) -> NonFiniteLossError:
+        """The error to stop with. With ``weights_were_bad`` the step's weights (those of the unconfirmed
+        checkpoint, if one was written after the last update) gave the non-finite loss: that checkpoint goes."""
+        if weights_were_bad and self.unconfirmed_checkpoint is not None:
+            self._remove_checkpoint(self.unconfirmed_checkpoint)
+            self.unconfirmed_checkpoint = None
+        elif self.unconfirmed_checkpoint is not None:
+            self._confirm_checkpoint()
+        if self.last_checkpoint is not None:
+            kept = (f"{self.last_checkpoint} (the last checkpoint before the divergence) is kept; lower --lr (or "
+                    "clip harder with a smaller --max-grad-norm), then --resume")
+        else:
+            kept = "no checkpoint from before it exists; start over (--overwrite) with a lower --lr"
+        return NonFiniteLossError(f"{what}; training stopped and {kept}")
 
     # ----------------------------------------------------------------------------- the loop
 
@@ -229,7 +286,7 @@ class Trainer:
         interrupted = False
         self._pbar = tqdm(total=self.total_steps, initial=self.step, desc="lopt train", unit="step",
                           dynamic_ncols=True, file=sys.stderr)
-        previous_handler = self._catch_ctrl_c()
+        previous_handlers = self._catch_stop_signals()
         try:
             while self.step < self.total_steps:
                 if self.step_in_epoch == self.schedule.steps_per_epoch:
@@ -262,13 +319,15 @@ class Trainer:
                     interrupted = True
                     break
         finally:
-            self._restore_ctrl_c(previous_handler)
+            self._restore_signal_handlers(previous_handlers)
             self._pbar.close()
         checkpoint = self.save_checkpoint()
+        self._confirm_checkpoint()  # no next step to try it on; the update check passed
         self._plot()
         summary = dict(
             status="interrupted" if interrupted else "completed",
             steps=self.step,
+            new_steps=self.step - self.start_step,
             first_loss=self.metrics[0]["loss"] if self.metrics else None,
             last_loss=self.metrics[-1]["loss"] if self.metrics else None,
             output_dir=str(self.out),
@@ -276,12 +335,13 @@ class Trainer:
             elapsed_s=round(time.perf_counter() - start_time, 2),
         )
         if interrupted:
+            summary["signal"] = signal.Signals(self.stop_signal or signal.SIGINT).name
             return summary
         summary["final_dir"] = str(self.save_final())
         result = self.final_evaluation()
         if result is not None:
             summary["eval"] = result
-            (self.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            self.run_dir.write_text("eval.json", json.dumps(result, indent=2) + "\n")
         return summary
 
     def _log(self, result: dict, tokens_per_s: float) -> dict:
@@ -295,11 +355,13 @@ class Trainer:
 
     def _write_metrics(self, row: dict):
         self.metrics.append(row)
+        self.run_dir.record("metrics.jsonl")
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def _plot(self):
         if self.metrics:
+            self.run_dir.record("loss.png")
             plot_losses(self.metrics, self.out / "loss.png")
 
     def _say(self, message: str):
@@ -318,72 +380,87 @@ class Trainer:
             f"{self.total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}; output: {self.out}"
         )
 
-    # ----------------------------------------------------------------------------- Ctrl-C
+    # ----------------------------------------------------------------------------- SIGINT (Ctrl-C), SIGTERM
 
-    def _catch_ctrl_c(self):
-        """First Ctrl-C: finish the step, save a checkpoint, stop. A second one aborts at once."""
+    def _catch_stop_signals(self) -> dict:
+        """The first SIGINT or SIGTERM: finish the step, save a checkpoint, stop (the CLI then exits 130 or
+        143). A second one aborts at once, without a checkpoint."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def handler(signum, frame):
             if self.stop_requested:
-                raise KeyboardInterrupt
-            self.stop_requested = True
-            self._say("Ctrl-C: saving a checkpoint after this step (press Ctrl-C again to abort without one)")
+                raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+            self.stop_requested, self.stop_signal = True, signum
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            self._say(f"{name}: saving a checkpoint after this step (send it again to abort without one)")
 
-        return signal.signal(signal.SIGINT, handler)
+        return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
 
     @staticmethod
-    def _restore_ctrl_c(previous):
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+    def _restore_signal_handlers(previous: dict):
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
     # ----------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Model, decoders, optimizers, RNG states and data position; written whole or not at all."""
-        final = self.out / f"checkpoint-{self.step:06d}"
-        if final.exists():  # this step is already saved (e.g. a resume stopped before its first step)
-            self.last_checkpoint = final
-            return final
+        """Model, decoders, optimizers, RNG states and data position, written whole (``lopt.checkpoint``).
+        The older checkpoints stay until this one's weights have given a finite loss."""
+        for saved in (self.unconfirmed_checkpoint, self.last_checkpoint):
+            if saved is not None and checkpoint_step(saved) == self.step:
+                return saved  # this step is saved (e.g. a resume that stopped before its first step)
         state = dict(
             model=self.model.state_dict(),
             optimizers=[o.state_dict() for o in self.optimizers],
             step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-            rng=_rng_state(self.device),
+            rng=rng_state(self.device),
             config=dataclasses.asdict(self.config),
         )
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=self.out))
-        torch.save(state, tmp / "state.pt")
-        info = dict(step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch)
-        (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, final)
-        for old in _checkpoints(self.out):
-            if old != final:
-                shutil.rmtree(old)
-        self.last_checkpoint = final
-        return final
+        self.run_dir.record(checkpoint_name(self.step))
+        self.unconfirmed_checkpoint = write_checkpoint(self.out, self.step, state)
+        return self.unconfirmed_checkpoint
 
-    def load_checkpoint(self, path: Path):
-        state = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
+    def _confirm_checkpoint(self):
+        """The unconfirmed checkpoint is good: it replaces the older ones lopt wrote."""
+        if self.unconfirmed_checkpoint is None:
+            return
+        self.last_checkpoint, self.unconfirmed_checkpoint = self.unconfirmed_checkpoint, None
+        for old in checkpoints(self.out):
+            if old != self.last_checkpoint and self.run_dir.recorded(old.name):
+                self._remove_checkpoint(old)
+
+    def _remove_checkpoint(self, path: Path):
+        remove(path)
+        self.run_dir.forget(path.name)
+
+    def load_checkpoint(self, path: Path, state: dict):
+        """Continue from ``state``, read from checkpoint ``path`` (``lopt.checkpoint.read_latest``)."""
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise UsageError(f"{path} does not fit this model: {str(error).splitlines()[0]}") from None
         if len(state["optimizers"]) != len(self.optimizers):
             raise UsageError(f"{path} was written with a different --early-lower-step / --num-blocks setting")
         for optimizer, saved in zip(self.optimizers, state["optimizers"]):
-            optimizer.load_state_dict(saved)
+            load_optimizer_state(optimizer, saved)
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        _set_rng_state(state["rng"], self.device)
+        self.start_step = self.step
+        set_rng_state(state["rng"], self.device)
         self.last_checkpoint = path
-        # Rows logged after the checkpoint are re-logged by the resumed run.
+        # Rows logged after the checkpoint are re-logged by the resumed run; a kill may have cut the last one.
         rows = []
         metrics_path = self.out / "metrics.jsonl"
         if metrics_path.exists():
-            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            rows = [r for r in rows if r["step"] <= self.step]
-        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+            for line in metrics_path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+            rows = [r for r in rows if isinstance(r, dict) and r.get("step", math.inf) <= self.step]
+        self.run_dir.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         self.metrics = rows
-        for leftover in self.out.glob(".tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        remove_partial_writes(self.out)
         if self.step >= self.total_steps:
             self._say(f"{path.name} is already at step {self.step} of {self.total_steps}; raise --max-steps or "
                       "--epochs to train further")
@@ -391,17 +468,28 @@ class Trainer:
     def save_final(self) -> Path:
         """The plain Hugging Face checkpoint (decoders dropped) with its tokenizer, swapped in atomically."""
         final = self.out / "final"
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=self.out))
-        self.model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
+        self.run_dir.record("final")
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}final-", dir=self.out))
+        try:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():
-            stale = self.out / ".tmp-stale-final"
+            stale = self.out / f"{TMP_PREFIX}stale-final"
+            shutil.rmtree(stale, ignore_errors=True)
             os.replace(final, stale)
             os.replace(tmp, final)
             shutil.rmtree(stale)
         else:
             os.replace(tmp, final)
         return final
+
+    def disk_full_message(self) -> str:
+        newest = self.unconfirmed_checkpoint or self.last_checkpoint
+        kept = f"the last complete checkpoint is {newest}" if newest else "no checkpoint was written yet"
+        return f"no space left on device in {self.out}; {kept}: free some space, then --resume"
 
     # ----------------------------------------------------------------------------- evaluation
 
@@ -511,10 +599,10 @@ def _check_output_dir(out: Path, cfg: TrainConfig) -> Path | None:
 
 
 def _note_changed_settings(out: Path, cfg: TrainConfig):
-    saved_path = out / "config.json"
-    if not saved_path.exists():
+    saved = read_saved_config(out)
+    if saved is None:
         return
-    saved = dataclasses.asdict(TrainConfig.from_json(saved_path))
+    saved = dataclasses.asdict(saved)
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
                if k not in RUN_CONTROL_FIELDS and k in saved and saved[k] != v]
     if changed:
@@ -522,10 +610,6 @@ def _note_changed_settings(out: Path, cfg: TrainConfig):
               "uninterrupted one", file=sys.stderr)
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT_RE.match(p.name))
-             and (p / "state.pt").is_file()]
-    return [p for _, p in sorted(found)]
 
 
 def _device_and_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -670,21 +754,6 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS; Linux reports KiB
 
 
-def _rng_state(device) -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
 
 
-def _set_rng_state(state: dict, device):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
-
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

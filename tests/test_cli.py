@@ -197,15 +197,30 @@ def test_all_masked_batch_is_skipped_and_said(capsys, tmp_path, tiny_model_dir):
     assert (tmp_path / "run" / "final" / "config.json").is_file()
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_path, tiny_model_dir):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    """Update 2 blows the weights up (finite, but step 3's loss is not): checkpoint-000002 holds them and
+    is dropped; checkpoint-000001 is the last good one and is kept."""
+    from lopt.optim import AdamW
+
     pytest.importorskip("datasets")
+    original = AdamW.step
+
+    def blowing_up_step(self, closure=None):
+        result = original(self, closure)
+        if next(iter(self.state.values()))["step"] == 2:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.mul_(1e4)
+        return result
+
+    monkeypatch.setattr(AdamW, "step", blowing_up_step)
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": "abc"} for i in range(8)])
     out = tmp_path / "run"
     code, err = run_main(capsys, "--model", tiny_model_dir, "--data", data, "--output-dir", str(out),
-                         "--lr", "1e30", "--batch-size", "2", "--save-every", "1", "--max-steps", "4")
+                         "--batch-size", "2", "--save-every", "1", "--max-steps", "4")
     assert code == EXIT_USAGE and "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("lopt: error: non-finite loss at step 2")
+    assert last.startswith("lopt: error: non-finite loss at step 3")
     assert "checkpoint-000001" in last
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-000001"]
     assert not (out / "final").exists()
