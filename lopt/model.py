@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -166,16 +165,13 @@ class LoPTModel(nn.Module):
         self._apply_recompute()
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None, **kwargs):
-        """Load a local Hugging Face checkpoint directory and wrap it."""
-        from transformers import AutoModelForCausalLM
+    def from_pretrained(cls, model: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None, **kwargs):
+        """Load what ``lopt train --model`` takes (a Hugging Face directory, a ``.gguf`` file,
+        ``smollm2-135m-instruct``, ``tiny``; see ``lopt.loading``) and wrap it. ``lopt.loading.load_model``
+        also returns the tokenizer."""
+        from .loading import load_model
 
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"model directory not found: {path}")
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        if device is not None:
-            hf_model.to(device)
-        return cls(hf_model, **kwargs)
+        return cls(load_model(model, dtype=dtype, device=device).model, **kwargs)
 
     # ------------------------------------------------------------------ the training step
 

@@ -227,25 +227,21 @@ def model_shape(config) -> ModelShape:
 
 
 def load_model_config(spec: str):
-    """A transformers config from a shipped config name (``llama-3.2-1b``), a checkpoint directory, or a
-    ``config.json`` path; ``tiny`` gives ``lopt.configs.tiny_config()``."""
+    """A transformers config from a shipped config name (``llama-3.2-1b``), a ``config.json`` path, or
+    anything ``lopt train --model`` takes (a checkpoint directory, a ``.gguf`` file, ``smollm2-135m-instruct``,
+    ``tiny``, a hub id already in the local cache; see ``lopt.loading``)."""
     from transformers import AutoConfig
 
-    from .configs import SHIPPED_CONFIGS_DIR, shipped_config, tiny_config
+    from .configs import SHIPPED_CONFIGS_DIR, shipped_config
     from .errors import UsageError
+    from .loading import load_config, resolve_model
 
-    if spec == "tiny":
-        return tiny_config()
     if (SHIPPED_CONFIGS_DIR / f"{spec}.json").is_file():
         config = shipped_config(spec)
         config.name_or_path = spec
         return config
     path = Path(spec)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UsageError(f"{spec}: no config.json in this directory")
-        return AutoConfig.from_pretrained(path, local_files_only=True)
-    if path.is_file():
+    if path.is_file() and path.suffix != ".gguf":
         try:
             fields = json.loads(path.read_text())
         except (OSError, ValueError) as error:
@@ -255,12 +251,30 @@ def load_model_config(spec: str):
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         config.name_or_path = path.stem
         return config
+    source = resolve_model(spec)  # what `lopt train --model` takes, or a one-line error
+    if source.kind != "hub":
+        config = load_config(source)
+        config.name_or_path = spec
+        return config
     try:  # a hub id already in the local cache
         return AutoConfig.from_pretrained(spec, local_files_only=True)
     except (OSError, ValueError):
         pass
     known = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS_DIR.glob("*.json")))
-    raise UsageError(f"--model {spec}: not a checkpoint directory, a config.json or a shipped config ({known})")
+    raise UsageError(f"--model {spec}: not a checkpoint directory, a config.json or a shipped config ({known}), "
+                     "nor a hub id in the local cache")
+
+
+def trainable_model(spec: str) -> bool:
+    """Whether ``lopt train --model spec`` can load weights from ``spec`` (a shipped shape or a config.json cannot)."""
+    from .errors import UsageError
+    from .loading import resolve_model
+
+    try:
+        resolve_model(spec)
+    except UsageError:
+        return False
+    return not Path(spec).is_file() or Path(spec).suffix == ".gguf"
 
 
 def _dtype_bytes(dtype) -> int:
@@ -696,6 +710,7 @@ class Plan:
     estimate: MemoryEstimate
     num_params: int
     alternatives: list[dict] = field(default_factory=list)
+    train_model: str | None = None  # what to give `lopt train --model`; None: the plan's model has no weights
 
     @property
     def tokens_per_step(self) -> int:
@@ -742,7 +757,12 @@ class Plan:
                              f"{alt['optimizer']:<10}  {'on' if alt['early_lower_step'] else 'off':<5}  "
                              f"{alt['peak'] / GiB:>8.2f}  {alt['speed']:>5.2f}")
             lines.append("")
-        lines.append(f"lopt train --model {self.model} {self.train_flags()}")
+        if self.train_model is not None:
+            lines.append(f"lopt train --model {self.train_model} {self.train_flags()}")
+        else:
+            lines.append(f"lopt train --model CHECKPOINT {self.train_flags()}")
+            lines.append(f"  (CHECKPOINT: a local Hugging Face directory or .gguf file of {self.model}; the plan "
+                         "used its shape, which has no weights)")
         return "\n".join(lines)
 
 
@@ -830,7 +850,8 @@ def plan(
 def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of ``lopt plan``."""
     parser.add_argument("--model", required=True, metavar="PATH_OR_NAME",
-                        help="a checkpoint directory, a config.json, or a shipped config: "
+                        help="what `lopt train --model` takes (a checkpoint directory, a .gguf file, "
+                             "smollm2-135m-instruct, tiny), a config.json, or a shipped shape: "
                              "qwen2.5-0.5b, llama-3.2-1b, qwen2.5-1.5b, llama-3.2-3b")
     card = parser.add_mutually_exclusive_group(required=True)
     card.add_argument("--gpu-mem", type=float, metavar="GB", help="memory of the card in GiB (e.g. 24)")
@@ -861,6 +882,7 @@ def run_plan(args: argparse.Namespace) -> int:
         batch_sizes=(args.batch_size,) if args.batch_size else None,
         name=args.model,
     )
+    result.train_model = args.model if trainable_model(args.model) else None
     if args.json:
         print(json.dumps(result.as_dict(), indent=2, default=str))
     else:
@@ -876,14 +898,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train_model_config(train_config):
     """The transformers config of the model ``lopt train`` would train (the embedded default's when none)."""
-    if train_config.model is not None:
-        return load_model_config(train_config.model)
-    from .configs import tiny_config
-    from .tokenizer import byte_tokenizer
-    from .train import EMBEDDED_MODEL
+    from .loading import TINY
 
-    vocab = 8 * math.ceil(len(byte_tokenizer()) / 8)
-    return tiny_config("llama", vocab_size=vocab, **EMBEDDED_MODEL)
+    return load_model_config(train_config.model if train_config.model is not None else TINY)
 
 
 def apply_recipe(config, recipe: str | None = None, gpu_mem: float | None = None):

@@ -53,17 +53,16 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import TrainConfig
-from .configs import SUPPORTED_FAMILIES, build_model, tiny_config
 from .data import (
     StepSchedule,
     collate,
     eval_examples,
     load_rows,
-    quiet_hub,
     rows_to_conversations,
     tokenize_conversations,
 )
 from .errors import NonFiniteLossError, UsageError
+from .loading import TINY, load_tokenizer_and_config, load_weights, resolve_model
 from .evaluation import task_score
 from .model import LoPTModel
 from .optim import build_optimizer
@@ -71,8 +70,6 @@ from .plotting import plot_losses
 from .run_dir import TMP_PREFIX, RunDir, checkpoint_name, checkpoint_step, checkpoints, read_saved_config
 from .retention import RetentionProbe, before_after_lines
 
-# The embedded default's model: 2.9M parameters; its 60 steps take under a minute on 2 CPU cores.
-EMBEDDED_MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 # Settings a resumed run may change without changing its trajectory (the step count sets the schedule).
 RUN_CONTROL_FIELDS = {"resume", "overwrite", "output_dir", "log_every", "save_every", "eval_every",
                       "eval_max_examples", "device"}
@@ -630,63 +627,19 @@ def _seed_everything(seed: int):
 
 
 def _load_tokenizer_and_config(cfg: TrainConfig):
-    """The tokenizer and the model's config, checked (family, block count) before any weight is read."""
-    if cfg.model is None:
-        from .tokenizer import byte_tokenizer
-
-        tokenizer = byte_tokenizer()
-        model_config = tiny_config(
-            "llama", vocab_size=8 * math.ceil(len(tokenizer) / 8), **EMBEDDED_MODEL,
-            bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-        _check_num_blocks(cfg.num_blocks, model_config.num_hidden_layers)
-        return tokenizer, model_config
-
-    from transformers import AutoConfig, AutoTokenizer
-
-    where, local = _model_location(cfg.model)
-    try:
-        with quiet_hub():
-            model_config = AutoConfig.from_pretrained(where, local_files_only=local)
-    except (OSError, ValueError) as error:
-        if local and not (Path(where) / "config.json").exists():
-            raise UsageError(f"{cfg.model} has no config.json: not a Hugging Face model directory") from None
-        families = f" (supported families: {', '.join(SUPPORTED_FAMILIES)})" if isinstance(error, ValueError) else ""
-        raise UsageError(f"could not load a model config from {cfg.model}: {_first_line(error)}{families}") from None
-    if model_config.model_type not in SUPPORTED_FAMILIES:
-        raise UsageError(f"unsupported architecture {model_config.model_type!r} in {cfg.model}; supported families: "
-                         f"{', '.join(SUPPORTED_FAMILIES)}")
+    """The tokenizer and the model's config, checked (family, block count) before any weight is read.
+    No ``--model``: the embedded default (``tiny``). A GGUF is converted here on first use."""
+    tokenizer, model_config = load_tokenizer_and_config(_model_source(cfg))
     _check_num_blocks(cfg.num_blocks, model_config.num_hidden_layers)
-    try:
-        with quiet_hub():
-            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"could not load the tokenizer of {cfg.model}: {_first_line(error)}") from None
     return tokenizer, model_config
 
 
-def _model_location(model: str) -> tuple[str, bool]:
-    """``(where, is_local)``: a local directory, or an ``owner/name`` hub id (from the cache when offline)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return str(path), True
-    if path.exists() or model.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
-        raise UsageError(f"model directory not found: {model}")
-    return model, False
+def _model_source(cfg: TrainConfig):
+    return resolve_model(cfg.model if cfg.model is not None else TINY)
 
 
 def _load_weights(cfg: TrainConfig, model_config, device, dtype):
-    if cfg.model is None:
-        return build_model(model_config, seed=cfg.seed, dtype=dtype).to(device)
-    from transformers import AutoModelForCausalLM
-
-    where, local = _model_location(cfg.model)
-    try:
-        with quiet_hub():
-            hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"could not load the weights of {cfg.model}: {_first_line(error)}") from None
-    return hf_model.to(device)
+    return load_weights(_model_source(cfg), model_config, dtype=dtype, seed=cfg.seed).to(device)
 
 
 def _check_num_blocks(num_blocks: int, num_layers: int):
@@ -741,11 +694,6 @@ def _pad_id(tokenizer) -> int:
         if token_id is not None:
             return token_id
     return 0
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _peak_memory_gb(device: torch.device) -> float:
