@@ -576,23 +576,6 @@ def _validate(cfg: TrainConfig):
         raise UsageError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes")
 
 
-def _check_output_dir(out: Path, cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from, or None; refuses a non-empty directory without a flag saying what to do."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {out} is a file, not a directory")
-    non_empty = out.is_dir() and any(out.iterdir())
-    if cfg.resume:
-        checkpoints = _checkpoints(out) if out.is_dir() else []
-        if not checkpoints:
-            raise UsageError(f"--resume: no checkpoint in {out} (start a new run without --resume)")
-        _note_changed_settings(out, cfg)
-        return checkpoints[-1]
-    if non_empty and not cfg.overwrite:
-        raise UsageError(f"output directory {out} is not empty: pass --resume to continue its run, --overwrite to "
-                         "replace it, or choose another --output-dir")
-    if non_empty and not ((out / "config.json").exists() or (out / "metrics.jsonl").exists() or _checkpoints(out)):
-        raise UsageError(f"--overwrite refuses to delete {out}: it does not look like a lopt run directory")
-    return None
 
 
 def _note_changed_settings(out: Path, cfg: TrainConfig):
