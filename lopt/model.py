@@ -88,7 +88,9 @@ def _check_architecture(hf_model: nn.Module) -> None:
 
 
 def _untie_embeddings(hf_model: nn.Module) -> None:
-    """Give lm_head its own weight: under LoPT the embeddings learn from block 0's local loss only."""
+    """Give lm_head its own weight: with two or more blocks the embeddings learn from block 0's local loss
+    only and the head from the task loss, so one shared matrix cannot serve both. The cost: one more
+    vocab x hidden matrix, its gradient and its optimizer state (SmolLM2-135M: 49152 x 576 = 28.3M)."""
     embed, head = hf_model.model.embed_tokens, hf_model.lm_head
     if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
         head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
@@ -143,7 +145,8 @@ class LoPTModel(nn.Module):
         if lambda_aux < 0:
             raise ValueError(f"lambda_aux must be >= 0, got {lambda_aux}")
 
-        _untie_embeddings(hf_model)
+        if num_blocks > 1:  # one block is plain fine-tuning: a tied head stays tied
+            _untie_embeddings(hf_model)
         self.model = hf_model
         self.num_blocks = num_blocks
         self.lambda_aux = float(lambda_aux)

@@ -151,7 +151,7 @@ class ModelShape:
     layer_params: tuple[int, ...]  # per decoder layer
     largest_layer_tensor: int
     final_norm_params: int
-    head_params: int  # the lm_head untied (LoPT unties it)
+    head_params: int  # the lm_head as its own matrix (LoPT unties it from the embeddings for k >= 2)
     tied: bool  # the checkpoint ties lm_head to the embeddings
     name: str = ""
 
@@ -172,8 +172,13 @@ class ModelShape:
         h, d = self.hidden, self.hidden // 4
         return [h, h, h * d, d, d * h, h]
 
-    def total_params(self, num_blocks: int, *, untie: bool = True) -> int:
-        head = 0 if (self.tied and not untie) else self.head_params
+    def own_head(self, num_blocks: int) -> bool:
+        """Whether the head is a matrix of its own: untied, or untied by LoPT (k >= 2; k = 1 keeps the tie)."""
+        return not self.tied or num_blocks > 1
+
+    def total_params(self, num_blocks: int, *, untie: bool | None = None) -> int:
+        own = self.own_head(num_blocks) if untie is None else (untie or not self.tied)
+        head = self.head_params if own else 0
         return (self.embed_params + sum(self.layer_params) + self.final_norm_params + head
                 + (num_blocks - 1) * self.decoder_params)
 
@@ -517,10 +522,11 @@ def estimate_memory(
     grad_layer = [n * s for n in layer_numels]
     grad_embed = shape.embed_params * s
     grad_dec = shape.decoder_params * s
-    grad_upper_fixed = (shape.head_params + shape.final_norm_params) * s
+    head_params = shape.head_params if shape.own_head(k) else 0  # a tied head is the embeddings' matrix
+    grad_upper_fixed = (head_params + shape.final_norm_params) * s
     grads_all = n_params * s
     # 8-bit state needs the tensor sizes: layers' big matrices are >= 4096 values, their norms are not
-    sizes = [shape.embed_params, shape.head_params, shape.final_norm_params] + (k - 1) * dec_tensors
+    sizes = [shape.embed_params, head_params, shape.final_norm_params] + (k - 1) * dec_tensors
     norm_values = 2 * h + (2 * shape.head_dim if shape.qk_norm else 0)
     for n in layer_numels:
         sizes += [n - norm_values, h, h] + ([shape.head_dim, shape.head_dim] if shape.qk_norm else [])
@@ -731,7 +737,8 @@ class Plan:
         est = self.estimate
         lines = [
             f"model      {self.model}: {self.num_params / 1e9:.2f}B parameters under LoPT "
-            f"({self.num_blocks} blocks; lm_head untied, {self.num_blocks - 1} aux decoder(s)), {self.dtype}",
+            f"({self.num_blocks} blocks{'; lm_head untied' if self.num_blocks > 1 else ''}, "
+            f"{self.num_blocks - 1} aux decoder(s)), {self.dtype}",
             f"card       {self.gpu_mem_gb:g} GiB -> {self.budget / GiB:.2f} GiB usable "
             f"({SAFETY_FRACTION:.0%} margin for the allocator, {CUDA_CONTEXT_BYTES / GiB:.1f} GiB CUDA context)",
             "",

@@ -292,6 +292,44 @@ def test_plan_takes_what_train_takes_and_prints_a_command_train_runs(tiny_model_
     assert "a model shape `lopt plan` knows" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------- tied embeddings
+
+
+def tied_model_dir(path: Path) -> str:
+    tokenizer = byte_tokenizer()
+    config = tiny_config("llama", vocab_size=264, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    build_model(config, seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("num_blocks, tied", [(1, True), (2, False)])
+def test_one_block_keeps_tied_embeddings_tied(tmp_path, num_blocks, tied):
+    """k = 1 is plain fine-tuning: the tied head stays the embeddings. k >= 2 unties it (the embeddings
+    learn from block 0's local loss only, the head from the task loss)."""
+    from safetensors import safe_open
+
+    from lopt import LoPTModel
+    from lopt.train import train
+
+    model_dir = tied_model_dir(tmp_path / "tied")
+    engine = LoPTModel.from_pretrained(model_dir, num_blocks=num_blocks)
+    assert (engine.model.lm_head.weight is engine.model.model.embed_tokens.weight) == tied
+    n_params = sum(p.numel() for p in engine.parameters())
+    assert n_params == sum(p.numel() for g in engine.param_groups(1e-3) for p in g["params"])  # each once
+
+    config = TrainConfig(model=model_dir, data=qa_rows(tmp_path / "qa.jsonl"), max_steps=2, batch_size=4,
+                         seq_len=32, save_every=0, num_blocks=num_blocks, lr=1e-2,
+                         output_dir=str(tmp_path / "run"))
+    final = Path(train(config)["final_dir"])
+    saved = json.loads((final / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is tied
+    with safe_open(final / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert ("lm_head.weight" in keys) == (not tied) and "model.embed_tokens.weight" in keys
+
+
 # ------------------------------------------------------------------------------------------- the real model
 
 
