@@ -1,7 +1,20 @@
-"""lopt: Local-Learning Post-Training (LoPT) with a boundary-scheduled training step."""
+"""lopt: Local-Learning Post-Training (LoPT) with a boundary-scheduled training step.
+
+The engine and the trainer (and with them torch and transformers) load on first use, so ``lopt --help``
+and a bad path's error come back at once.
+"""
 
 from .config import TrainConfig
-from .model import AuxDecoder, LoPTModel, StepOutput
-from .train import train
 
+_LAZY = {"AuxDecoder": ".model", "LoPTModel": ".model", "StepOutput": ".model", "train": ".train"}
 __all__ = ["AuxDecoder", "LoPTModel", "StepOutput", "TrainConfig", "train"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

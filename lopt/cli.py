@@ -138,9 +138,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if config.model is not None:  # a bad --model fails now, before torch is imported
+        from .loading import resolve_model
+
+        resolve_model(config.model)
     from .train import train  # torch and transformers load here, not for `lopt --help`
 
-    summary = train(config_from_args(args))
+    summary = train(config)
     if summary["status"] == "interrupted":
         print(f"lopt: stopped at step {summary['steps']}; checkpoint saved in {summary['checkpoint']} "
               f"(continue with: lopt train --output-dir {summary['output_dir']} --resume)", file=sys.stderr)

@@ -330,6 +330,27 @@ def test_one_block_keeps_tied_embeddings_tied(tmp_path, num_blocks, tied):
     assert ("lm_head.weight" in keys) == (not tied) and "model.embed_tokens.weight" in keys
 
 
+# ------------------------------------------------------------------------------------------- start-up
+
+
+def test_help_and_a_bad_model_path_do_not_import_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from lopt.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"assert main(['train', '--model', {str(tmp_path / 'nonexistent')!r}]) == 2\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'numpy') if m in sys.modules)\n"
+        "print('heavy:', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "heavy: []" in out.stdout
+    assert "model directory not found" in out.stderr
+
+
 # ------------------------------------------------------------------------------------------- the real model
 
 
