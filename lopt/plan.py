@@ -877,8 +877,22 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def check_plan_args(args: argparse.Namespace):
+    """``UsageError`` (one line) for a ``lopt plan`` flag value no plan can use; ``lopt train``'s bounds."""
+    from .config import MAX_BATCH, MAX_COUNT, MAX_GPU_MEM_GB, MAX_SEQ_LEN, check_int, check_number
+
+    if args.gpu_mem is not None:
+        check_number("--gpu-mem", args.gpu_mem, 0, MAX_GPU_MEM_GB, low_open=True)
+    check_int("--seq-len", args.seq_len, 2, MAX_SEQ_LEN)
+    check_int("--num-blocks", args.num_blocks, 1)
+    check_int("--tokens-per-step", args.tokens_per_step, 1, MAX_COUNT)
+    if args.batch_size is not None:
+        check_int("--batch-size", args.batch_size, 1, MAX_BATCH)
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """``lopt plan``: print the plan; exit status 0 when it fits, 1 when nothing fits."""
+    check_plan_args(args)
     config = load_model_config(args.model)
     gpu_mem = args.gpu_mem if args.gpu_mem is not None else RECIPES[args.recipe]
     result = plan(
@@ -898,7 +912,9 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lopt plan", description="Plan LoPT training for a GPU's memory.")
+    from .cli import Parser
+
+    parser = Parser(prog="lopt plan", description="Plan LoPT training for a GPU's memory.")
     add_plan_arguments(parser)
     return run_plan(parser.parse_args(argv))
 

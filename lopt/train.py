@@ -24,7 +24,6 @@ what ``--resume`` continues from.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -85,7 +84,7 @@ def train(config: TrainConfig) -> dict:
     if config.model is None and (note := default_model_note()):
         print(note, file=sys.stderr)
     config = _apply_recipe(config.resolved())
-    _validate(config)
+    config.validate()  # resolved() validated the flags; this checks what the recipe chose too
     run_dir = RunDir(Path(config.output_dir).expanduser())
     run_dir.check(config)  # refuses before anything is loaded or touched
     device, dtype = _device_and_dtype(config)
@@ -545,39 +544,6 @@ def _apply_recipe(config: TrainConfig) -> TrainConfig:
     from .plan import apply_recipe  # the planner is only needed when a recipe is asked for
 
     return apply_recipe(config, config.recipe, config.gpu_mem)
-
-
-def _validate(cfg: TrainConfig):
-    checks = [
-        (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
-        (cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
-        (cfg.seq_len >= 2, f"--seq-len must be at least 2, got {cfg.seq_len}"),
-        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
-        (cfg.lr_lower is None or cfg.lr_lower >= 0, f"--lr-lower must be >= 0, got {cfg.lr_lower}"),
-        (cfg.lambda_aux >= 0, f"--lambda-aux must be >= 0, got {cfg.lambda_aux}"),
-        (cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be at least 1, got {cfg.max_steps}"),
-        (cfg.epochs is None or cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
-        (cfg.num_blocks >= 1, f"--num-blocks must be at least 1, got {cfg.num_blocks}"),
-        (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}"),
-        (cfg.warmup_steps is None or cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}"),
-        (0 <= cfg.min_lr_ratio <= 1, f"--min-lr-ratio must be between 0 and 1, got {cfg.min_lr_ratio}"),
-        (cfg.log_every >= 1, f"--log-every must be at least 1, got {cfg.log_every}"),
-        (cfg.save_every >= 0 and cfg.eval_every >= 0, "--save-every and --eval-every must be >= 0"),
-        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other: pick one"),
-        (not (cfg.early_lower_step and cfg.grad_accum > 1),
-         "--early-lower-step steps each block once per micro-batch, so it needs --grad-accum 1"),
-        # fresh would need every micro-batch's lower backward before the lower step, then a second pass.
-        (not (cfg.boundary == "fresh" and cfg.grad_accum > 1),
-         "--boundary fresh steps each lower block before the next block sees its output, once per micro-batch, "
-         "so it needs --grad-accum 1 (raise --batch-size instead)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    if cfg.optimizer == "adamw-8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise UsageError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes")
-
-
 
 
 def _note_changed_settings(out: Path, cfg: TrainConfig):
