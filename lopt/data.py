@@ -9,9 +9,11 @@ hub name is read: the training step itself never needs it.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,28 +62,83 @@ class EvalExample:
 
 
 def load_rows(source: str) -> list[dict]:
-    """The rows of a local JSON / JSONL / Parquet / CSV file (or a directory of them), or of a hub dataset."""
+    """The rows of a local JSON / JSONL / Parquet / CSV file (or a directory of them), or of a hub dataset.
+
+    JSON and JSON Lines are parsed here, so an error names its file and line; Parquet, CSV and hub datasets
+    are read by ``datasets``."""
+    path = Path(source).expanduser()
+    try:
+        if not path.exists():
+            if _looks_like_path(source):
+                raise UsageError(f"data file not found: {source}")
+            return _load_dataset(source, None, f"dataset {source!r} (not a local file, so it was looked up on the hub)")
+        builder, files = _local_builder(path, source)
+        if builder == "json":
+            rows = [row for p in files for row in _json_rows(p)]
+        else:
+            rows = _load_dataset(builder, [str(p) for p in files], f"{source} as {builder}")
+    except OSError as error:  # permissions, I/O: whatever stops the read
+        raise UsageError(f"cannot read data file {error.filename or source}: {error.strerror or error}") from None
+    if not rows:
+        raise UsageError(f"{source} has no rows")
+    return rows
+
+
+def _load_dataset(name: str, data_files: list[str] | None, what: str) -> list[dict]:
     try:
         import datasets  # the data path's own dependency: the GPU machine and the engine do without it
     except ImportError:
-        raise UsageError("reading --data needs the datasets package: pip install datasets") from None
-
-    path = Path(source).expanduser()
-    if path.exists():
-        builder, files = _local_builder(path, source)
-        what, name, data_files = f"{source} as {builder}", builder, files
-    elif _looks_like_path(source):
-        raise UsageError(f"data file not found: {source}")
-    else:
-        what, name, data_files = f"dataset {source!r} (not a local file, so it was looked up on the hub)", source, None
+        raise UsageError(f"reading {what} needs the datasets package: pip install datasets") from None
     try:
         with quiet_hub(datasets_too=True):
             table = datasets.load_dataset(name, data_files=data_files, split="train")
     except Exception as error:  # datasets reports parse and network failures with many exception types
         raise UsageError(f"could not read {what}: {_reason(error)}") from None
-    if len(table) == 0:
-        raise UsageError(f"{source} has no rows")
     return table.to_list()
+
+
+def _json_rows(path: Path) -> list[dict]:
+    """The rows of a JSON array of objects, or of JSON Lines (one object per line); an error names its line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise UsageError(f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}): "
+                         "save it as UTF-8") from None
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        return []
+    if text.lstrip().startswith("[") or not _parses(lines[0][1]):  # one JSON document
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"could not read {path} as json: line {error.lineno} column {error.colno}: "
+                             f"{error.msg}") from None
+        rows = document if isinstance(document, list) else [document]
+        where = [f"item {i} of its JSON array" for i in range(1, len(rows) + 1)]
+    else:
+        rows, where = [], []
+        for number, line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise UsageError(f"could not read {path} as json lines: line {number} column {error.colno}: "
+                                 f"{error.msg}") from None
+            where.append(f"line {number}")
+    for row, place in zip(rows, where):
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}: {place} is a JSON {type(row).__name__}, not a JSON object (one row, "
+                             'e.g. {"question": ..., "answer": ...})')
+    return rows
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -108,10 +165,15 @@ def quiet_hub(datasets_too: bool = False):
                 datasets.enable_progress_bars()
 
 
-def _local_builder(path: Path, source: str) -> tuple[str, list[str]]:
-    files = sorted(p for p in path.iterdir() if p.suffix in FILE_BUILDERS) if path.is_dir() else [path]
-    if not files:
-        raise UsageError(f"no .json, .jsonl, .parquet or .csv files in {source}")
+def _local_builder(path: Path, source: str) -> tuple[str, list[Path]]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_BUILDERS and p.is_file())
+        if not files:
+            raise UsageError(f"{source} is a directory with no .json, .jsonl, .parquet or .csv files in it")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UsageError(f"{source} is not a regular file (a device, a pipe, a socket?): give a data file")
     kinds = {FILE_BUILDERS.get(p.suffix.lower()) for p in files}
     if None in kinds:
         raise UsageError(f"unsupported data file type {path.suffix or '(none)'}: use .json, .jsonl, .parquet or .csv")
@@ -120,7 +182,7 @@ def _local_builder(path: Path, source: str) -> tuple[str, list[str]]:
     for p in files:
         if p.stat().st_size == 0 or (p.suffix != ".parquet" and not p.read_bytes().strip()):
             raise UsageError(f"data file is empty: {p}")
-    return kinds.pop(), [str(p) for p in files]
+    return kinds.pop(), files
 
 
 def _looks_like_path(source: str) -> bool:
@@ -138,13 +200,17 @@ def _reason(error: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------- row formats
 
 
-def detect_format(columns: Iterable[str], source: str = "the data") -> str:
-    columns = set(columns)
+def row_format(row: dict) -> str | None:
+    """The first known format whose required fields the row has, or None. All of them None is none of them
+    (a table that mixes formats fills each row's other columns with None)."""
     for name, required, _ in ROW_FORMATS:
-        if set(required) <= columns:
+        if all(key in row for key in required) and any(row[key] is not None for key in required):
             return name
-    found = ", ".join(sorted(columns)) or "none"
-    raise UsageError(f"{source} has none of the known fields (found: {found}); expected {EXPECTED_FIELDS}")
+    return None
+
+
+def _fields(row: dict) -> str:
+    return ", ".join(sorted(k for k, v in row.items() if v is not None)) or "none"
 
 
 def to_messages(row: dict, fmt: str) -> list[dict] | None:
@@ -175,14 +241,26 @@ def to_messages(row: dict, fmt: str) -> list[dict] | None:
 
 
 def rows_to_conversations(rows: Sequence[dict], source: str = "the data") -> tuple[list[list[dict]], int]:
-    """Conversations of the rows that parse, and how many did not (missing or non-text fields)."""
+    """Conversations of the rows that parse, and how many rows of a known format did not (non-text fields).
+
+    Each row is read by its own fields, so one file may mix formats. Rows with none of the known fields
+    are left out with a note on stderr; when no row has them, that is the error."""
     if not rows:
         raise UsageError(f"{source} has no rows")
-    fmt = detect_format(rows[0].keys(), source)
-    conversations = [to_messages(row, fmt) for row in rows]
+    formats = [row_format(row) for row in rows]
+    unknown = [i for i, fmt in enumerate(formats) if fmt is None]
+    if len(unknown) == len(rows):
+        raise UsageError(f"{source} has none of the known fields (found: {_fields(rows[0])}); "
+                         f"expected {EXPECTED_FIELDS}")
+    if unknown:
+        print(f"lopt: note: left out {len(unknown)} of {len(rows)} rows of {source} with none of the known fields "
+              f"(first: row {unknown[0] + 1}, found: {_fields(rows[unknown[0]])}); expected {EXPECTED_FIELDS}",
+              file=sys.stderr)
+    conversations = [to_messages(row, fmt) for row, fmt in zip(rows, formats) if fmt is not None]
     kept = [c for c in conversations if c is not None]
     if not kept:
-        raise UsageError(f"no row of {source} has a usable {fmt} answer; expected {EXPECTED_FIELDS} with text values")
+        found = " / ".join(sorted({fmt for fmt in formats if fmt is not None}))
+        raise UsageError(f"no row of {source} has a usable {found} answer; expected {EXPECTED_FIELDS} with text values")
     return kept, len(conversations) - len(kept)
 
 

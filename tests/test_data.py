@@ -108,6 +108,39 @@ def test_rows_with_non_text_answers_are_skipped_and_counted():
         rows_to_conversations([{"messages": [{"role": "user", "content": "no answer"}]}])
 
 
+def test_rows_of_several_formats_in_one_file_all_load(tmp_path, capsys):
+    """Each row is read by its own fields: a file may mix formats, and none of its rows is lost."""
+    rows = [ROWS[fmt] for fmt in ROWS] * 2
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    conversations, skipped = rows_to_conversations(load_rows(str(path)), str(path))
+    assert skipped == 0 and len(conversations) == len(rows)
+    assert [c[-1]["content"] for c in conversations] == [ANSWERS[fmt] for fmt in ROWS] * 2
+    assert capsys.readouterr().err == ""
+
+
+def test_a_table_of_several_formats_loads_every_row(tmp_path, capsys):
+    """Parquet and CSV give every row every column (None where a row has none): that is not a field."""
+    pytest.importorskip("datasets")
+    import pandas as pd
+
+    rows = [ROWS["question"], ROWS["prompt"], ROWS["query"]]
+    pd.DataFrame(rows).to_parquet(tmp_path / "mixed.parquet")
+    conversations, skipped = rows_to_conversations(load_rows(str(tmp_path / "mixed.parquet")))
+    assert skipped == 0 and [c[-1]["content"] for c in conversations] == ["cold", " time", "4"]
+    assert capsys.readouterr().err == ""
+
+
+def test_rows_without_known_fields_are_left_out_counted_and_said(capsys):
+    rows = [ROWS["question"], {"text": "a"}, ROWS["messages"], {"text": "b", "label": 1},
+            {"question": "q", "answer": ""}]
+    conversations, skipped = rows_to_conversations(rows, "data.jsonl")
+    assert len(conversations) == 2
+    assert skipped == 1  # the empty answer: a known format without a usable answer
+    (note,) = capsys.readouterr().err.strip().splitlines()
+    assert "2 of 5 rows of data.jsonl" in note and "none of the known fields" in note and "row 2" in note
+
+
 def test_collate_pads_right_and_masks_padding(tokenizer):
     rows = [ROWS["question"], {"question": "Opposite of a long question?", "answer": "a short answer"}]
     examples = tokenize_conversations(rows_to_conversations(rows)[0], tokenizer, 512)
@@ -171,7 +204,9 @@ def test_load_rows_reads_json_jsonl_csv_and_parquet(tmp_path):
         ("empty.jsonl", "", "data file is empty"),
         ("blank.json", "\n  \n", "data file is empty"),
         ("broken.json", '[{"question": "q", "answer": ', "could not read .* as json"),
-        ("broken.jsonl", '{"question": "q", "answer": "a"}\nnot json\n', "JSON parse error"),
+        ("broken.jsonl", '{"question": "q", "answer": "a"}\nnot json\n', "could not read .*broken.jsonl.* line 2 "),
+        ("broken2.json", '[{"question": "q", "answer": "a"},\n {"question": "q" "answer": "b"}]',
+         "broken2.json.* line 2 column 19"),
         ("data.txt", "hello", "unsupported data file type .txt"),
     ],
 )
