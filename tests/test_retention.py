@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lopt.configs import build_model, tiny_config
 from lopt.retention import (
     GENERAL_PROMPTS,
+    GENERAL_TEXT_TOKENS,
     RetentionProbe,
     general_text,
     kl_from_reference,
@@ -51,6 +52,7 @@ def test_general_text_is_the_fixed_slice_of_the_python_reference(tokenizer):
     assert chunks.flatten().tolist() == expected
     assert torch.equal(general_text(tokenizer, 100, 1000), chunks)
     assert general_text(tokenizer, 1000, 4096).shape == (16, 256)  # chunks capped at MAX_CHUNK_LEN
+    assert general_text(tokenizer, 64).shape == (GENERAL_TEXT_TOKENS // 64, 64)
 
 
 def test_text_nll_equals_a_hand_computation(model, tokenizer):
@@ -88,7 +90,7 @@ def test_the_probe_is_deterministic_and_measures_against_the_model_as_built(mode
     assert before == probe.measure(working)
     assert before == RetentionProbe(copy.deepcopy(model), tokenizer, 64, 8).measure(model)
     assert before["kl"] == 0.0 and before["kl_positions"] > len(GENERAL_PROMPTS)
-    assert before["general_tokens"] == 4096 and before["chunk_len"] == 64
+    assert before["general_tokens"] == GENERAL_TEXT_TOKENS and before["chunk_len"] == 64
     with torch.no_grad():  # training moves the model; the probe keeps the original's answers
         for p in working.parameters():
             p.mul_(1.1)
