@@ -286,8 +286,12 @@ def test_disk_full_keeps_the_last_checkpoint_and_resume_works_after_space_is_fre
     straight = tmp_path / "straight"
     train(TrainConfig(**run_flags(tiny_model_dir, qa_file, straight)))
     out = small_disk / "run"
-    _, line = one_error_line(capsys, argv(run_flags(tiny_model_dir, qa_file, out)))
-    assert "no space left on device" in line and "checkpoint-000001" in line, line
+    capsys.readouterr()
+    assert main(argv(run_flags(tiny_model_dir, qa_file, out))) == EXIT_USAGE
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("lopt: error:")]
+    assert "Traceback" not in err and len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    assert "no space left on device" in errors[0] and "checkpoint-000001" in errors[0], errors[0]
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-000001"]
     assert not list(out.glob(".tmp-*"))  # the partial write is gone
 
