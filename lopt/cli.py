@@ -154,10 +154,15 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.resolved()  # a bad flag value fails now, before torch is imported
-    if config.model is not None:  # a bad --model fails now, before torch is imported
-        from .loading import resolve_model
+    # A bad --model or --data path fails now, before torch is imported.
+    from .data import check_data_source
+    from .loading import resolve_model
 
+    if config.model is not None:
         resolve_model(config.model)
+    for source in (config.data, config.eval_data):
+        if source is not None:
+            check_data_source(source)
     from .train import train  # torch and transformers load here, not for `lopt --help`
 
     summary = train(config)

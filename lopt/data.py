@@ -17,8 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import UsageError
 
 IGNORE_INDEX = -100
@@ -61,6 +59,13 @@ class EvalExample:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def check_data_source(source: str) -> None:
+    """``UsageError`` for a local data path that does not exist (a hub name is looked up when read).
+    Needs neither torch nor datasets, so ``lopt train`` says it before loading either."""
+    if not Path(source).expanduser().exists() and _looks_like_path(source):
+        raise UsageError(f"data file not found: {source}")
+
+
 def load_rows(source: str) -> list[dict]:
     """The rows of a local JSON / JSONL / Parquet / CSV file (or a directory of them), or of a hub dataset.
 
@@ -69,8 +74,7 @@ def load_rows(source: str) -> list[dict]:
     path = Path(source).expanduser()
     try:
         if not path.exists():
-            if _looks_like_path(source):
-                raise UsageError(f"data file not found: {source}")
+            check_data_source(source)
             return _load_dataset(source, None, f"dataset {source!r} (not a local file, so it was looked up on the hub)")
         builder, files = _local_builder(path, source)
         if builder == "json":
@@ -357,6 +361,8 @@ def collate(examples: Sequence[Example], pad_token_id: int, pack_to: int | None 
     With ``pack_to``, examples are first packed (first fit, in order) into rows of at most that many
     tokens, and ``document_ids`` tells the engine where each example starts and ends.
     """
+    import torch  # here, not at the top: `lopt train` checks --data paths before torch loads
+
     rows = [[e] for e in examples] if pack_to is None else _pack(examples, pack_to)
     length = max(sum(len(e.input_ids) for e in row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)

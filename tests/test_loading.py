@@ -333,7 +333,7 @@ def test_one_block_keeps_tied_embeddings_tied(tmp_path, num_blocks, tied):
 # ------------------------------------------------------------------------------------------- start-up
 
 
-def test_help_and_a_bad_model_path_do_not_import_torch(tmp_path):
+def test_help_and_bad_paths_do_not_import_torch(tmp_path):
     code = (
         "import sys\n"
         "from lopt.cli import main\n"
@@ -342,13 +342,14 @@ def test_help_and_a_bad_model_path_do_not_import_torch(tmp_path):
         "except SystemExit:\n"
         "    pass\n"
         f"assert main(['train', '--model', {str(tmp_path / 'nonexistent')!r}]) == 2\n"
+        f"assert main(['train', '--model', 'tiny', '--data', {str(tmp_path / 'missing.jsonl')!r}]) == 2\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'numpy') if m in sys.modules)\n"
         "print('heavy:', heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "heavy: []" in out.stdout
-    assert "model directory not found" in out.stderr
+    assert "model directory not found" in out.stderr and "data file not found" in out.stderr
 
 
 # ------------------------------------------------------------------------------------------- the real model
