@@ -182,7 +182,8 @@ class Killed(BaseException):
 def test_resume_is_exact_for_every_optimizer_with_bf16_weights(tmp_path, tiny_model_dir, qa_file, optimizer,
                                                               monkeypatch):
     if optimizer == "torch-adamw":  # not a --optimizer choice: the trainer's optimizer swapped for torch's
-        monkeypatch.setattr(sys.modules["lopt.train"], "build_optimizer", lambda name, groups: torch.optim.AdamW(groups))
+        monkeypatch.setattr(sys.modules["lopt.train"], "build_optimizer",
+                            lambda name, groups: torch.optim.AdamW(groups))
         optimizer = "adamw"
     flags = run_flags(tiny_model_dir, qa_file, tmp_path / "straight", dtype="bf16", optimizer=optimizer,
                       max_steps=4, save_every=2)
