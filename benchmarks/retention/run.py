@@ -17,9 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+from lopt.config import REAL_DEFAULT
+
 from .methods import METHODS
 
-DEFAULTS = dict(model="smollm2-135m-instruct", steps=30, batch_size=8, seq_len=64, seeds=3, eval_max_examples=40)
+# The real default's run (`lopt train` with no arguments), for every method.
+DEFAULTS = dict(model="smollm2-135m-instruct", steps=REAL_DEFAULT["max_steps"], batch_size=REAL_DEFAULT["batch_size"],
+                seq_len=64, seeds=3, eval_max_examples=REAL_DEFAULT["eval_max_examples"])
 
 
 def run_path(results_dir: Path, method: str, lr: float, seed: int) -> Path:
