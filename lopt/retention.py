@@ -71,7 +71,8 @@ def general_text(tokenizer, chunk_len: int, num_tokens: int = GENERAL_TEXT_TOKEN
         length += len(topics[name]) + 2
         if length >= 2 * num_tokens:
             break
-    ids = tokenizer("\n\n".join(pieces), add_special_tokens=False)["input_ids"]
+    # Longer than the model's context on purpose (it is cut into chunks next): no length warning.
+    ids = tokenizer("\n\n".join(pieces), add_special_tokens=False, verbose=False)["input_ids"]
     num_chunks = min(len(ids), num_tokens) // chunk_len
     if num_chunks == 0:
         raise ValueError(f"the general text has {len(ids)} tokens, fewer than one chunk of {chunk_len}")
