@@ -6,7 +6,7 @@ and a bad path's error come back at once.
 
 from .config import TrainConfig
 
-_LAZY = {"AuxDecoder": ".model", "LoPTModel": ".model", "StepOutput": ".model", "train": ".train"}
+_LAZY = {"AuxDecoder": ".model", "LoPTModel": ".model", "StepOutput": ".model", "train": ".trainer"}
 __all__ = ["AuxDecoder", "LoPTModel", "StepOutput", "TrainConfig", "train"]
 
 

@@ -1,7 +1,7 @@
 """``lopt``: the command line.
 
 ``lopt train`` maps its flags one to one onto ``TrainConfig`` (built from the dataclass's fields, so
-the two cannot drift apart) and calls ``lopt.train.train``. ``lopt plan`` is ``lopt.plan``'s.
+the two cannot drift apart) and calls ``lopt.train`` (``lopt/trainer.py``). ``lopt plan`` is ``lopt.plan``'s.
 
 Exit status: 0 done; 2 bad input, a damaged run directory, a full disk or a diverged run (one line on
 stderr, no traceback); 130 stopped by Ctrl-C (SIGINT), 143 by SIGTERM, each after saving a checkpoint
@@ -163,7 +163,7 @@ def _train(args: argparse.Namespace) -> int:
     for source in (config.data, config.eval_data):
         if source is not None:
             check_data_source(source)
-    from .train import train  # torch and transformers load here, not for `lopt --help`
+    from .trainer import train  # torch and transformers load here, not for `lopt --help`
 
     summary = train(config)
     if summary["status"] == "interrupted":

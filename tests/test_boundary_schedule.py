@@ -16,7 +16,7 @@ import lopt
 from lopt.config import TrainConfig
 from lopt.configs import build_model, tiny_config
 from lopt.errors import UsageError
-from lopt.train import train
+from lopt.trainer import train
 from lopt_kernels import linear_cross_entropy_reference
 
 LR, LAMBDA, STEPS = 3e-3, 10.0, 4

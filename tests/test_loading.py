@@ -265,7 +265,7 @@ def qa_rows(path: Path, n: int = 8) -> str:
 def test_train_takes_a_gguf_and_final_saves_normally(tmp_path, tiny_gguf, cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lopt.train import train
+    from lopt.trainer import train
 
     config = TrainConfig(model=str(tiny_gguf[0]), data=qa_rows(tmp_path / "qa.jsonl"), max_steps=1, batch_size=4,
                          seq_len=32, save_every=0, output_dir=str(tmp_path / "run"))
@@ -311,7 +311,7 @@ def test_one_block_keeps_tied_embeddings_tied(tmp_path, num_blocks, tied):
     from safetensors import safe_open
 
     from lopt import LoPTModel
-    from lopt.train import train
+    from lopt.trainer import train
 
     model_dir = tied_model_dir(tmp_path / "tied")
     engine = LoPTModel.from_pretrained(model_dir, num_blocks=num_blocks)

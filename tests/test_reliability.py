@@ -20,12 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lopt.train  # noqa: F401  (the module, for the optimizer swap below)
+import lopt.trainer  # noqa: F401  (the module, for the optimizer swap below)
 from lopt.cli import EXIT_USAGE, main
 from lopt.config import TrainConfig
 from lopt.errors import NonFiniteLossError, UsageError
 from lopt.optim import AdamW
-from lopt.train import Trainer, train
+from lopt.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
@@ -118,7 +118,7 @@ KILL_POINTS = [  # (where, the n-th call): each resumed process of the chain die
     ("shutil.rmtree", 1),  # removing a superseded checkpoint (or a partial write left by the last kill)
     ("lopt.checkpoint._Writer.write", 40),  # a later checkpoint, part-written
     ("os.replace", 9),
-    ("lopt.train.Trainer.save_final", 1),  # training done, final/ not written
+    ("lopt.trainer.Trainer.save_final", 1),  # training done, final/ not written
 ]
 RANDOM_KILLS = 3  # plus SIGKILL from outside at random moments
 
@@ -182,7 +182,7 @@ class Killed(BaseException):
 def test_resume_is_exact_for_every_optimizer_with_bf16_weights(tmp_path, tiny_model_dir, qa_file, optimizer,
                                                               monkeypatch):
     if optimizer == "torch-adamw":  # not a --optimizer choice: the trainer's optimizer swapped for torch's
-        monkeypatch.setattr(sys.modules["lopt.train"], "build_optimizer",
+        monkeypatch.setattr(sys.modules["lopt.trainer"], "build_optimizer",
                             lambda name, groups: torch.optim.AdamW(groups))
         optimizer = "adamw"
     flags = run_flags(tiny_model_dir, qa_file, tmp_path / "straight", dtype="bf16", optimizer=optimizer,

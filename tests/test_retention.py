@@ -102,7 +102,7 @@ def test_the_trainer_records_task_score_and_retention_before_and_after(tmp_path,
     import json
 
     from lopt.config import TrainConfig
-    from lopt.train import train
+    from lopt.trainer import train
 
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"question": f"Say {w}.", "answer": w}) + "\n"

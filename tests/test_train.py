@@ -13,7 +13,7 @@ import lopt
 import lopt_kernels.adamw
 from lopt.optim import AdamW
 from lopt.tokenizer import byte_tokenizer
-from lopt.train import Trainer, lr_factor, train
+from lopt.trainer import Trainer, lr_factor, train
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +284,7 @@ def test_each_supported_family_trains_and_reloads(tmp_path, qa_file, family, tie
 def test_an_all_ones_mask_is_dropped_on_the_host_with_the_same_gradients():
     """The trainer drops an all-ones attention mask before the transfer (no device sync in the engine);
     the engine's gradients without it equal those with it."""
-    from lopt.train import _to_device
+    from lopt.trainer import _to_device
 
     padded = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5, [1] * 4 + [0]])}
     assert "attention_mask" in _to_device(padded, torch.device("cpu"))
@@ -300,3 +300,11 @@ def test_an_all_ones_mask_is_dropped_on_the_host_with_the_same_gradients():
     assert len(grads[0]) == len(grads[1]) > 0
     for with_mask, without in zip(*grads):
         torch.testing.assert_close(without, with_mask, rtol=1e-5, atol=1e-7)
+
+
+def test_lopt_train_is_the_trainer_function_whatever_was_imported_first():
+    """The README's API: ``lopt.train(lopt.TrainConfig(...))``, even after ``lopt.trainer`` was imported."""
+    import lopt
+    import lopt.trainer
+
+    assert lopt.train is lopt.trainer.train and callable(lopt.train)

@@ -38,7 +38,7 @@ def run_lopt(spec: dict, method) -> dict:
     from lopt.config import TrainConfig
     from lopt.loading import load_config
     from lopt.model import LoPTModel
-    from lopt.train import train
+    from lopt.trainer import train
 
     overrides = dict(method.lopt)
     lr = spec["lr"]
@@ -74,7 +74,7 @@ def run_peer(spec: dict, method) -> dict:
     from lopt.evaluation import pad_id, task_score
     from lopt.loading import load_model
     from lopt.retention import RetentionProbe
-    from lopt.train import lr_factor
+    from lopt.trainer import lr_factor
 
     torch.manual_seed(spec["seed"])
     model, tokenizer, _ = load_model(spec["model"], seed=spec["seed"])
