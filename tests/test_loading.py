@@ -57,6 +57,9 @@ def write_tiny_gguf(path: Path, *, seed: int = 3):
     writer.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])  # 3: control, 1: normal
     writer.add_token_merges([" ".join(m) for m in MERGED])
     writer.add_eos_token_id(config.eos_token_id)
+    # llama.cpp always writes one (transformers 5.0 fails on a file without it); never prepended here.
+    writer.add_bos_token_id(config.eos_token_id)
+    writer.add_add_bos_token(False)
     writer.add_pad_token_id(config.pad_token_id)
     writer.add_chat_template(CHAT_TEMPLATE)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
