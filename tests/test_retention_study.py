@@ -43,9 +43,10 @@ def test_the_study_runs_each_method_resumes_and_reports(tmp_path, monkeypatch):
     assert prefix.with_suffix(".png").stat().st_size > 5000
 
 
-def test_the_sweep_picks_exact_match_then_loss():
+def test_the_sweep_picks_exact_match_then_kl_then_loss():
     from benchmarks.retention.run import best_lr
 
-    runs = [dict(spec=dict(lr=lr), after=dict(exact_match=em, loss=loss))
-            for lr, em, loss in ((1e-4, 0.5, 0.3), (2e-4, 0.7, 0.9), (5e-4, 0.7, 0.4), (1e-3, 0.1, 0.1))]
+    runs = [dict(spec=dict(lr=lr), after=dict(exact_match=em, kl=kl, loss=loss))
+            for lr, em, kl, loss in ((1e-4, 0.5, 0.01, 0.3), (2e-4, 0.7, 0.2, 0.9), (5e-4, 0.7, 0.2, 0.4),
+                                     (7e-4, 0.7, 0.3, 0.1), (1e-3, 0.1, 0.0, 0.1))]
     assert best_lr(runs) == 5e-4

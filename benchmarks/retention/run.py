@@ -1,7 +1,7 @@
 """The retention study, one command: ``python -m benchmarks.retention.run``.
 
 For every method (``methods.py``): a learning-rate sweep on seed 0, the best rate picked by held-out
-exact match (then by held-out loss), then the other seeds at that rate. Every method gets the same
+exact match (then by the lowest KL, then by held-out loss), then the other seeds at that rate. Every method gets the same
 model, data (the embedded record task, written once into the results directory), steps, batch and
 sequence length. Each run is its own process and leaves one JSON in ``--results-dir``; a run whose
 JSON exists is skipped, so the study resumes where it stopped. ``python -m benchmarks.retention.report``
@@ -31,8 +31,9 @@ def run_path(results_dir: Path, method: str, lr: float, seed: int) -> Path:
 
 
 def best_lr(results: list[dict]) -> float:
-    """The sweep's pick: highest held-out exact match, then lowest held-out loss."""
-    best = max(results, key=lambda r: (r["after"]["exact_match"], -r["after"]["loss"]))
+    """The sweep's pick: highest held-out exact match, then, among the rates that reach it, the lowest KL
+    from the original (the study compares retention at equal task score), then the lowest held-out loss."""
+    best = max(results, key=lambda r: (r["after"]["exact_match"], -r["after"]["kl"], -r["after"]["loss"]))
     return best["spec"]["lr"]
 
 
