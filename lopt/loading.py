@@ -141,12 +141,12 @@ def _checked_config(source: ModelSource, where: str):
     from .data import quiet_hub
 
     local = source.kind != "hub"
+    if local and not (Path(where) / "config.json").is_file():  # transformers 5.0 guesses a model type from the path
+        raise UsageError(f"{source.spec} has no config.json: not a Hugging Face model directory")
     try:
         with quiet_hub():
             config = AutoConfig.from_pretrained(where, local_files_only=local)
     except (OSError, ValueError) as error:
-        if local and not (Path(where) / "config.json").exists():
-            raise UsageError(f"{source.spec} has no config.json: not a Hugging Face model directory") from None
         families = f" (supported families: {', '.join(SUPPORTED_FAMILIES)})" if isinstance(error, ValueError) else ""
         raise UsageError(f"could not load a model config from {source.spec}: {_first_line(error)}{families}") from None
     if config.model_type not in SUPPORTED_FAMILIES:

@@ -191,6 +191,7 @@ def _shape_from_json(config_json: str, name: str) -> ModelShape:
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # transformers 5.0 leaves a model built on the meta device untied until asked
     decoder = model.model
     layers = decoder.layers
     layer_params = tuple(sum(p.numel() for p in layer.parameters()) for layer in layers)

@@ -283,7 +283,9 @@ def _fused_forward_backward(
 
     block_h, block_d = triton.next_power_of_2(n_cols), triton.next_power_of_2(d)
     rows_h, rows_d = max(1, _TILE_ELEMENTS // block_h), max(1, _TILE_ELEMENTS // block_d)
-    warps_h = num_warps(block_h)
+    # A program holds rows x block values of each tensor it touches: the warps follow that tile, not one row
+    # (4 warps on a 2 x 2048 tile spilled registers under Triton 3.6).
+    warps_h, warps_d = num_warps(rows_h * block_h), num_warps(rows_d * block_d)
     n_programs = persistent_programs(device, triton.cdiv(chunk, rows_h))
     loss_partial = torch.zeros((n_programs,), **f32)
     # Stands in for the buffers no one asked for: any valid pointer, never touched (flag off).
@@ -323,7 +325,7 @@ def _fused_forward_backward(
             continue
         da = torch.mm(dy, w2c, out=a)  # a is spent
         _gelu_bwd_kernel[(n_programs,)](
-            da, z, db1_partial, n, d, BLOCK_M=rows_d, BLOCK_D=block_d, ACC_DB1=need_b1
+            da, z, db1_partial, n, d, BLOCK_M=rows_d, BLOCK_D=block_d, ACC_DB1=need_b1, num_warps=warps_d
         )  # fmt: skip
         dz = da
         if need_w1:
