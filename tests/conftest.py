@@ -47,3 +47,11 @@ def tiny_model_dir(tmp_path_factory):
     tokenizer.save_pretrained(path)
     return str(path)
 
+
+def write_qa_file(path, n_rows: int) -> str:
+    """``n_rows`` question/answer rows of unequal prompt and answer lengths, as JSONL at ``path``."""
+    import json
+
+    rows = [{"question": f"Q{i}: " + "abc" * (i % 5), "answer": "x" * (1 + (i * 7) % 11)} for i in range(n_rows)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

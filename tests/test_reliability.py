@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_qa_file
 import torch
 from safetensors.torch import load_file
 
@@ -33,10 +34,7 @@ EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 @pytest.fixture(scope="module")
 def qa_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
-    rows = [{"question": f"Q{i}: " + "abc" * (i % 5), "answer": "x" * (1 + (i * 7) % 11)} for i in range(8)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return write_qa_file(tmp_path_factory.mktemp("data") / "qa.jsonl", 8)
 
 
 def run_flags(model, data, out, **overrides):

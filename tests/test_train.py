@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+from conftest import write_qa_file
 import torch
 
 from lopt.config import TrainConfig
@@ -19,10 +20,7 @@ from lopt.trainer import Trainer, lr_factor, train
 @pytest.fixture(scope="module")
 def qa_file(tmp_path_factory):
     """16 question/answer rows of unequal prompt and answer lengths."""
-    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
-    rows = [{"question": f"Q{i}: " + "abc" * (i % 5), "answer": "x" * (1 + (i * 7) % 11)} for i in range(16)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return write_qa_file(tmp_path_factory.mktemp("data") / "qa.jsonl", 16)
 
 
 def metrics(out):
