@@ -6,8 +6,9 @@ and a bad path's error come back at once.
 
 from .config import TrainConfig
 
-_LAZY = {"AuxDecoder": ".model", "LoPTModel": ".model", "StepOutput": ".model", "train": ".trainer"}
-__all__ = ["AuxDecoder", "LoPTModel", "StepOutput", "TrainConfig", "train"]
+_LAZY = {"AuxDecoder": ".model", "LoPTModel": ".model", "StepOutput": ".model", "train": ".trainer",
+         "apply": ".integration", "remove": ".integration", "LoPTCallback": ".integration"}
+__all__ = ["AuxDecoder", "LoPTCallback", "LoPTModel", "StepOutput", "TrainConfig", "apply", "remove", "train"]
 
 
 def __getattr__(name: str):

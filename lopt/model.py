@@ -219,30 +219,12 @@ class LoPTModel(nn.Module):
         else:
             num_positions = torch.tensor(input_ids.numel(), device=input_ids.device)
         task_weight = loss_scale * _share(num_tokens, total_tokens)
-        aux_weight = loss_scale * _share(num_positions, total_positions) * self.lambda_aux / max(self.num_blocks - 1, 1)
+        aux_weight = loss_scale * _share(num_positions, total_positions)
 
-        layer_inputs = self._layer_inputs(input_ids, attention_mask, document_ids)
+        layer_inputs = self._layer_inputs(input_ids.shape, input_ids.device, attention_mask, document_ids)
         hidden = self.model.model.embed_tokens(input_ids)
-        aux_losses = []
-        for b, decoder in enumerate(self.aux_decoders):
-            # Lower block b: forward, local loss, backward now. Its saved activations are freed here,
-            # before block b+1 allocates its own; only the detached output crosses the boundary.
-            block_input = hidden.detach()
-            with self.boundary.block(keep=[hidden]):
-                block_output = self._run_block(b, hidden, layer_inputs)
-                aux = decoder.recon_loss(block_output, block_input, positions, fused=self.kernels)
-                if aux.requires_grad:
-                    (aux * aux_weight).backward()
-                hidden = block_output.detach()
-            aux_losses.append(aux.detach())
-            if on_boundary is not None:
-                on_boundary(b)
-            if boundary == "fresh":  # block b has stepped: hand on what its updated weights compute
-                with torch.no_grad():
-                    if b == 0:  # block 0 owns the embeddings, which have stepped too
-                        block_input = self.model.model.embed_tokens(input_ids)
-                    hidden = self._run_block(b, block_input, layer_inputs)
-            del block_input  # not held through the next block's step
+        hidden, aux_losses = self.lower_blocks(hidden, layer_inputs, positions, aux_weight=aux_weight,
+                                               on_boundary=on_boundary, boundary=boundary, input_ids=input_ids)
 
         # Last block: task loss only. Its activations (or, with recompute, only the layer inputs) live
         # until this backward, so the step's peak is the largest block's, not the sum over blocks.
@@ -250,10 +232,8 @@ class LoPTModel(nn.Module):
         task_loss = self._task_loss(self.model.model.norm(block_output), labels)
         if task_loss.requires_grad:
             (task_loss * task_weight).backward()
-
-        task_loss = task_loss.detach()
-        aux_loss = torch.stack(aux_losses).mean() if aux_losses else torch.zeros_like(task_loss)
-        return StepOutput(task_loss + self.lambda_aux * aux_loss, task_loss, aux_loss, num_tokens)
+        loss, task_loss, aux_loss = self.lopt_loss(task_loss.detach(), aux_losses)
+        return StepOutput(loss, task_loss, aux_loss, num_tokens)
 
     def objective(self, batch: Mapping[str, torch.Tensor]):
         """The LoPT objective in one graph, as the paper's released code computes it.
@@ -264,15 +244,51 @@ class LoPTModel(nn.Module):
         """
         input_ids, attention_mask, labels, document_ids = self._unpack(batch)
         positions = attention_mask.bool() if attention_mask is not None else None
-        layer_inputs = self._layer_inputs(input_ids, attention_mask, document_ids)
+        layer_inputs = self._layer_inputs(input_ids.shape, input_ids.device, attention_mask, document_ids)
         hidden = self.model.model.embed_tokens(input_ids)
-        aux_losses = []
-        for b, decoder in enumerate(self.aux_decoders):
-            block_output = self._run_block(b, hidden, layer_inputs)
-            aux_losses.append(decoder.recon_loss(block_output, hidden.detach(), positions, fused=self.kernels))
-            hidden = block_output.detach()
+        hidden, aux_losses = self.lower_blocks(hidden, layer_inputs, positions)
         block_output = self._run_block(self.num_blocks - 1, hidden, layer_inputs)
         task_loss = self._task_loss(self.model.model.norm(block_output), labels)
+        return self.lopt_loss(task_loss, aux_losses)
+
+    def lower_blocks(self, hidden, layer_inputs, positions, *, aux_weight=None, on_boundary=None,
+                     boundary: str = "stale", input_ids=None):
+        """Run blocks 0..k-2 from the embeddings ``hidden``; returns the last block's input and the aux losses.
+
+        With ``aux_weight`` (the step's schedule) each block's reconstruction loss, times
+        ``aux_weight * lambda_aux / (k-1)``, is backpropagated at once and the returned losses are
+        detached. Without it (the one-graph objective) the losses keep their graphs. Either way each
+        boundary is a stop-gradient: block b+1 gets block b's output detached.
+        """
+        aux_losses = []
+        for b, decoder in enumerate(self.aux_decoders):
+            block_input = hidden.detach()
+            if aux_weight is None:
+                block_output = self._run_block(b, hidden, layer_inputs)
+                aux_losses.append(decoder.recon_loss(block_output, block_input, positions, fused=self.kernels))
+                hidden = block_output.detach()
+                continue
+            # Lower block b: forward, local loss, backward now. Its saved activations are freed here,
+            # before block b+1 allocates its own; only the detached output crosses the boundary.
+            with self.boundary.block(keep=[hidden]):
+                block_output = self._run_block(b, hidden, layer_inputs)
+                aux = decoder.recon_loss(block_output, block_input, positions, fused=self.kernels)
+                if aux.requires_grad:
+                    (aux * (aux_weight * self.lambda_aux / (self.num_blocks - 1))).backward()
+                hidden = block_output.detach()
+            aux_losses.append(aux.detach())
+            if on_boundary is not None:
+                on_boundary(b)
+            if boundary == "fresh":  # block b has stepped: hand on what its updated weights compute
+                with torch.no_grad():
+                    if b == 0:  # block 0 owns the embeddings, which have stepped too
+                        block_input = self.model.model.embed_tokens(input_ids)
+                    hidden = self._run_block(b, block_input, layer_inputs)
+            del block_input  # not held through the next block's step
+        return hidden, aux_losses
+
+    def lopt_loss(self, task_loss, aux_losses):
+        """The objective's formula, its one definition: ``(task + lambda_aux * mean_b(aux_b), task, mean aux)``."""
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else torch.zeros_like(task_loss)
         return task_loss + self.lambda_aux * aux_loss, task_loss, aux_loss
 
@@ -293,22 +309,28 @@ class LoPTModel(nn.Module):
             labels[:, :-1].masked_fill_(document_ids[:, 1:] != document_ids[:, :-1], IGNORE_INDEX)
         return input_ids, attention_mask, labels, document_ids
 
-    def _layer_inputs(self, input_ids, attention_mask, document_ids=None) -> dict:
-        """What every decoder layer takes besides the hidden states: positions, rotary cos/sin, mask."""
-        batch_size, seq_len = input_ids.shape
-        idx = torch.arange(seq_len, device=input_ids.device)
-        if document_ids is None:
+    def _layer_inputs(self, shape, device, attention_mask, document_ids=None, position_ids=None) -> dict:
+        """What every decoder layer takes besides the hidden states: positions, rotary cos/sin, mask.
+
+        Positions count from 0 in each row, restart where a packed example starts (``document_ids``), or
+        are the caller's ``position_ids``.
+        """
+        batch_size, seq_len = shape
+        idx = torch.arange(seq_len, device=device)
+        if position_ids is not None:
+            position_ids = position_ids.expand(batch_size, -1)
+        elif document_ids is None:
             position_ids = idx.unsqueeze(0).expand(batch_size, -1)
-        else:  # positions restart where a packed example starts
+        else:
             starts = torch.ones_like(document_ids, dtype=torch.bool)
             starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
             position_ids = idx - torch.where(starts, idx, 0).cummax(dim=1).values
         dtype = self.model.model.embed_tokens.weight.dtype
         with torch.no_grad():
-            probe = torch.empty(0, device=input_ids.device, dtype=dtype)
+            probe = torch.empty(0, device=device, dtype=dtype)
             position_embeddings = self.model.model.rotary_emb(probe, position_ids)
         kinds = {_layer_type(self.model.config, i) for i in range(len(self.model.model.layers))}
-        masks = {kind: self._attention_mask(kind, attention_mask, document_ids, seq_len, input_ids.device, dtype)
+        masks = {kind: self._attention_mask(kind, attention_mask, document_ids, seq_len, device, dtype)
                  for kind in kinds}
         return dict(position_ids=position_ids, position_embeddings=position_embeddings, masks=masks)
 

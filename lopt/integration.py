@@ -1,0 +1,231 @@
+"""LoPT inside any trainer: ``lopt.apply(model)``, then the Hugging Face Trainer, TRL or a hand-written loop.
+
+The stop-gradient at each boundary means a lower block's backward needs nothing from above it, so it can
+run during the forward. After ``apply``, a training-mode forward with grad enabled runs, for each lower
+block: its layers, its reconstruction loss and that loss's backward (lower weights get their gradients
+there and then), and hands the detached output on. The upper block runs as usual and the model returns
+its normal output (logits, and a loss when given labels): the caller's ``loss.backward()`` reaches the
+upper block only. A trainer that calls ``model(**batch)`` and ``loss.backward()`` so gets the LoPT step and
+its memory (lower blocks' activations die at their boundary) without knowing it. Under ``torch.no_grad()``,
+in eval mode and in ``generate`` the forward is the model's own.
+
+How the reconstruction loss is scaled, since its backward ran before the trainer scales the task loss:
+
+- given ``num_items_in_batch`` (the Hugging Face Trainer and TRL's SFTTrainer pass the optimizer step's
+  label-token count for causal LMs with labels; the model then sums its cross-entropy and divides by it),
+  each micro-batch's mean reconstruction loss is weighted by its share of those tokens,
+  ``label tokens in this micro-batch / num_items_in_batch``;
+- otherwise (no labels, e.g. GRPO, which divides its policy loss by the accumulation count itself):
+  ``1 / gradient_accumulation_steps``, set by ``apply`` or by ``LoPTCallback`` from the trainer's args.
+
+``LoPTModel.train_step`` weights each micro-batch's reconstruction loss by its share of the step's
+*positions*; the two agree whenever label tokens are the same fraction of positions in every micro-batch
+(always with one micro-batch per step).
+
+The decoders sit in the model as ``lopt_decoders`` so optimizers, ``.to()`` and DDP see them, and are
+listed in ``_keys_to_ignore_on_save``: ``save_pretrained`` writes a plain checkpoint. ``LoPTCallback``
+also keeps them in the Trainer's checkpoints (``lopt_decoders.safetensors``) and loads them on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+
+from .model import IGNORE_INDEX, LoPTModel
+
+DECODERS = "lopt_decoders"
+DECODERS_FILE = "lopt_decoders.safetensors"
+
+
+def apply(
+    model: nn.Module,
+    num_blocks: int = 2,
+    lambda_aux: float = 10.0,
+    *,
+    recompute: str = "none",
+    kernels: bool | None = None,
+    gradient_accumulation_steps: int = 1,
+) -> LoPTModel:
+    """Make ``model`` (a Llama / Qwen2 / Qwen3 / Mistral causal LM, or a PEFT model around one) train with
+    LoPT, in place. Returns the engine: ``.aux_decoders``, ``.lower_parameters()``, ``.param_groups()``,
+    ``.train_step()``. ``remove(model)`` undoes it."""
+    hf_model = _causal_lm(model)
+    if DECODERS in hf_model._modules:
+        raise ValueError("LoPT is already applied to this model; lopt.remove(model) first to change its settings")
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    engine = LoPTModel(hf_model, num_blocks=num_blocks, lambda_aux=lambda_aux, recompute=recompute, kernels=kernels)
+    engine.gradient_accumulation_steps = gradient_accumulation_steps
+    engine.aux_losses_since_log = None  # a list once LoPTCallback logs them
+    hf_model.add_module(DECODERS, engine.aux_decoders)
+    hf_model.__dict__["_lopt"] = engine  # a plain attribute: the engine holds the model, not the reverse
+    hf_model.__dict__["_lopt_ignored_on_save"] = hf_model._keys_to_ignore_on_save
+    hf_model._keys_to_ignore_on_save = set(hf_model._keys_to_ignore_on_save or ()) | {
+        f"{DECODERS}.{k}" for k in engine.aux_decoders.state_dict()}
+    hf_model.forward = _causal_lm_forward(engine, hf_model.forward)
+    hf_model.model.forward = _decoder_forward(engine, hf_model.model.forward)
+    return engine
+
+
+def remove(model: nn.Module) -> None:
+    """Undo ``apply``: the model's own forward again and no decoders (untied embeddings stay untied)."""
+    hf_model = _causal_lm(model)
+    engine = hf_model.__dict__.pop("_lopt", None)
+    if engine is None:
+        raise ValueError("LoPT is not applied to this model")
+    del hf_model._modules[DECODERS]
+    hf_model._keys_to_ignore_on_save = hf_model.__dict__.pop("_lopt_ignored_on_save")
+    del hf_model.forward, hf_model.model.forward  # the class's forwards show through again
+    if engine.kernels:
+        import lopt_kernels
+
+        lopt_kernels.unpatch(hf_model)
+
+
+def engine_of(model: nn.Module) -> LoPTModel:
+    """The engine ``apply`` attached to ``model`` (or to the causal LM inside it)."""
+    engine = _causal_lm(model).__dict__.get("_lopt")
+    if engine is None:
+        raise ValueError("LoPT is not applied to this model: call lopt.apply(model) first")
+    return engine
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM itself: unwraps DDP / torch.compile / PEFT wrappers."""
+    for attr in ("module", "_orig_mod"):
+        while hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
+            model = getattr(model, attr)
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
+    return model
+
+
+def _training(engine: LoPTModel) -> bool:
+    return torch.is_grad_enabled() and engine.model.training and engine.num_blocks > 1
+
+
+def _causal_lm_forward(engine: LoPTModel, forward):
+    """Around the causal LM's forward: work out this micro-batch's weight for the reconstruction loss."""
+
+    def lopt_forward(*args, **kwargs):
+        if not _training(engine):
+            return forward(*args, **kwargs)
+        labels, num_items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
+        if labels is not None and num_items is not None:  # the task loss is sum(CE) / num_items
+            tokens = (labels[..., 1:] != IGNORE_INDEX).sum()
+            engine.aux_scale = tokens / torch.as_tensor(num_items, device=tokens.device).clamp(min=1)
+        else:  # the trainer divides the task loss by the accumulation count
+            engine.aux_scale = 1.0 / engine.gradient_accumulation_steps
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            del engine.aux_scale
+
+    return lopt_forward
+
+
+def _decoder_forward(engine: LoPTModel, forward):
+    """The decoder stack's forward in training: lower blocks with their local backward, then the upper block."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    def lopt_forward(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
+                     **kwargs):
+        if not _training(engine):
+            return forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("LoPT's training forward starts from the first token: it takes no filled cache "
+                             "(generate under torch.no_grad() or in eval mode)")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("LoPT's training forward takes a [batch, seq] attention_mask (1 = real token), "
+                             f"got {attention_mask.dim()} dimensions")
+        hidden = engine.model.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        document_ids = None
+        if position_ids is not None and attention_mask is None:  # packed rows: positions restart per example
+            document_ids = (position_ids == 0).cumsum(dim=-1).expand(hidden.shape[:2])
+        layer_inputs = engine._layer_inputs(hidden.shape[:2], hidden.device, attention_mask, document_ids,
+                                            position_ids)
+        positions = attention_mask.bool() if attention_mask is not None else None
+        scale = getattr(engine, "aux_scale", 1.0 / engine.gradient_accumulation_steps)
+        hidden, aux_losses = engine.lower_blocks(hidden, layer_inputs, positions, aux_weight=scale)
+        if engine.aux_losses_since_log is not None:
+            engine.aux_losses_since_log.append(torch.stack(aux_losses).mean())
+        hidden = engine.model.model.norm(engine._run_block(engine.num_blocks - 1, hidden, layer_inputs))
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+    return lopt_forward
+
+
+def save_decoders(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the decoders (and the settings they belong to) to ``directory/lopt_decoders.safetensors``."""
+    from safetensors.torch import save_file
+
+    engine = engine_of(model)
+    state = {k: v.detach().contiguous().cpu() for k, v in engine.aux_decoders.state_dict().items()}
+    settings = dict(num_blocks=engine.num_blocks, lambda_aux=engine.lambda_aux, block_ranges=engine.block_ranges)
+    save_file(state, os.path.join(directory, DECODERS_FILE), metadata={"lopt": json.dumps(settings)})
+
+
+def load_decoders(model: nn.Module, directory: str | os.PathLike) -> bool:
+    """Load decoders written by ``save_decoders``; False when ``directory`` has none."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, DECODERS_FILE)
+    if not os.path.isfile(path):
+        return False
+    engine = engine_of(model)
+    with safe_open(path, "pt") as f:
+        settings = json.loads(f.metadata()["lopt"])
+    if settings["block_ranges"] != [list(r) for r in engine.block_ranges]:
+        raise ValueError(f"{path} holds decoders for blocks {settings['block_ranges']}, "
+                         f"this model is split as {engine.block_ranges}")
+    engine.aux_decoders.load_state_dict(load_file(path))
+    return True
+
+
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class LoPTCallback(_trainer_callback_base()):
+    """For the Hugging Face Trainer and TRL: logs ``aux_loss``, takes the accumulation count from the
+    trainer's args, and keeps the decoders in checkpoints (saved beside them, loaded on resume)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.engine = engine_of(model)
+        self.engine.aux_losses_since_log = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.engine.gradient_accumulation_steps = args.gradient_accumulation_steps
+        if state.global_step > 0:  # resumed: the Trainer names its checkpoints checkpoint-<step>
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if not load_decoders(self.model, checkpoint):
+                warnings.warn(f"LoPT: resumed at step {state.global_step} but {checkpoint} holds no "
+                              f"{DECODERS_FILE}; the reconstruction decoders restart from their initial weights")
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if args.should_save and os.path.isdir(checkpoint):
+            save_decoders(self.model, checkpoint)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        losses = self.engine.aux_losses_since_log
+        if logs is None or not losses or "loss" not in logs:
+            return
+        aux_loss = torch.stack(losses).float().mean().item()
+        losses.clear()
+        # ``loss`` is the task loss (what the model returns); the objective adds lambda * aux.
+        extra = dict(task_loss=logs["loss"], aux_loss=round(aux_loss, 6))
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
