@@ -29,8 +29,10 @@ also keeps them in the Trainer's checkpoints (``lopt_decoders.safetensors``) and
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import types
 import warnings
 
 import torch
@@ -63,12 +65,14 @@ def apply(
     engine.gradient_accumulation_steps = gradient_accumulation_steps
     engine.aux_losses_since_log = None  # a list once LoPTCallback logs them
     hf_model.add_module(DECODERS, engine.aux_decoders)
-    hf_model.__dict__["_lopt"] = engine  # a plain attribute: the engine holds the model, not the reverse
+    # Plain attributes (the engine holds the model, not the reverse) and bound methods, so a deepcopy of
+    # the model (TRL's reference model, for one) gets its own engine and forwards.
+    hf_model.__dict__["_lopt"] = hf_model.model.__dict__["_lopt"] = engine
     hf_model.__dict__["_lopt_ignored_on_save"] = hf_model._keys_to_ignore_on_save
     hf_model._keys_to_ignore_on_save = set(hf_model._keys_to_ignore_on_save or ()) | {
         f"{DECODERS}.{k}" for k in engine.aux_decoders.state_dict()}
-    hf_model.forward = _causal_lm_forward(engine, hf_model.forward)
-    hf_model.model.forward = _decoder_forward(engine, hf_model.model.forward)
+    hf_model.forward = _bound(_causal_lm_forward, hf_model)
+    hf_model.model.forward = _bound(_decoder_forward, hf_model.model)
     return engine
 
 
@@ -80,7 +84,7 @@ def remove(model: nn.Module) -> None:
         raise ValueError("LoPT is not applied to this model")
     del hf_model._modules[DECODERS]
     hf_model._keys_to_ignore_on_save = hf_model.__dict__.pop("_lopt_ignored_on_save")
-    del hf_model.forward, hf_model.model.forward  # the class's forwards show through again
+    del hf_model.forward, hf_model.model.forward, hf_model.model.__dict__["_lopt"]  # the class's forwards again
     if engine.kernels:
         import lopt_kernels
 
@@ -105,61 +109,66 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
+def _bound(fn, module: nn.Module):
+    """``fn`` as ``module``'s forward, showing the class forward's signature: the Trainer reads it to keep
+    the dataset columns the model takes and to decide whether to pass ``num_items_in_batch``."""
+
+    @functools.wraps(type(module).forward)
+    def forward(self, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+    return types.MethodType(forward, module)
+
+
 def _training(engine: LoPTModel) -> bool:
     return torch.is_grad_enabled() and engine.model.training and engine.num_blocks > 1
 
 
-def _causal_lm_forward(engine: LoPTModel, forward):
-    """Around the causal LM's forward: work out this micro-batch's weight for the reconstruction loss."""
-
-    def lopt_forward(*args, **kwargs):
-        if not _training(engine):
-            return forward(*args, **kwargs)
-        labels, num_items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
-        if labels is not None and num_items is not None:  # the task loss is sum(CE) / num_items
-            tokens = (labels[..., 1:] != IGNORE_INDEX).sum()
-            engine.aux_scale = tokens / torch.as_tensor(num_items, device=tokens.device).clamp(min=1)
-        else:  # the trainer divides the task loss by the accumulation count
-            engine.aux_scale = 1.0 / engine.gradient_accumulation_steps
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            del engine.aux_scale
-
-    return lopt_forward
+def _causal_lm_forward(self, *args, **kwargs):
+    """The causal LM's forward, which first works out this micro-batch's weight for the reconstruction loss."""
+    engine = self.__dict__["_lopt"]
+    if not _training(engine):
+        return type(self).forward(self, *args, **kwargs)
+    labels, num_items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
+    if labels is not None and num_items is not None:  # the task loss is sum(CE) / num_items
+        tokens = (labels[..., 1:] != IGNORE_INDEX).sum()
+        engine.aux_scale = tokens / torch.as_tensor(num_items, device=tokens.device).clamp(min=1)
+    else:  # the trainer divides the task loss by the accumulation count
+        engine.aux_scale = 1.0 / engine.gradient_accumulation_steps
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        del engine.aux_scale
 
 
-def _decoder_forward(engine: LoPTModel, forward):
-    """The decoder stack's forward in training: lower blocks with their local backward, then the upper block."""
+def _decoder_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                     use_cache=None, **kwargs):
+    """The decoder stack's forward; in training: lower blocks with their local backward, then the upper block."""
+    engine = self.__dict__["_lopt"]
+    if not _training(engine):
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
-    def lopt_forward(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
-                     **kwargs):
-        if not _training(engine):
-            return forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError("LoPT's training forward starts from the first token: it takes no filled cache "
-                             "(generate under torch.no_grad() or in eval mode)")
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("LoPT's training forward takes a [batch, seq] attention_mask (1 = real token), "
-                             f"got {attention_mask.dim()} dimensions")
-        hidden = engine.model.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        document_ids = None
-        if position_ids is not None and attention_mask is None:  # packed rows: positions restart per example
-            document_ids = (position_ids == 0).cumsum(dim=-1).expand(hidden.shape[:2])
-        layer_inputs = engine._layer_inputs(hidden.shape[:2], hidden.device, attention_mask, document_ids,
-                                            position_ids)
-        positions = attention_mask.bool() if attention_mask is not None else None
-        scale = getattr(engine, "aux_scale", 1.0 / engine.gradient_accumulation_steps)
-        hidden, aux_losses = engine.lower_blocks(hidden, layer_inputs, positions, aux_weight=scale)
-        if engine.aux_losses_since_log is not None:
-            engine.aux_losses_since_log.append(torch.stack(aux_losses).mean())
-        hidden = engine.model.model.norm(engine._run_block(engine.num_blocks - 1, hidden, layer_inputs))
-        return BaseModelOutputWithPast(last_hidden_state=hidden)
-
-    return lopt_forward
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError("LoPT's training forward starts from the first token: it takes no filled cache "
+                         "(generate under torch.no_grad() or in eval mode)")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError("LoPT's training forward takes a [batch, seq] attention_mask (1 = real token), "
+                         f"got {attention_mask.dim()} dimensions")
+    hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    document_ids = None
+    if position_ids is not None and attention_mask is None:  # packed rows: positions restart per example
+        document_ids = (position_ids == 0).cumsum(dim=-1).expand(hidden.shape[:2])
+    layer_inputs = engine._layer_inputs(hidden.shape[:2], hidden.device, attention_mask, document_ids, position_ids)
+    positions = attention_mask.bool() if attention_mask is not None else None
+    scale = getattr(engine, "aux_scale", 1.0 / engine.gradient_accumulation_steps)
+    hidden, aux_losses = engine.lower_blocks(hidden, layer_inputs, positions, aux_weight=scale)
+    if engine.aux_losses_since_log is not None:
+        engine.aux_losses_since_log.append(torch.stack(aux_losses).mean())
+    hidden = self.norm(engine._run_block(engine.num_blocks - 1, hidden, layer_inputs))
+    return BaseModelOutputWithPast(last_hidden_state=hidden)
 
 
 def save_decoders(model: nn.Module, directory: str | os.PathLike) -> None:
