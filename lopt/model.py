@@ -262,21 +262,14 @@ class LoPTModel(nn.Module):
         """
         aux_losses = []
         for b, decoder in enumerate(self.aux_decoders):
-            block_input = hidden.detach()
             if aux_weight is None:
                 block_output = self._run_block(b, hidden, layer_inputs)
-                aux_losses.append(decoder.recon_loss(block_output, block_input, positions, fused=self.kernels))
+                aux_losses.append(decoder.recon_loss(block_output, hidden.detach(), positions, fused=self.kernels))
                 hidden = block_output.detach()
                 continue
-            # Lower block b: forward, local loss, backward now. Its saved activations are freed here,
-            # before block b+1 allocates its own; only the detached output crosses the boundary.
-            with self.boundary.block(keep=[hidden]):
-                block_output = self._run_block(b, hidden, layer_inputs)
-                aux = decoder.recon_loss(block_output, block_input, positions, fused=self.kernels)
-                if aux.requires_grad:
-                    (aux * (aux_weight * self.lambda_aux / (self.num_blocks - 1))).backward()
-                hidden = block_output.detach()
-            aux_losses.append(aux.detach())
+            block_input = hidden.detach()
+            hidden, aux = self._local_step(b, hidden, layer_inputs, positions, aux_weight)
+            aux_losses.append(aux)
             if on_boundary is not None:
                 on_boundary(b)
             if boundary == "fresh":  # block b has stepped: hand on what its updated weights compute
@@ -286,6 +279,78 @@ class LoPTModel(nn.Module):
                     hidden = self._run_block(b, block_input, layer_inputs)
             del block_input  # not held through the next block's step
         return hidden, aux_losses
+
+    def _local_step(self, b: int, hidden, layer_inputs, positions, aux_weight):
+        """Lower block b: forward, reconstruction loss and its backward (times ``aux_weight * lambda / (k-1)``)
+        now. The block's saved activations are freed here, before the next block allocates its own; only
+        the detached output crosses the boundary. Returns it and the loss, detached."""
+        block_input = hidden.detach()
+        with self.boundary.block(keep=[hidden]):
+            block_output = self._run_block(b, hidden, layer_inputs)
+            aux = self.aux_decoders[b].recon_loss(block_output, block_input, positions, fused=self.kernels)
+            if aux.requires_grad:
+                (aux * (aux_weight * self.lambda_aux / (self.num_blocks - 1))).backward()
+        return block_output.detach(), aux.detach()
+
+    def sequential_step(self, micro_batches, on_block_done: Callable[[int], None] | None = None,
+                        boundary: str = "stale", loss_scale: float = 1.0) -> StepOutput:
+        """All of one optimizer step's micro-batches, one block at a time.
+
+        Block b runs every micro-batch (forward, its loss, backward) before block b+1 starts, and
+        ``on_block_done(b)`` (lower blocks) can step block b and free its gradients there: only one block's
+        gradients need to exist at a time, with any number of micro-batches. The price is the stash: each
+        micro-batch's detached boundary activations, kept until the next block has used them.
+
+        ``boundary="stale"``: each block sees the weights and inputs ``train_step`` would, so the gradients
+        equal ``train_step``'s over the same micro-batches with their totals. ``"fresh"``: after block b's
+        step its outputs are recomputed under no_grad with the updated weights (block 0: from the updated
+        embeddings), the paper's described schedule with gradient accumulation. The last block is left
+        for the caller to step. Returns the token-weighted task loss and the position-weighted aux loss.
+        """
+        if boundary not in BOUNDARIES:
+            raise ValueError(f"boundary must be one of {', '.join(BOUNDARIES)}, got {boundary!r}")
+        if boundary == "fresh" and on_block_done is None and self.num_blocks > 1:
+            raise ValueError("boundary='fresh' recomputes each lower block after its update: pass an on_block_done "
+                             "that steps the block's optimizer")
+        parts = [self._unpack(mb) for mb in micro_batches]
+        tokens = [(labels != IGNORE_INDEX).sum() for _, _, labels, _ in parts]
+        positions = [torch.tensor(ids.numel(), device=ids.device) if mask is None else mask.sum()
+                     for ids, mask, _, _ in parts]
+        total_tokens, total_positions = sum(tokens), sum(positions)
+        layer_inputs = [self._layer_inputs(ids.shape, ids.device, mask, docs) for ids, mask, _, docs in parts]
+        masks = [None if mask is None else mask.bool() for _, mask, _, _ in parts]
+
+        stash = [None] * len(parts)  # each micro-batch's input to the current block (None: the embeddings)
+        aux_loss = 0.0
+        for b in range(self.num_blocks - 1):
+            inputs, stash, aux_b = stash, [None] * len(parts), 0.0
+            for i, (input_ids, *_) in enumerate(parts):
+                hidden = self.model.model.embed_tokens(input_ids) if b == 0 else inputs[i]
+                weight = _share(positions[i], total_positions)
+                stash[i], aux = self._local_step(b, hidden, layer_inputs[i], masks[i], loss_scale * weight)
+                aux_b = aux_b + aux * weight
+            aux_loss = aux_loss + aux_b / (self.num_blocks - 1)
+            if on_block_done is not None:
+                on_block_done(b)
+            if boundary == "fresh":
+                with torch.no_grad():
+                    stash = [self._run_block(b, self.model.model.embed_tokens(ids) if b == 0 else inputs[i],
+                                             layer_inputs[i]) for i, (ids, *_) in enumerate(parts)]
+            del inputs  # block b's inputs are not held through block b+1
+
+        task_loss = 0.0
+        for i, (input_ids, _, labels, _) in enumerate(parts):
+            hidden = self.model.model.embed_tokens(input_ids) if self.num_blocks == 1 else stash[i]
+            stash[i] = None
+            block_output = self._run_block(self.num_blocks - 1, hidden, layer_inputs[i])
+            task = self._task_loss(self.model.model.norm(block_output), labels)
+            weight = _share(tokens[i], total_tokens)
+            if task.requires_grad:
+                (task * (loss_scale * weight)).backward()
+            task_loss = task_loss + task.detach() * weight
+        task_loss = torch.as_tensor(task_loss)
+        aux_loss = torch.as_tensor(aux_loss, device=task_loss.device, dtype=task_loss.dtype)
+        return StepOutput(task_loss + self.lambda_aux * aux_loss, task_loss, aux_loss, total_tokens)
 
     def lopt_loss(self, task_loss, aux_losses):
         """The objective's formula, its one definition: ``(task + lambda_aux * mean_b(aux_b), task, mean aux)``."""
