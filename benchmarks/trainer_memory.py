@@ -30,44 +30,11 @@ SHAPES = {
 }
 
 
-class SavedActivationPeak:
-    """Live bytes of what autograd saves for backward (parameters excluded), and their peak."""
-
-    def __init__(self, model):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.live: dict[int, list] = {}
-        self.current = self.peak = 0
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved[0])
-
-    def _pack(self, t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in self.params or t.untyped_storage().nbytes() == 0:
-            return (t,)
-        entry = self.live.setdefault(ptr, [t.untyped_storage().nbytes(), 0])
-        if entry[1] == 0:
-            self.current += entry[0]
-            self.peak = max(self.peak, self.current)
-        entry[1] += 1
-        return (t, _Release(self, ptr))
-
-
-class _Release:
-    def __init__(self, meter, ptr):
-        self.meter, self.ptr = meter, ptr
-
-    def __del__(self):
-        entry = self.meter.live[self.ptr]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.meter.current -= entry[0]
-            del self.meter.live[self.ptr]
-
-
 def one_step(shape: str, num_blocks: int, batch_size: int, seq_len: int) -> dict:
     from transformers import Trainer, TrainingArguments
 
     import lopt
-    from benchmarks.e2e.bytecount import ByteCounter, tensors_of
+    from benchmarks.e2e.bytecount import ByteCounter, SavedActivationPeak, tensors_of
     from lopt.configs import build_model, tiny_config
 
     model = build_model(tiny_config("llama", **SHAPES[shape]))

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import lopt
 from lopt.configs import build_model, tiny_config
+from benchmarks.e2e.bytecount import SavedActivationPeak
 from lopt.model import split_layers
 
 FAMILIES = {"llama": False, "qwen2": True, "qwen3": False, "mistral": False}  # family -> tied embeddings
@@ -157,53 +158,12 @@ def test_gradient_accumulation_equals_the_large_batch():
         assert rel_err(g, large[name]) <= 1e-5, name
 
 
-class SavedActivationMeter:
-    """Counts the bytes of activations autograd holds for backward (parameters excluded), and their peak."""
-
-    def __init__(self, model):
-        self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.live = {}  # storage pointer -> [bytes, number of saved references]
-        self.current = self.peak = 0
-
-    def pack(self, tensor):
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in self.param_ptrs or tensor.untyped_storage().nbytes() == 0:
-            return tensor
-        return _Saved(self, tensor, ptr)
-
-    def unpack(self, saved):
-        return saved.tensor if isinstance(saved, _Saved) else saved
-
-    def add(self, ptr, nbytes):
-        entry = self.live.setdefault(ptr, [nbytes, 0])
-        if entry[1] == 0:
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-        entry[1] += 1
-
-    def remove(self, ptr):
-        entry = self.live[ptr]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.live[ptr]
-
-
-class _Saved:
-    def __init__(self, meter, tensor, ptr):
-        self.meter, self.tensor, self.ptr = meter, tensor, ptr
-        meter.add(ptr, tensor.untyped_storage().nbytes())
-
-    def __del__(self):
-        self.meter.remove(self.ptr)
-
-
 def peak_saved_bytes(num_blocks, schedule="train_step"):
     config = tiny_config("llama", hidden_size=128, num_hidden_layers=8, vocab_size=64)
     m = lopt.LoPTModel(build_model(config), num_blocks=num_blocks, kernels=False)
     batch = padded_batch(config.vocab_size, batch_size=4, seq_len=64)
-    meter = SavedActivationMeter(m)
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+    meter = SavedActivationPeak(m)
+    with meter.hooks:
         if schedule == "train_step":
             m.train_step(batch)
         else:

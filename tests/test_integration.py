@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 import lopt
 from lopt.configs import build_model, tiny_config
 from lopt.integration import DECODERS_FILE, engine_of
-from test_engine import FAMILIES, SavedActivationMeter, padded_batch
+from benchmarks.e2e.bytecount import SavedActivationPeak
+from test_engine import FAMILIES, padded_batch
 
 BLOCKS = 2
 
@@ -283,8 +284,8 @@ def test_trainer_saved_activation_peak_is_at_most_0_6_of_plain(tmp_path):
         trainer = Trainer(model=hf, args=trainer_args(tmp_path, per_device_train_batch_size=4),
                           train_dataset=Rows(config.vocab_size, seq_len=64))
         batch = next(iter(trainer.get_train_dataloader()))
-        meter = SavedActivationMeter(hf)
-        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        meter = SavedActivationPeak(hf)
+        with meter.hooks:
             trainer.training_step(hf, batch, num_items_in_batch=label_count(batch))
         assert meter.current == 0
         return meter.peak

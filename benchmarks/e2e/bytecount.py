@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["ByteCounter", "saved_tensor_bytes", "tensors_of", "unique_bytes"]
+__all__ = ["ByteCounter", "SavedActivationPeak", "saved_tensor_bytes", "tensors_of", "unique_bytes"]
 
 
 class ByteCounter(TorchDispatchMode):
@@ -123,3 +123,36 @@ class saved_tensor_bytes:
     def __exit__(self, *exc):
         self.shared_bytes = sum(n for k, n in self._seen.items() if k in self._shared)
         return self._hooks.__exit__(*exc)
+
+
+class SavedActivationPeak:
+    """Live bytes of what autograd saves for backward (parameters excluded), and their peak."""
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.live: dict[int, list] = {}
+        self.current = self.peak = 0
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved[0])
+
+    def _pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in self.params or t.untyped_storage().nbytes() == 0:
+            return (t,)
+        entry = self.live.setdefault(ptr, [t.untyped_storage().nbytes(), 0])
+        if entry[1] == 0:
+            self.current += entry[0]
+            self.peak = max(self.peak, self.current)
+        entry[1] += 1
+        return (t, _Release(self, ptr))
+
+
+class _Release:
+    def __init__(self, meter, ptr):
+        self.meter, self.ptr = meter, ptr
+
+    def __del__(self):
+        entry = self.meter.live[self.ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.meter.current -= entry[0]
+            del self.meter.live[self.ptr]
