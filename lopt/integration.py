@@ -11,16 +11,20 @@ in eval mode and in ``generate`` the forward is the model's own.
 
 How the reconstruction loss is scaled, since its backward ran before the trainer scales the task loss:
 
-- given ``num_items_in_batch`` (the Hugging Face Trainer and TRL's SFTTrainer pass the optimizer step's
-  label-token count for causal LMs with labels; the model then sums its cross-entropy and divides by it),
+- given ``labels`` and ``num_items_in_batch`` (the Hugging Face Trainer passes the optimizer step's
+  label-token count to causal LMs with labels; the model then sums its cross-entropy and divides by it),
   each micro-batch's mean reconstruction loss is weighted by its share of those tokens,
   ``label tokens in this micro-batch / num_items_in_batch``;
-- otherwise (no labels, e.g. GRPO, which divides its policy loss by the accumulation count itself):
-  ``1 / gradient_accumulation_steps``, set by ``apply`` or by ``LoPTCallback`` from the trainer's args.
+- otherwise ``1 / gradient_accumulation_steps``, set by ``apply`` or by ``LoPTCallback`` from the
+  trainer's args. That is TRL 1.16's case: SFTTrainer and GRPOTrainer call the model through TRL's fused
+  head with no token count and normalise their loss themselves (SFT by the step's label tokens, GRPO's
+  default ``dapo`` by its completion tokens), so micro-batches are weighted equally here. The two agree
+  when micro-batches hold equal numbers of label tokens (packed rows of one length nearly do). In a
+  window cut short at an epoch's end the Trainer divides by the window's length, LoPT by the full count.
 
 ``LoPTModel.train_step`` weights each micro-batch's reconstruction loss by its share of the step's
-*positions*; the two agree whenever label tokens are the same fraction of positions in every micro-batch
-(always with one micro-batch per step).
+*positions*; with ``num_items_in_batch`` the two agree whenever label tokens are the same fraction of
+positions in every micro-batch (always with one micro-batch per step).
 
 The decoders sit in the model as ``lopt_decoders`` so optimizers, ``.to()`` and DDP see them, and are
 listed in ``_keys_to_ignore_on_save``: ``save_pretrained`` writes a plain checkpoint. ``LoPTCallback``
@@ -55,7 +59,8 @@ def apply(
 ) -> LoPTModel:
     """Make ``model`` (a Llama / Qwen2 / Qwen3 / Mistral causal LM, or a PEFT model around one) train with
     LoPT, in place. Returns the engine: ``.aux_decoders``, ``.lower_parameters()``, ``.param_groups()``,
-    ``.train_step()``. ``remove(model)`` undoes it."""
+    ``.train_step()``. ``remove(model)`` undoes it. With PEFT, apply to the model ``get_peft_model`` returns:
+    applied before it, PEFT freezes the decoders."""
     hf_model = _causal_lm(model)
     if DECODERS in hf_model._modules:
         raise ValueError("LoPT is already applied to this model; lopt.remove(model) first to change its settings")
@@ -71,7 +76,10 @@ def apply(
     hf_model.__dict__["_lopt_ignored_on_save"] = hf_model._keys_to_ignore_on_save
     hf_model._keys_to_ignore_on_save = set(hf_model._keys_to_ignore_on_save or ()) | {
         f"{DECODERS}.{k}" for k in engine.aux_decoders.state_dict()}
-    hf_model.forward = _bound(_causal_lm_forward, hf_model)
+    # Hooks, not a new forward, on the causal LM: they run whatever forward is installed (TRL's fused head
+    # replaces it and calls the decoder stack itself).
+    engine.hooks = [hf_model.register_forward_pre_hook(_weigh_local_loss, with_kwargs=True),
+                    hf_model.register_forward_hook(_forget_weight, always_call=True)]
     hf_model.model.forward = _bound(_decoder_forward, hf_model.model)
     return engine
 
@@ -84,7 +92,9 @@ def remove(model: nn.Module) -> None:
         raise ValueError("LoPT is not applied to this model")
     del hf_model._modules[DECODERS]
     hf_model._keys_to_ignore_on_save = hf_model.__dict__.pop("_lopt_ignored_on_save")
-    del hf_model.forward, hf_model.model.forward, hf_model.model.__dict__["_lopt"]  # the class's forwards again
+    for hook in engine.hooks:
+        hook.remove()
+    del hf_model.model.forward, hf_model.model.__dict__["_lopt"]  # the class's forward again
     if engine.kernels:
         import lopt_kernels
 
@@ -124,21 +134,21 @@ def _training(engine: LoPTModel) -> bool:
     return torch.is_grad_enabled() and engine.model.training and engine.num_blocks > 1
 
 
-def _causal_lm_forward(self, *args, **kwargs):
-    """The causal LM's forward, which first works out this micro-batch's weight for the reconstruction loss."""
-    engine = self.__dict__["_lopt"]
+def _weigh_local_loss(module, args, kwargs):
+    """Before the causal LM's forward: this micro-batch's weight for the reconstruction loss."""
+    engine = module.__dict__["_lopt"]
     if not _training(engine):
-        return type(self).forward(self, *args, **kwargs)
+        return
     labels, num_items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
     if labels is not None and num_items is not None:  # the task loss is sum(CE) / num_items
         tokens = (labels[..., 1:] != IGNORE_INDEX).sum()
         engine.aux_scale = tokens / torch.as_tensor(num_items, device=tokens.device).clamp(min=1)
     else:  # the trainer divides the task loss by the accumulation count
         engine.aux_scale = 1.0 / engine.gradient_accumulation_steps
-    try:
-        return type(self).forward(self, *args, **kwargs)
-    finally:
-        del engine.aux_scale
+
+
+def _forget_weight(module, args, output):
+    module.__dict__["_lopt"].__dict__.pop("aux_scale", None)
 
 
 def _decoder_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
@@ -157,6 +167,7 @@ def _decoder_forward(self, input_ids=None, attention_mask=None, position_ids=Non
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("LoPT's training forward takes a [batch, seq] attention_mask (1 = real token), "
                          f"got {attention_mask.dim()} dimensions")
+    _check_decoders_learn(engine)
     hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     document_ids = None
     if position_ids is not None and attention_mask is None:  # packed rows: positions restart per example
@@ -169,6 +180,18 @@ def _decoder_forward(self, input_ids=None, attention_mask=None, position_ids=Non
         engine.aux_losses_since_log.append(torch.stack(aux_losses).mean())
     hidden = self.norm(engine._run_block(engine.num_blocks - 1, hidden, layer_inputs))
     return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+
+def _check_decoders_learn(engine: LoPTModel) -> None:
+    """Refuse decoders that cannot learn while a lower block does: run after ``apply``, PEFT's ``get_peft_model``
+    freezes every parameter it did not add, the decoders too, and ``all-linear`` wraps their linears."""
+    decoders = engine.aux_decoders
+    wrapped = any(type(m).__module__.startswith("peft.") for m in decoders.modules())
+    frozen = not all(p.requires_grad for p in decoders.parameters())
+    if wrapped or (frozen and any(p.requires_grad for p in engine.lower_parameters())):
+        raise ValueError("LoPT's reconstruction decoders are frozen or wrapped in adapters while the lower blocks "
+                         "train (PEFT does that when get_peft_model runs after lopt.apply): call "
+                         "lopt.apply(peft_model) after get_peft_model")
 
 
 def save_decoders(model: nn.Module, directory: str | os.PathLike) -> None:

@@ -162,7 +162,6 @@ class LoPTModel(nn.Module):
             kernels = param.device.type == "cuda" and lopt_kernels.current_backend(param.device) == "triton"
         self.kernels = bool(kernels)
         if self.kernels:
-            lopt_kernels.lm_head_weight(hf_model.lm_head)  # raises on a LoRA-adapted head
             lopt_kernels.patch(hf_model)
         self.boundary = BoundaryMemory(boundary_memory)
         self._apply_recompute()
@@ -421,6 +420,10 @@ class LoPTModel(nn.Module):
 
     def _run_block(self, b: int, hidden, layer_inputs):
         start, end = self.block_ranges[b]
+        if torch.is_grad_enabled() and not hidden.requires_grad and _checkpoints(self.model.model.layers[start]):
+            # A reentrant checkpoint (Hugging Face's, with use_reentrant=True) gives a layer's weights gradients
+            # only when its input requires grad; a detached boundary does not, and the block would not learn.
+            hidden = hidden.detach().requires_grad_()
         for i in range(start, end):
             out = self.model.model.layers[i](
                 hidden,
@@ -432,12 +435,19 @@ class LoPTModel(nn.Module):
         return hidden
 
     def _task_loss(self, normed_hidden, labels):
-        hidden = normed_hidden.reshape(-1, normed_hidden.shape[-1])
-        if self.kernels:
-            weight, bias = lopt_kernels.lm_head_weight(self.model.lm_head)
-            return lopt_kernels.linear_cross_entropy(hidden, weight, labels.reshape(-1), bias=bias)
+        """Mean cross-entropy over the label tokens. A plain linear head goes through the fused
+        linear_cross_entropy (or its reference); any other head (a LoRA adapter, a quantised linear) runs as
+        a module, so what it adds to the weight is never skipped, at the price of materialised logits."""
+        hidden, labels = normed_hidden.reshape(-1, normed_hidden.shape[-1]), labels.reshape(-1)
         head = self.model.lm_head
-        return lopt_kernels.linear_cross_entropy_reference(hidden, head.weight, labels.reshape(-1), bias=head.bias)
+        try:
+            weight, bias = lopt_kernels.lm_head_weight(head)
+        except ValueError:
+            logits = head(hidden).float()
+            losses = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+            return losses.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        op = lopt_kernels.linear_cross_entropy if self.kernels else lopt_kernels.linear_cross_entropy_reference
+        return op(hidden, weight, labels, bias=bias)
 
     def _apply_recompute(self):
         """Wrap layer (or MLP) forwards in activation checkpointing, per instance."""
@@ -504,6 +514,11 @@ class LoPTModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
         """A plain Hugging Face checkpoint: the decoders are dropped, the kernels' patches are not saved."""
         self.model.save_pretrained(directory, **kwargs)
+
+
+def _checkpoints(layer: nn.Module) -> bool:
+    """Whether Hugging Face's gradient checkpointing is on for this layer (``gradient_checkpointing_enable``)."""
+    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training
 
 
 def _layer_type(config, index: int) -> str:

@@ -52,7 +52,8 @@ def test_kernels_patch_the_model_and_save_plain_checkpoints(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, fused(ids), rtol=1e-5, atol=1e-5)
 
 
-def test_kernels_refuse_a_lora_head():
+@pytest.mark.parametrize("kernels", [False, True])
+def test_an_adapted_head_runs_as_a_module_never_skipped(kernels):
     config = tiny_config("llama", num_hidden_layers=2)
     hf = build_model(config)
 
@@ -64,9 +65,17 @@ def test_kernels_refuse_a_lora_head():
             self.lora_B = torch.nn.Linear(4, base.out_features, bias=False)
             self.weight = base.weight
 
+        def forward(self, x):
+            return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
     hf.lm_head = LoraLinear(hf.lm_head)
-    with pytest.raises(ValueError):
-        lopt.LoPTModel(hf, num_blocks=2, kernels=True)
+    m = lopt.LoPTModel(hf, num_blocks=2, kernels=kernels)
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        expected = hf(input_ids=ids, labels=ids).loss  # the model's own loss, through the adapter
+    out = m.train_step({"input_ids": ids})
+    torch.testing.assert_close(out.task_loss, expected, rtol=1e-5, atol=1e-6)
+    assert hf.lm_head.lora_A.weight.grad is not None and hf.lm_head.lora_B.weight.grad.abs().sum() > 0
 
 
 def test_thirty_steps_give_the_same_loss_curve():
