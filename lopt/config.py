@@ -19,7 +19,7 @@ from .loading import SMOLLM2, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, TINY
 
 OPTIMIZERS = ("adamw", "adamw-bf16", "adamw-8bit")
 RECOMPUTE = ("none", "full", "selective")
-RECIPES = ("8gb", "12gb", "16gb", "24gb")
+RECIPES = {"8gb": 8.0, "12gb": 12.0, "16gb": 16.0, "24gb": 24.0}  # card memory in GiB
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp32")
 BOUNDARIES = ("stale", "fresh")  # see LoPTModel.train_step

@@ -48,11 +48,16 @@ def tiny_config(
     return config
 
 
+def shipped_config_names() -> list[str]:
+    """The names of the shapes in ``lopt/model_configs/``, sorted."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS_DIR.glob("*.json"))
+
+
 def shipped_config(name: str) -> PretrainedConfig:
     """The config of a real checkpoint shipped in ``lopt/model_configs/<name>.json``."""
     path = SHIPPED_CONFIGS_DIR / f"{name}.json"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS_DIR.glob("*.json")))
+        known = ", ".join(shipped_config_names())
         raise ValueError(f"no shipped config named {name!r}; known: {known}")
     fields = json.loads(path.read_text())
     return AutoConfig.for_model(fields.pop("model_type"), **fields)

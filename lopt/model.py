@@ -22,10 +22,10 @@ import lopt_kernels
 from lopt_kernels.boundary import BoundaryMemory
 
 from .config import BOUNDARIES
+from .config import RECOMPUTE as RECOMPUTE_MODES
 from .configs import SUPPORTED_FAMILIES
 
 IGNORE_INDEX = -100
-RECOMPUTE_MODES = ("none", "full", "selective")
 
 
 class StepOutput(NamedTuple):

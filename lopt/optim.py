@@ -26,13 +26,6 @@ import lopt_kernels
 from .config import OPTIMIZERS
 from .errors import UsageError
 
-# Optimizer state in bytes per parameter, by optimizer and parameter dtype (for memory planning).
-STATE_BYTES = {
-    "adamw": {torch.float32: 8, torch.bfloat16: 12},
-    "adamw-bf16": {torch.float32: 4, torch.bfloat16: 4},
-    "adamw-8bit": {torch.float32: 2, torch.bfloat16: 2},
-}
-
 
 class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected) with moments stored in ``state_dtype``.

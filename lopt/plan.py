@@ -1,105 +1,14 @@
-"""The memory planner: what one LoPT training step needs on the GPU, and the recipe that fits a card.
+"""The memory planner: the fastest setting of a LoPT training step that fits a card.
 
-``estimate_memory`` predicts the peak of ``memory_allocated`` during one optimizer step of
-``LoPTModel.train_step`` (+ the trainer's optimizer) from the model's config alone; ``plan`` searches
-micro-batch, gradient accumulation, recomputation, optimizer and the early lower-block step for the
-fastest setting that fits a card; ``lopt plan`` prints it and ``lopt train --recipe`` applies it.
-
-How the bytes are counted
--------------------------
-Notation: ``s`` bytes per element of the parameter dtype (2 for bf16, 4 for fp32), ``N = batch * seq_len``
-tokens of a micro-batch, hidden size ``h``, ``H``/``Hkv`` query/key-value heads of size ``d``
-(``qd = H*d``, ``kvd = Hkv*d``), MLP width ``I``, vocabulary ``V``, decoder width ``h/4``.
-
-Persistent (``memory_allocated()`` just before a step): the parameters (the lm_head is untied under
-LoPT, so it adds ``V*h``; plus the ``k-1`` auxiliary decoders) and the optimizer state
-(``lopt.optim.STATE_BYTES``: ``adamw`` 12 B per bf16 parameter = fp32 moments + fp32 master, 8 B per
-fp32 one; ``adamw-bf16`` 4 B; ``adamw-8bit`` 2 B + one fp32 absmax per 256 values per moment for
-tensors of >= 4096 values, 8 B for the smaller ones; ``torch-adamw``, what the benchmark runs for
-every method: two moments in the parameter dtype, ``2*s``). Gradients have the parameter dtype; they
-are persistent too when gradients accumulate over micro-batches.
-
-Activations saved for backward, per token and per decoder layer, derived op by op from the Hugging
-Face Llama/Qwen2/Qwen3/Mistral layer with SDPA in its flash / memory-efficient form (no ``T^2``
-tensor: what CUDA runs in bf16 without padding, and what the CPU runs too: torch's CPU flash kernel):
-
-- RMSNorm (twice): the fp32 copy of its input that ``x.to(float32)`` makes (the input itself when it
-  is fp32 already: ``4h`` either way), the fp32 ``rstd`` (4), the normalised row cast back (``s*h``) and
-  the weighted output that the next linear saves (``s*h``): ``4h + 4 + 2sh``.
-- Attention: RoPE saves only cos/sin (shared by all layers, counted once); SDPA saves the rotated
-  q and k, v, its output (which is also o_proj's input: ``transpose(1, 2).contiguous()`` of flash's
-  output is a no-op) and the fp32 log-sum-exp: ``s*(2qd + 2kvd) + 4H``. Qwen3's per-head q/k norms add
-  ``(4 + s)*(qd + kvd) + 4*(H + Hkv)``. With padding (an explicit mask) k and v are repeated to H
-  heads before SDPA: ``s*4qd + 4H``, plus the ``[B, 1, T, T]`` mask once.
-- MLP: gate, silu(gate), up and their product (down_proj's input): ``4sI``.
-
-With ``kernels`` (lopt_kernels.patch): the fused RMSNorm saves its input and rstd (``2sh + 4`` with the
-output), the fused SwiGLU saves gate and up (``3sI`` with the product), the fused RoPE cos/sin only.
-
-Per recomputation mode (``torch.utils.checkpoint``, non-reentrant, as ``LoPTModel`` wraps it):
-
-- ``none``: all of the above, for every layer of the block.
-- ``selective`` (MLPs checkpointed): the MLP's ``4sI`` (``3sI``) is not kept (its input, the norm's
-  output, is kept by the checkpoint and already counted); during an MLP's backward its intermediates
-  are recomputed and live.
-- ``full`` (layers checkpointed): each layer keeps only its input, ``s*h``; during a layer's backward
-  that layer's ``none`` activations are recomputed and live.
-
-The backward of a layer needs a workspace on top of what it saved. Its peak is in the MLP: down_proj's
-backward frees the saved product as it creates its gradient, then the product's backward creates the
-gradients of silu(gate) and up at once (``2sI`` more than was saved), while the incoming ``[N, h]``
-gradient lives on for the residual branch (``sh``): ``2sI + sh`` per token. Of the layer's own
-parameter gradients only down_proj's exists by then.
-
-The head (final norm, lm_head, cross-entropy) of the last block:
-
-- kernels off (``linear_cross_entropy_reference``): the ``[N, V]`` logits (``sV``) are upcast to fp32
-  (``4V``) and log-softmaxed (``4V``, saved): ``8V`` per token at the forward's peak, ``4V`` kept; in the
-  backward the gradient of the log-probabilities (``4V``) and of the logits (``4V``) coexist with the
-  saved ``4V``: ``12V`` per token. Then the head's weight gradient ``V*h*s``.
-- kernels on (``linear_cross_entropy``): one reused logits block of ``lopt_kernels`` plan (~64 MiB in
-  bf16) and the fp32 log-sum-exp; in the backward an fp32 ``[N, h]`` accumulator, the weight gradient
-  and the block.
-
-The auxiliary decoder of a lower block (LayerNorm -> h/4 -> GELU -> h): kernels off it saves its
-input (the block output, counted with the boundary), LayerNorm's mean/rstd, its output, the ``h/4``
-pre-activation and activation and the fp32 residual: ``sh + 8 + 2s(h/4) + 4h``; its backward adds
-three fp32 ``[N, h]`` temporaries (the squared error's). Kernels on, the fused op keeps only the
-finished ``[N, h]`` gradient ``s*h`` (plus fp32 gradients of its own parameters), and chunk buffers
-while it runs.
-
-The boundary, while a block runs: its input (the previous block's detached output, or the
-embeddings) and its output, which ``train_step`` holds (``2sh`` per token), the rotary cos/sin
-(``2*s*d``), input ids and shifted labels (int64). Where a layer saves its input tensor itself (the
-first norm in fp32 or fused, a checkpointed layer) the block's first layer saves the boundary tensor,
-counted once. A block after the first starts from a detached tensor, so its first RMSNorm records no
-fp32 copy and no rstd.
-
-The step, phase by phase (``LoPTModel.train_step`` runs each lower block's forward and backward before
-the next block starts): the peak is the largest of
-
-- lower block b: persistent + the gradients still held (those of the blocks before it, none with
-  ``early_lower_step``, all with gradient accumulation) + boundary + its layers' activations + its
-  decoder's, then during the backward of its layers from the top, layer j: the remaining ``L-j``
-  layers' activations, the ``j`` finished layers' gradients, the recomputed layer, the workspace;
-- the last block: the same with the head's forward and backward peaks, then the head's gradient held
-  through the layers' backward;
-- the optimizer step: persistent + all gradients + the optimizer's temporaries for its largest
-  tensor. ``lopt.optim.AdamW`` on the GPU runs lopt_kernels' fused step, which makes none; its
-  PyTorch reference (``fused_optimizer=False``) works tensor by tensor: the fp32 gradient, ``sqrt`` and
-  the division, 12 B per value for ``adamw`` on bf16; 20 B for ``adamw-bf16``'s stochastic rounding.
-  ``torch-adamw`` on CUDA runs foreach: one ``sqrt`` of the whole parameter group's second moment.
-
-All sizes are exact byte counts of tensors; the CUDA caching allocator rounds blocks up (512 B) and
-fragments, which ``plan`` covers with a safety margin. ``tests/test_plan.py`` checks the activation,
-parameter, gradient and optimizer terms and the whole step's peak against bytes counted on the CPU.
+``plan`` searches micro-batch, gradient accumulation, recomputation, optimizer and the early lower-block
+step, pricing each setting with ``lopt.memory_model.estimate_memory``; ``lopt plan`` prints the result
+and ``lopt train --recipe`` applies it (``apply_recipe``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib.util
 import json
 import math
@@ -107,16 +16,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
-from lopt_kernels.adamw import STEP_CHUNK_ELEMENTS
-
-from .model import split_layers
-
-GiB = 1 << 30
-RECOMPUTE_MODES = ("none", "selective", "full")
-OPTIMIZERS = ("adamw", "adamw-bf16", "adamw-8bit", "torch-adamw")
-PLAN_OPTIMIZERS = ("adamw", "adamw-bf16", "adamw-8bit")  # what ``lopt train --optimizer`` offers
-RECIPES = {"8gb": 8.0, "12gb": 12.0, "16gb": 16.0, "24gb": 24.0}
+from .config import (
+    MAX_BATCH,
+    MAX_COUNT,
+    MAX_GPU_MEM_GB,
+    MAX_SEQ_LEN,
+    OPTIMIZERS,
+    RECIPES,
+    RECOMPUTE,
+    check_int,
+    check_number,
+)
+from .configs import SHIPPED_CONFIGS_DIR, shipped_config, shipped_config_names
+from .errors import UsageError
+from .loading import TINY, load_config, resolve_model
+from .memory_model import GiB, MemoryEstimate, dtype_bytes, estimate_memory, model_shape
 
 # What the plan keeps free: a fraction for the caching allocator's rounding and fragmentation, and
 # what the CUDA context and libraries take on a real card outside PyTorch's allocator.
@@ -128,120 +44,14 @@ OPTIMIZER_PREFERENCE = {"adamw": 1.0, "adamw-bf16": 0.97, "adamw-8bit": 0.95, "t
 EARLY_STEP_PREFERENCE = 0.99  # per-block clipping: a small change of the arithmetic, used when it helps
 TOKENS_HALF_SPEED = 1024  # a micro-batch of this many tokens runs at about half the GPU's best rate
 
-BNB_MIN_8BIT_SIZE = 4096
-BNB_BLOCK = 256
 
-
-# ---------------------------------------------------------------------------------------------- shapes
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the arithmetic needs of a decoder-only model, with its exact parameter counts."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    qk_norm: bool
-    embed_params: int
-    layer_params: tuple[int, ...]  # per decoder layer
-    largest_layer_tensor: int
-    final_norm_params: int
-    head_params: int  # the lm_head as its own matrix (LoPT unties it from the embeddings for k >= 2)
-    tied: bool  # the checkpoint ties lm_head to the embeddings
-    name: str = ""
-
-    @property
-    def qd(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kvd(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    @property
-    def decoder_params(self) -> int:
-        h, d = self.hidden, self.hidden // 4
-        return 2 * h + h * d + d + d * h + h  # LayerNorm, fc1, fc2 (with biases)
-
-    def decoder_tensors(self) -> list[int]:
-        h, d = self.hidden, self.hidden // 4
-        return [h, h, h * d, d, d * h, h]
-
-    def own_head(self, num_blocks: int) -> bool:
-        """Whether the head is a matrix of its own: untied, or untied by LoPT (k >= 2; k = 1 keeps the tie)."""
-        return not self.tied or num_blocks > 1
-
-    def total_params(self, num_blocks: int, *, untie: bool | None = None) -> int:
-        own = self.own_head(num_blocks) if untie is None else (untie or not self.tied)
-        head = self.head_params if own else 0
-        return (self.embed_params + sum(self.layer_params) + self.final_norm_params + head
-                + (num_blocks - 1) * self.decoder_params)
-
-
-@functools.lru_cache(maxsize=32)
-def _shape_from_json(config_json: str, name: str) -> ModelShape:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = json.loads(config_json)
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.tie_weights()  # transformers 5.0 leaves a model built on the meta device untied until asked
-    decoder = model.model
-    layers = decoder.layers
-    layer_params = tuple(sum(p.numel() for p in layer.parameters()) for layer in layers)
-    largest_layer_tensor = max(p.numel() for layer in layers for p in layer.parameters())
-    head = model.lm_head.weight
-    tied = head is decoder.embed_tokens.weight
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return ModelShape(
-        hidden=text.hidden_size,
-        intermediate=text.intermediate_size,
-        layers=len(layers),
-        heads=heads,
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        vocab=text.vocab_size,
-        qk_norm=hasattr(layers[0].self_attn, "q_norm"),
-        embed_params=sum(p.numel() for p in decoder.embed_tokens.parameters()),
-        layer_params=layer_params,
-        largest_layer_tensor=largest_layer_tensor,
-        final_norm_params=sum(p.numel() for p in decoder.norm.parameters()),
-        head_params=sum(p.numel() for p in model.lm_head.parameters()),
-        tied=tied,
-        name=name,
-    )
-
-
-def model_shape(config) -> ModelShape:
-    """The ``ModelShape`` of a transformers config (counted on the meta device; cached)."""
-    if isinstance(config, ModelShape):
-        return config
-    fields = config.to_dict()
-    fields["model_type"] = config.model_type
-    for key in ("_attn_implementation_autoset", "transformers_version", "dtype", "torch_dtype"):
-        fields.pop(key, None)
-    name = getattr(config, "name_or_path", "") or config.model_type
-    return _shape_from_json(json.dumps(fields, sort_keys=True, default=str), name)
+# ---------------------------------------------------------------------------------------------- the model
 
 
 def load_model_config(spec: str):
     """A transformers config from a shipped config name (``llama-3.2-1b``), a ``config.json`` path, or
     anything ``lopt train --model`` takes (a checkpoint directory, a ``.gguf`` file, ``smollm2-135m-instruct``,
     ``tiny``, a hub id already in the local cache; see ``lopt.loading``)."""
-    from transformers import AutoConfig
-
-    from .configs import SHIPPED_CONFIGS_DIR, shipped_config
-    from .errors import UsageError
-    from .loading import load_config, resolve_model
-
     if (SHIPPED_CONFIGS_DIR / f"{spec}.json").is_file():
         config = shipped_config(spec)
         config.name_or_path = spec
@@ -266,415 +76,18 @@ def load_model_config(spec: str):
         return AutoConfig.from_pretrained(spec, local_files_only=True)
     except (OSError, ValueError):
         pass
-    known = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS_DIR.glob("*.json")))
+    known = ", ".join(shipped_config_names())
     raise UsageError(f"--model {spec}: not a checkpoint directory, a config.json or a shipped config ({known}), "
                      "nor a hub id in the local cache")
 
 
 def trainable_model(spec: str) -> bool:
     """Whether ``lopt train --model spec`` can load weights from ``spec`` (a shipped shape or a config.json cannot)."""
-    from .errors import UsageError
-    from .loading import resolve_model
-
     try:
         resolve_model(spec)
     except UsageError:
         return False
     return not Path(spec).is_file() or Path(spec).suffix == ".gguf"
-
-
-def _dtype_bytes(dtype) -> int:
-    if isinstance(dtype, str):
-        dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                 "fp32": torch.float32, "float32": torch.float32}[dtype]
-    return torch.empty(0, dtype=dtype).element_size()
-
-
-# ---------------------------------------------------------------------------------------------- per-token terms
-
-
-def layer_activation_bytes(shape: ModelShape, s: int, *, kernels: bool, padded: bool = False) -> dict[str, int]:
-    """Bytes per token one decoder layer saves for backward without recomputation, by part."""
-    h, I, H, Hkv = shape.hidden, shape.intermediate, shape.heads, shape.kv_heads
-    qd, kvd = shape.qd, shape.kvd
-    if kernels:
-        norm = 2 * s * h + 4
-        mlp = 3 * s * I
-        qk_norm = s * (qd + kvd) + 4 * (H + Hkv) if shape.qk_norm else 0
-    else:
-        norm = 4 * h + 4 + 2 * s * h
-        mlp = 4 * s * I
-        qk_norm = (4 + s) * (qd + kvd) + 4 * (H + Hkv) if shape.qk_norm else 0
-    attn = s * 4 * qd + 4 * H if padded else s * (2 * qd + 2 * kvd) + 4 * H
-    return {"norms": 2 * norm, "attention": attn + qk_norm, "mlp": mlp}
-
-
-def saved_per_layer(shape: ModelShape, s: int, recompute: str, *, kernels: bool, padded: bool = False) -> int:
-    """Bytes per token a layer keeps from its forward to its backward under ``recompute``."""
-    parts = layer_activation_bytes(shape, s, kernels=kernels, padded=padded)
-    if recompute == "none":
-        return sum(parts.values())
-    if recompute == "selective":
-        return parts["norms"] + parts["attention"]
-    if recompute == "full":
-        return s * shape.hidden
-    raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {recompute!r}")
-
-
-def input_saved_per_layer(shape: ModelShape, s: int, recompute: str, *, kernels: bool) -> int:
-    """Bytes per token of a layer's saved activations that are its input tensor itself.
-
-    The first RMSNorm saves its input where it is used as is: the fused norm always, HF's when the
-    input is fp32 already (``x.to(float32)`` is then a no-op); a checkpointed layer keeps its input.
-    For a block's first layer that tensor is the block input, counted with the boundary tensors.
-    """
-    return s * shape.hidden if (recompute == "full" or kernels or s == 4) else 0
-
-
-def recomputed_per_layer(shape: ModelShape, s: int, recompute: str, *, kernels: bool, padded: bool = False) -> int:
-    """Bytes per token recomputed and live during one layer's backward (beyond what the layer kept)."""
-    parts = layer_activation_bytes(shape, s, kernels=kernels, padded=padded)
-    if recompute == "full":
-        return sum(parts.values()) - input_saved_per_layer(shape, s, "none", kernels=kernels)
-    return {"none": 0, "selective": parts["mlp"]}[recompute]
-
-
-def backward_workspace_per_layer(shape: ModelShape, s: int) -> int:
-    """Bytes per token of gradients live at once inside a layer's backward (MLP's, residual stream's)."""
-    return 2 * s * shape.intermediate + s * shape.hidden
-
-
-def _lce_block_elements(n_tokens: int, vocab: int) -> int:
-    """Elements of ``lopt_kernels.linear_cross_entropy``'s reused logits block (its ``_plan``)."""
-    try:
-        from lopt_kernels.linear_cross_entropy import _plan
-    except ImportError:  # the same plan, in case the kernels package is not importable
-        def _plan(n, v):
-            block_vocab = max(4096, (1 << 25) // max(n, 1))
-            block_vocab = min(v, -(-block_vocab // 128) * 128)
-            return max(1, min(n, (1 << 26) // block_vocab)), block_vocab
-    block_tokens, block_vocab = _plan(n_tokens, vocab)
-    return block_tokens * block_vocab
-
-
-def _recon_chunk_tokens(hidden: int) -> int:
-    try:
-        from lopt_kernels.recon_loss import _chunk_tokens
-    except ImportError:
-        return max(256, (1 << 20) // hidden)
-    return _chunk_tokens(hidden)
-
-
-def optimizer_state_bytes(optimizer: str, numels: list[int], s: int) -> int:
-    """Optimizer state of tensors with these sizes, parameters of ``s`` bytes per value."""
-    total = sum(numels)
-    if optimizer == "adamw":
-        return total * (8 if s == 4 else 12)
-    if optimizer == "adamw-bf16":
-        return total * 4
-    if optimizer == "torch-adamw":
-        return total * 2 * s
-    if optimizer == "adamw-8bit":
-        out = 0
-        for n in numels:
-            out += 2 * (n + 4 * math.ceil(n / BNB_BLOCK)) if n >= BNB_MIN_8BIT_SIZE else 8 * n
-        return out
-    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-
-
-def optimizer_step_temp_bytes(optimizer: str, largest_tensor: int, largest_group: int, s: int, *,
-                              foreach: bool, previous_tensor: int = 0, fused: bool = True) -> int:
-    """Temporaries of one optimizer step at its largest tensor.
-
-    ``fused``: ``lopt.optim.AdamW`` runs lopt_kernels' fused step (the GPU), which makes none. Its
-    reference goes tensor by tensor; its locals (``denom``) keep the previous tensor's denominator
-    alive while the next one's is computed (``previous_tensor``: the size of that one).
-    """
-    if optimizer in ("adamw", "adamw-bf16"):
-        if fused:
-            return 0
-        # the reference updates large tensors piece by piece
-        largest_tensor = min(largest_tensor, STEP_CHUNK_ELEMENTS)
-        previous_tensor = min(previous_tensor, STEP_CHUNK_ELEMENTS)
-    n, prev = largest_tensor, previous_tensor
-    if optimizer == "adamw":
-        return n * (12 if s < 4 else 8) + 4 * prev  # fp32 grad copy (bf16 only), sqrt, division
-    if optimizer == "adamw-bf16":
-        # fp32 weight copy, denominator, stochastic rounding's noise and sums (bf16); sqrt, division (fp32)
-        return n * 20 if s < 4 else n * 8 + 4 * prev + 2 * n
-    if optimizer == "adamw-8bit":
-        return 0
-    if optimizer == "torch-adamw":
-        return largest_group * s if foreach else 2 * n * s + prev * s
-    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-
-
-# ---------------------------------------------------------------------------------------------- the estimate
-
-PARTS = ("parameters", "optimizer_state", "gradients", "activations", "recompute", "workspace", "boundary",
-         "head", "decoders", "optimizer_step")
-PART_LABELS = {
-    "parameters": "parameters",
-    "optimizer_state": "optimizer state",
-    "gradients": "gradients (live)",
-    "activations": "activations (saved)",
-    "recompute": "recomputed layer",
-    "workspace": "backward workspace",
-    "boundary": "boundary tensors",
-    "head": "head / logits",
-    "decoders": "aux decoder",
-    "optimizer_step": "optimizer temporaries",
-}
-
-
-@dataclass
-class MemoryEstimate:
-    """Predicted bytes of one training step. ``breakdown`` sums to ``peak`` (the parts live at the peak)."""
-
-    peak: int
-    persistent: int
-    peak_phase: str
-    breakdown: dict[str, int]
-    phases: dict[str, int]
-    parameters: int
-    gradients: int  # all gradients, as after the backward
-    optimizer_state: int
-    block_activations: int  # saved activations of the largest block (``recompute`` applied)
-    boundary: int
-    head_peak: int  # the head's largest transient (logits without kernels)
-    decoders: int  # the decoder's saved activations in a lower block
-    activations_per_block: list[int] = field(default_factory=list)  # saved by each block's layers
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def transient(self) -> int:
-        return self.peak - self.persistent
-
-    def gb(self, part: str = "peak") -> float:
-        return getattr(self, part) / GiB
-
-    def as_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["transient"] = self.transient
-        return out
-
-    def table(self) -> str:
-        rows = [(PART_LABELS[p], self.breakdown.get(p, 0)) for p in PARTS if self.breakdown.get(p, 0)]
-        width = max(len(label) for label, _ in rows + [("predicted peak", 0)])
-        lines = [f"  {label:<{width}}  {n / GiB:8.3f} GiB" for label, n in rows]
-        lines.append(f"  {'-' * width}  {'-' * 12}")
-        lines.append(f"  {'predicted peak':<{width}}  {self.peak / GiB:8.3f} GiB   (during: {self.peak_phase})")
-        lines.append(f"  {'  persistent':<{width}}  {self.persistent / GiB:8.3f} GiB   (parameters + optimizer state)")
-        lines.append(f"  {'  transient':<{width}}  {self.transient / GiB:8.3f} GiB")
-        lines.append("")
-        lines.append("  totals: parameters {:.3f}, gradients {:.3f}, optimizer state {:.3f}, activations of the largest "
-                     "block {:.3f}, head/logits peak {:.3f}, aux decoder {:.3f}, boundary {:.3f} GiB".format(
-                         self.parameters / GiB, self.gradients / GiB, self.optimizer_state / GiB,
-                         self.block_activations / GiB, self.head_peak / GiB, self.decoders / GiB, self.boundary / GiB))
-        lines.append("  peak of each phase of the step:")
-        for name, total in self.phases.items():
-            mark = "  <- peak" if name == self.peak_phase else ""
-            lines.append(f"    {name:<{width + 12}} {total / GiB:8.3f} GiB{mark}")
-        return "\n".join(lines)
-
-
-def estimate_memory(
-    config,
-    *,
-    seq_len: int,
-    batch_size: int,
-    num_blocks: int = 2,
-    recompute: str = "none",
-    optimizer: str = "adamw",
-    kernels: bool = True,
-    early_lower_step: bool = False,
-    grad_accum: int = 1,
-    dtype=torch.bfloat16,
-    padded: bool = False,
-    foreach: bool = True,
-    fused_optimizer: bool = True,
-) -> MemoryEstimate:
-    """Predict the memory of one optimizer step of LoPT training (see the module docstring).
-
-    ``config``: a transformers config (or a ``ModelShape``). ``dtype``: the parameters' (bf16 on the
-    GPU). ``kernels``: lopt_kernels' fused ops (patch, fused head and decoder loss) or the PyTorch
-    reference path. ``padded``: batches with padding (an explicit attention mask). ``foreach``: only
-    for ``torch-adamw`` (its default on CUDA). ``fused_optimizer``: lopt's AdamW runs lopt_kernels' fused
-    step (what runs on CUDA) rather than its PyTorch reference. Returns bytes.
-    """
-    shape = model_shape(config)
-    s = _dtype_bytes(dtype)
-    if recompute not in RECOMPUTE_MODES:
-        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {recompute!r}")
-    if not 1 <= num_blocks <= shape.layers:
-        raise ValueError(f"num_blocks must be between 1 and {shape.layers}, got {num_blocks}")
-    if early_lower_step and grad_accum > 1:
-        raise ValueError("early_lower_step needs grad_accum == 1")
-    k = num_blocks
-    N = batch_size * seq_len
-    h, V = shape.hidden, shape.vocab
-    ranges = split_layers(shape.layers, k)
-
-    # ---- parameters, gradients, optimizer state
-    dec_tensors = shape.decoder_tensors()
-    layer_numels = list(shape.layer_params)
-    n_params = shape.total_params(k)
-    params = n_params * s
-    grad_layer = [n * s for n in layer_numels]
-    grad_embed = shape.embed_params * s
-    grad_dec = shape.decoder_params * s
-    head_params = shape.head_params if shape.own_head(k) else 0  # a tied head is the embeddings' matrix
-    grad_upper_fixed = (head_params + shape.final_norm_params) * s
-    grads_all = n_params * s
-    # 8-bit state needs the tensor sizes: layers' big matrices are >= 4096 values, their norms are not
-    sizes = [shape.embed_params, head_params, shape.final_norm_params] + (k - 1) * dec_tensors
-    norm_values = 2 * h + (2 * shape.head_dim if shape.qk_norm else 0)
-    for n in layer_numels:
-        sizes += [n - norm_values, h, h] + ([shape.head_dim, shape.head_dim] if shape.qk_norm else [])
-    opt_state = optimizer_state_bytes(optimizer, sizes, s)
-    persistent = params + opt_state
-    largest_tensor = max(shape.embed_params, shape.head_params, shape.largest_layer_tensor)
-    lower_numel = (shape.embed_params + sum(layer_numels[: ranges[-1][0]]) + (k - 1) * shape.decoder_params) if k > 1 else 0
-    upper_numel = n_params - lower_numel
-    opt_temp_all = optimizer_step_temp_bytes(optimizer, largest_tensor, max(lower_numel, upper_numel), s,
-                                             foreach=foreach, fused=fused_optimizer,
-                                             previous_tensor=shape.largest_layer_tensor)
-
-    # ---- per-token terms
-    saved_tok = saved_per_layer(shape, s, recompute, kernels=kernels, padded=padded)
-    recompute_tok = recomputed_per_layer(shape, s, recompute, kernels=kernels, padded=padded)
-    workspace_tok = backward_workspace_per_layer(shape, s)
-    input_tok = input_saved_per_layer(shape, s, recompute, kernels=kernels)
-    down_proj_grad = shape.hidden * shape.intermediate * s
-    d = h // 4
-    # during a block: its input and its output (train_step holds both), rotary cos/sin, ids and labels
-    boundary = N * (2 * s * h + 2 * s * shape.head_dim + 2 * 8)
-    boundary_end = boundary - N * s * h
-    if padded:
-        boundary += batch_size * seq_len * seq_len * s
-    # the final norm's saved tensors besides the block output (counted with the boundary)
-    norm_tok = (s * h + 4) if kernels else ((4 * h if s < 4 else 0) + 4 + 2 * s * h)
-    if kernels:
-        dec_saved = N * s * h + shape.decoder_params * 4
-        chunk = min(N, _recon_chunk_tokens(h))
-        dec_fwd_peak = dec_saved + chunk * (2 * h + 2 * d) * s + N * s * h  # buffers + the result being scaled
-        dec_bwd_peak = dec_saved + N * s * h
-        block = _lce_block_elements(N, V)
-        head_saved = N * 4 * 3  # lse, loss, target
-        head_fwd_peak = head_saved + block * s
-        head_bwd_peak = head_saved + block * s + N * 4 * h + shape.head_params * s + N * s * h
-    else:
-        dec_saved = N * (s * h + 8 + 2 * s * d + 4 * h)  # its input is the block output (boundary)
-        dec_fwd_peak = dec_saved + N * (s * h + 4 * h)  # y and its fp32 copy before the residual
-        dec_bwd_peak = dec_saved + N * 12 * h  # the squared error's backward: three fp32 [N, h] temporaries
-        head_saved = N * 4 * V
-        head_fwd_peak = N * 8 * V
-        head_bwd_peak = N * 12 * V
-
-    # ---- phases
-    phases: dict[str, dict[str, int]] = {}
-
-    def add(name, **parts):
-        base = {"parameters": params, "optimizer_state": opt_state}
-        base.update({key: value for key, value in parts.items() if value})
-        phases[name] = base
-
-    def held_grads(b: int) -> int:
-        """Gradients alive when block b starts."""
-        if grad_accum > 1:
-            return grads_all
-        if early_lower_step or b == 0:
-            return 0
-        held = grad_embed + b * grad_dec + sum(grad_layer[: ranges[b][0]])
-        return held
-
-    def layers_backward(b, extra_grads, fixed):
-        """Peak over the backward of block b's layers, top layer first (at each one's MLP backward)."""
-        start, end = ranges[b]
-        L = end - start
-        best = None
-        acc_grads = 0
-        for j in range(L):
-            layer = end - 1 - j
-            live_acts = ((L - j) * saved_tok - input_tok - (detached_tok if b > 0 else 0)) * N
-            at_peak = down_proj_grad  # with accumulation: the fresh one, before it is added to .grad
-            total = dict(
-                gradients=extra_grads + acc_grads + at_peak,
-                activations=live_acts,
-                recompute=recompute_tok * N,
-                workspace=workspace_tok * N,
-                **fixed,
-            )
-            if best is None or sum(total.values()) > sum(best.values()):
-                best = total
-            acc_grads += 0 if grad_accum > 1 else grad_layer[layer]
-        return best
-
-    # Blocks after the first start from a detached tensor: their first RMSNorm records no fp32 copy
-    # and no rstd (nothing upstream needs its gradient); the fused norm saves its rstd regardless.
-    detached_tok = 0 if (kernels or recompute == "full") else (4 * h if s < 4 else 0) + 4
-    block_acts = [((end - start) * saved_tok - input_tok - (detached_tok if b > 0 else 0)) * N
-                  for b, (start, end) in enumerate(ranges)]
-    for b in range(k - 1):
-        held = held_grads(b)
-        add(f"block {b} forward", gradients=held, boundary=boundary, activations=block_acts[b], decoders=dec_fwd_peak)
-        add(f"block {b} decoder backward", gradients=held, boundary=boundary, activations=block_acts[b],
-            decoders=dec_bwd_peak)
-        dec_grads = 0 if grad_accum > 1 else grad_dec
-        add(f"block {b} backward", **layers_backward(b, held + dec_grads, {"boundary": boundary}))
-        block_grads = 0 if grad_accum > 1 else sum(grad_layer[ranges[b][0]: ranges[b][1]]) + dec_grads
-        embed = 0 if b > 0 else grad_embed  # with accumulation: the fresh one, before it is added
-        add(f"block {b} end", gradients=held + block_grads + embed, boundary=boundary_end)
-        if early_lower_step:
-            largest = max(shape.largest_layer_tensor, shape.embed_params if b == 0 else 0)
-            temp = optimizer_step_temp_bytes(optimizer, largest, (block_grads + embed) // s, s, foreach=foreach,
-                                             fused=fused_optimizer,
-                                             previous_tensor=shape.largest_layer_tensor)
-            add(f"block {b} early optimizer step", gradients=block_grads + embed, boundary=boundary_end,
-                optimizer_step=temp)
-
-    last = k - 1
-    held = held_grads(last)
-    final_norm = N * norm_tok
-    add("last block forward + head", gradients=held, boundary=boundary,
-        activations=block_acts[last] + final_norm, head=head_fwd_peak)
-    add("head backward", gradients=held, boundary=boundary, activations=block_acts[last] + final_norm,
-        head=head_bwd_peak)
-    head_grads = 0 if grad_accum > 1 else grad_upper_fixed
-    add("last block backward", **layers_backward(last, held + head_grads, {"boundary": boundary}))
-    embed_at_end = grad_embed if (k == 1 and grad_accum == 1) else 0
-    remaining = grads_all if not early_lower_step else grads_all - (grad_embed + (k - 1) * grad_dec
-                                                                     + sum(grad_layer[: ranges[last][0]]))
-    add("last block end", gradients=held + head_grads + sum(grad_layer[ranges[last][0]:]) * (grad_accum == 1)
-        + embed_at_end, boundary=boundary_end)
-    if early_lower_step:
-        last_temp = optimizer_step_temp_bytes(optimizer, max(shape.head_params, shape.largest_layer_tensor),
-                                              upper_numel, s, foreach=foreach, fused=fused_optimizer,
-                                              previous_tensor=shape.largest_layer_tensor)
-    else:
-        last_temp = opt_temp_all
-    add("optimizer step", gradients=remaining, optimizer_step=last_temp)
-
-    totals = {name: sum(parts.values()) for name, parts in phases.items()}
-    peak_phase = max(totals, key=totals.get)
-    return MemoryEstimate(
-        peak=totals[peak_phase],
-        persistent=persistent,
-        peak_phase=peak_phase,
-        breakdown=phases[peak_phase],
-        phases=totals,
-        parameters=params,
-        gradients=grads_all,
-        optimizer_state=opt_state,
-        block_activations=max(block_acts),
-        boundary=boundary,
-        head_peak=head_bwd_peak,
-        decoders=dec_saved if k > 1 else 0,
-        activations_per_block=block_acts,
-        settings=dict(seq_len=seq_len, batch_size=batch_size, num_blocks=k, recompute=recompute,
-                      optimizer=optimizer, kernels=kernels, early_lower_step=early_lower_step,
-                      grad_accum=grad_accum, dtype=str(dtype).replace("torch.", ""), padded=padded),
-    )
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -805,8 +218,8 @@ def plan(
     if examples_per_step is None:
         examples_per_step = max(1, round(tokens_per_step / seq_len))
     if optimizers is None:
-        optimizers = ("adamw", "adamw-bf16") + (("adamw-8bit",) if bitsandbytes_available() else ())
-    recompute_modes = recompute_modes or RECOMPUTE_MODES
+        optimizers = tuple(o for o in OPTIMIZERS if o != "adamw-8bit" or bitsandbytes_available())
+    recompute_modes = recompute_modes or RECOMPUTE
     if batch_sizes is None:
         batch_sizes = tuple(b for b in range(examples_per_step, 0, -1) if examples_per_step % b == 0)
     budget = usable_bytes(gpu_mem_gb, safety=safety, context_bytes=context_bytes)
@@ -831,7 +244,7 @@ def plan(
     fits = bool(fitting)
     best = fitting[0] if fits else min(candidates, key=lambda c: c["peak"])
     alternatives = [{k: v for k, v in c.items() if k != "estimate"} for c in fitting[1:6]]
-    dtype_name = "bf16" if _dtype_bytes(dtype) == 2 else "fp32"
+    dtype_name = "bf16" if dtype_bytes(dtype) == 2 else "fp32"
     return Plan(
         model=name or shape.name or "model",
         gpu_mem_gb=gpu_mem_gb,
@@ -860,10 +273,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--model", required=True, metavar="PATH_OR_NAME",
                         help="what `lopt train --model` takes (a checkpoint directory, a .gguf file, "
                              "smollm2-135m-instruct, tiny), a config.json, or a shipped shape: "
-                             "qwen2.5-0.5b, llama-3.2-1b, qwen2.5-1.5b, llama-3.2-3b")
+                             + ", ".join(shipped_config_names()))
     card = parser.add_mutually_exclusive_group(required=True)
     card.add_argument("--gpu-mem", type=float, metavar="GB", help="memory of the card in GiB (e.g. 24)")
-    card.add_argument("--recipe", choices=sorted(RECIPES, key=lambda r: RECIPES[r]),
+    card.add_argument("--recipe", choices=tuple(RECIPES),
                       help="a consumer card: 8gb, 12gb, 16gb or 24gb")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     parser.add_argument("--num-blocks", type=int, default=2, help="LoPT blocks (default 2)")
@@ -871,8 +284,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="tokens per optimizer step, split into micro-batches (default 16384)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="parameter dtype (default bf16)")
     parser.add_argument("--no-kernels", action="store_true", help="plan for the pure-PyTorch path (no lopt_kernels)")
-    parser.add_argument("--optimizer", choices=PLAN_OPTIMIZERS, help="fix the optimizer instead of choosing one")
-    parser.add_argument("--recompute", choices=RECOMPUTE_MODES, help="fix the recomputation instead of choosing one")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="fix the optimizer instead of choosing one")
+    parser.add_argument("--recompute", choices=RECOMPUTE, help="fix the recomputation instead of choosing one")
     parser.add_argument("--batch-size", type=int, help="fix the micro-batch instead of choosing one")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
@@ -880,8 +293,6 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def check_plan_args(args: argparse.Namespace):
     """``UsageError`` (one line) for a ``lopt plan`` flag value no plan can use; ``lopt train``'s bounds."""
-    from .config import MAX_BATCH, MAX_COUNT, MAX_GPU_MEM_GB, MAX_SEQ_LEN, check_int, check_number
-
     if args.gpu_mem is not None:
         check_number("--gpu-mem", args.gpu_mem, 0, MAX_GPU_MEM_GB, low_open=True)
     check_int("--seq-len", args.seq_len, 2, MAX_SEQ_LEN)
@@ -912,18 +323,8 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0 if result.fits else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .cli import Parser
-
-    parser = Parser(prog="lopt plan", description="Plan LoPT training for a GPU's memory.")
-    add_plan_arguments(parser)
-    return run_plan(parser.parse_args(argv))
-
-
 def _train_model_config(train_config):
     """The transformers config of the model ``lopt train`` would train (the embedded default's when none)."""
-    from .loading import TINY
-
     return load_model_config(train_config.model if train_config.model is not None else TINY)
 
 
@@ -936,8 +337,6 @@ def apply_recipe(config, recipe: str | None = None, gpu_mem: float | None = None
     memory and the speed, not what is learned. Sets ``batch_size``, ``grad_accum``, ``recompute``,
     ``optimizer`` and ``early_lower_step``. Raises ``UsageError`` when nothing fits.
     """
-    from .errors import UsageError
-
     if config.batch_size is None:  # the run's default, filled in as the trainer would
         config = dataclasses.replace(config, batch_size=config.resolved().batch_size)
     recipe = recipe if recipe is not None else getattr(config, "recipe", None)
@@ -966,6 +365,3 @@ def apply_recipe(config, recipe: str | None = None, gpu_mem: float | None = None
         optimizer=result.optimizer, early_lower_step=result.early_lower_step,
     )
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

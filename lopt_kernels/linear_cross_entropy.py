@@ -51,7 +51,7 @@ from .matmul import addmm_fp32_
 
 triton, tl = import_triton()  # stand-ins without Triton: current_backend() never picks it then
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "lm_head_weight"]
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "lm_head_weight", "logits_block_elements"]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -180,6 +180,12 @@ def _plan(n_tokens: int, vocab: int) -> tuple[int, int]:
     block_vocab = min(vocab, -(-block_vocab // _VOCAB_ALIGN) * _VOCAB_ALIGN)
     block_tokens = max(1, min(n_tokens, _MAX_BLOCK_ELEMENTS // block_vocab))
     return block_tokens, block_vocab
+
+
+def logits_block_elements(n_tokens: int, vocab: int) -> int:
+    """Elements of the one logits buffer the op allocates for ``n_tokens`` tokens over ``vocab``."""
+    block_tokens, block_vocab = _plan(n_tokens, vocab)
+    return block_tokens * block_vocab
 
 
 def _logits_block(buf: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

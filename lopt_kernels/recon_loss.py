@@ -46,7 +46,7 @@ from .matmul import addmm_fp32_
 
 triton, tl = import_triton()  # stand-ins without Triton: current_backend() never picks it then
 
-__all__ = ["recon_loss", "recon_loss_reference"]
+__all__ = ["recon_loss", "recon_loss_reference", "tokens_per_chunk"]
 
 # Tokens per chunk: as many as make a [chunk, h] buffer about this many elements (32 MiB in bf16).
 # Fewer, larger chunks keep the GEMMs efficient and the launches few; the working set stays
@@ -221,8 +221,9 @@ def _layer_norm_bwd_kernel(
 # Launcher
 
 
-def _chunk_tokens(n_cols: int) -> int:
-    return max(_MIN_CHUNK_TOKENS, CHUNK_ELEMENTS // n_cols)
+def tokens_per_chunk(hidden: int) -> int:
+    """Tokens per chunk of the fused op for rows of ``hidden`` columns."""
+    return max(_MIN_CHUNK_TOKENS, CHUNK_ELEMENTS // hidden)
 
 
 # Order of the gradient flags and of the gradients the fused op returns.
@@ -484,4 +485,4 @@ def recon_loss(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask=None, eps
     if not fused or current_backend(h_out.device) != "triton":
         return recon_loss_reference(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask, eps)
     _check_inputs(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask)
-    return _recon_loss_triton(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask, eps, _chunk_tokens(n_cols))
+    return _recon_loss_triton(h_out, target, ln_weight, ln_bias, w1, b1, w2, b2, mask, eps, tokens_per_chunk(n_cols))

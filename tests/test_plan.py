@@ -30,21 +30,17 @@ from benchmarks.e2e.bytecount import ByteCounter, saved_tensor_bytes, tensors_of
 from lopt import LoPTModel
 from lopt.configs import build_model, shipped_config, tiny_config
 from lopt_kernels import current_backend
-from lopt.optim import build_optimizer
-from lopt.plan import (
+from lopt.memory_model import (
     GiB,
-    add_plan_arguments,
-    apply_recipe,
     estimate_memory,
     input_saved_per_layer,
     model_shape,
     optimizer_state_bytes,
-    plan,
-    run_plan,
     saved_per_layer,
-    split_layers,
-    usable_bytes,
 )
+from lopt.model import split_layers
+from lopt.optim import build_optimizer
+from lopt.plan import add_plan_arguments, apply_recipe, plan, run_plan, usable_bytes
 
 ACT_TOL = 0.01
 PEAK_TOL = 0.03
@@ -52,11 +48,14 @@ PEAK_TOL = 0.03
 
 # ---------------------------------------------------------------------------------------------- shipped configs
 
-PUBLISHED = {  # parameters of the released checkpoints (tied embeddings), as their model cards state
-    "qwen2.5-0.5b": 0.49e9,
-    "llama-3.2-1b": 1.24e9,
-    "qwen2.5-1.5b": 1.54e9,
-    "llama-3.2-3b": 3.21e9,
+PUBLISHED = {  # parameters of the released checkpoints, as their model cards state, and whether the head is tied
+    "qwen2.5-0.5b": (0.49e9, True),
+    "llama-3.2-1b": (1.24e9, True),
+    "qwen2.5-1.5b": (1.54e9, True),
+    "llama-3.2-3b": (3.21e9, True),
+    "qwen3-4b": (4.02e9, True),  # the paper's models from here on
+    "qwen2.5-7b-instruct": (7.61e9, False),
+    "llama-3.1-8b-instruct": (8.03e9, False),
 }
 
 
@@ -64,24 +63,27 @@ PUBLISHED = {  # parameters of the released checkpoints (tied embeddings), as th
 def test_shipped_config_builds_with_published_size(name):
     from transformers import AutoModelForCausalLM
 
+    published, tied = PUBLISHED[name]
     config = shipped_config(name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # transformers 5.0 leaves a meta-device model untied until asked
     count = sum(p.numel() for p in model.parameters())
-    assert round(count / 1e9, 2) == pytest.approx(PUBLISHED[name] / 1e9, abs=0.006), count
-    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as released
+    assert count == pytest.approx(published, rel=0.01), count
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     shape = model_shape(config)
-    assert shape.total_params(1) == count  # one block is plain fine-tuning: the head stays tied
-    # Two or more blocks untie the head: one more V x h matrix (and a decoder per lower block)
-    assert shape.total_params(2) == count + config.vocab_size * config.hidden_size + shape.decoder_params
-    assert shape.total_params(1, untie=True) == count + config.vocab_size * config.hidden_size
+    assert shape.total_params(1) == count  # one block is plain fine-tuning: a tied head stays tied
+    # Two or more blocks untie a tied head: one more V x h matrix (and a decoder per lower block)
+    head = config.vocab_size * config.hidden_size if tied else 0
+    assert shape.total_params(2) == count + head + shape.decoder_params
+    assert shape.total_params(1, untie=True) == count + head
 
 
-def test_llama_3_2_rope_scaling_is_llama3():
-    config = shipped_config("llama-3.2-1b")
+@pytest.mark.parametrize("name,factor", [("llama-3.2-1b", 32.0), ("llama-3.1-8b-instruct", 8.0)])
+def test_llama_rope_scaling_is_llama3(name, factor):
+    config = shipped_config(name)
     rope = getattr(config, "rope_parameters", None) or config.rope_scaling
-    assert rope["rope_type"] == "llama3" and rope["factor"] == 32.0
+    assert rope["rope_type"] == "llama3" and rope["factor"] == factor
 
 
 # ---------------------------------------------------------------------------------------------- activations

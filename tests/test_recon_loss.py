@@ -338,7 +338,7 @@ def _bf16_check(shape, chunk_tokens):
 @pytest.mark.gpu
 @pytest.mark.parametrize("h", [1536, 2048, 4096])
 def test_gpu_bf16_no_worse_than_native_bf16(h):
-    _bf16_check((2, 1000, h), chunk_tokens=recon_module._chunk_tokens(h))  # one chunk
+    _bf16_check((2, 1000, h), chunk_tokens=recon_module.tokens_per_chunk(h))  # one chunk
     _bf16_check((2, 1000, h), chunk_tokens=384)  # six chunks, the last ragged
 
 

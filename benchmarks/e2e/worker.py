@@ -287,7 +287,7 @@ def run(spec: dict) -> dict:
         row["oom"] = True
         row["error"] = f"emulated cap: counted peak {max(peak_alloc) / GiB:.3f} GiB > {cap} GiB"
     if args["predict"] and method in ("lopt", "lopt+kernels"):
-        from lopt.plan import estimate_memory
+        from lopt.memory_model import estimate_memory
 
         est = estimate_memory(
             config, seq_len=seq_len, batch_size=batch_size, num_blocks=args["num_blocks"], recompute=args["recompute"],
