@@ -3,9 +3,14 @@
 ``lopt train`` maps its flags one to one onto ``TrainConfig`` (built from the dataclass's fields, so
 the two cannot drift apart) and calls ``lopt.train`` (``lopt/trainer.py``). ``lopt plan`` is ``lopt.plan``'s.
 
-Exit status: 0 done; 2 bad input, a damaged run directory, a full disk or a diverged run (one line on
-stderr, no traceback); 130 stopped by Ctrl-C (SIGINT), 143 by SIGTERM, each after saving a checkpoint
-that ``--resume`` continues from.
+Exit status: 0 done; 2 bad input, a damaged run directory, a full disk, a diverged run or (under
+torchrun) a rank that is gone (one line on stderr, no traceback); 130 stopped by Ctrl-C (SIGINT), 143 by
+SIGTERM, each after saving a checkpoint that ``--resume`` continues from.
+
+``python -m lopt`` is the same command; ``torchrun --nproc-per-node N -m lopt train ...`` trains data
+parallel (``lopt.distributed``). There every process parses the same flags and checks the same files, so
+an error found before the ranks connect is printed by the first process of each node only; after, one
+rank reports it (``lopt.distributed.World.together``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import TrainConfig, launch_env
 from .errors import UsageError
 
 EXIT_USAGE = 2
@@ -66,7 +71,8 @@ class Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line like every other bad input (argparse prints the usage first)."""
 
     def error(self, message: str, prog: str | None = None):
-        self.exit(EXIT_USAGE, f"lopt: error: {' '.join(message.split())} (see {prog or self.prog} --help)\n")
+        line = f"lopt: error: {' '.join(message.split())} (see {prog or self.prog} --help)\n"
+        self.exit(EXIT_USAGE, line if _first_process_on_node() else None)
 
     def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
@@ -144,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     except UsageError as error:
-        print(f"lopt: error: {error}", file=sys.stderr)
+        if not getattr(error, "silent", not _first_process_on_node()):
+            print(f"lopt: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("lopt: interrupted", file=sys.stderr)
@@ -166,6 +173,9 @@ def _train(args: argparse.Namespace) -> int:
     from .trainer import train  # torch and transformers load here, not for `lopt --help`
 
     summary = train(config)
+    if summary["rank"] != 0:  # under torchrun rank 0 reports
+        return {"completed": 0, "interrupted": EXIT_TERMINATED if summary.get("signal") == "SIGTERM"
+                else EXIT_INTERRUPTED}[summary["status"]]
     if summary["status"] == "interrupted":
         print(f"lopt: stopped at step {summary['steps']}; checkpoint saved in {summary['checkpoint']} "
               f"(continue with: lopt train --output-dir {summary['output_dir']} --resume)", file=sys.stderr)
@@ -222,6 +232,11 @@ def _eval(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _first_process_on_node() -> bool:
+    """Outside torchrun, or its LOCAL_RANK 0."""
+    return launch_env()[2] == 0
 
 
 if __name__ == "__main__":

