@@ -23,6 +23,7 @@ RECIPES = {"8gb": 8.0, "12gb": 12.0, "16gb": 16.0, "24gb": 24.0}  # card memory 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp32")
 BOUNDARIES = ("stale", "fresh")  # see LoPTModel.train_step
+SCHEDULES = ("interleaved", "sequential")  # LoPTModel.train_step per micro-batch, or LoPTModel.sequential_step
 
 # What ``None`` resolves to where a default depends on the run (see ``TrainConfig.resolved``).
 PRETRAINED_LR = 2e-5  # fine-tuning a real checkpoint
@@ -141,7 +142,12 @@ class TrainConfig:
         "stale", "what the block after a boundary trains on: stale (the lower block's output from before its "
         "update, as the paper's released code) or fresh (recomputed after the lower block has stepped, as the "
         "paper's text describes; one extra lower forward, each lower block stepped and clipped on its own at its "
-        "boundary, needs --grad-accum 1)", type=str, choices=BOUNDARIES, group="LoPT")
+        "boundary; needs --grad-accum 1 or --schedule sequential)", type=str, choices=BOUNDARIES, group="LoPT")
+    schedule: str = _flag(
+        "interleaved", "the order of a step's work: interleaved (each micro-batch runs through every block in "
+        "turn) or sequential (every micro-batch runs through block 0, which then steps, clipped on its own, and "
+        "frees its gradients, then block 1, ...: one block's gradients at a time with any --grad-accum, at the "
+        "cost of keeping each micro-batch's boundary activations)", type=str, choices=SCHEDULES, group="LoPT")
     recompute: str = _flag("none", "activation recomputation of the layers: none, full, or selective (MLPs only)",
                            type=str, choices=RECOMPUTE, group="LoPT")
     kernels: bool | None = _flag(None, "use the fused lopt_kernels ops (default: on CUDA with Triton)",
@@ -268,7 +274,11 @@ class TrainConfig:
         # Both step each lower block at its boundary, once per micro-batch: one micro-batch per process and step.
         # (fresh would need every micro-batch's lower backward before the lower step, then a second pass.)
         _, ranks, _ = launch_env()
-        if ranks == 1:
+        if self.schedule == "sequential":
+            if self.early_lower_step:
+                raise UsageError("--schedule sequential steps each block as soon as it is done already: "
+                                 "drop --early-lower-step")
+        elif ranks == 1:
             if self.early_lower_step and self.grad_accum > 1:
                 raise UsageError("--early-lower-step steps each block once per micro-batch, so it needs --grad-accum 1")
             if self.boundary == "fresh" and self.grad_accum > 1:

@@ -292,7 +292,9 @@ class LoPTModel(nn.Module):
         return block_output.detach(), aux.detach()
 
     def sequential_step(self, micro_batches, on_block_done: Callable[[int], None] | None = None,
-                        boundary: str = "stale", loss_scale: float = 1.0) -> StepOutput:
+                        boundary: str = "stale", loss_scale: float = 1.0,
+                        total_tokens: torch.Tensor | int | None = None,
+                        total_positions: torch.Tensor | int | None = None) -> StepOutput:
         """All of one optimizer step's micro-batches, one block at a time.
 
         Block b runs every micro-batch (forward, its loss, backward) before block b+1 starts, and
@@ -305,6 +307,9 @@ class LoPTModel(nn.Module):
         step its outputs are recomputed under no_grad with the updated weights (block 0: from the updated
         embeddings), the paper's described schedule with gradient accumulation. The last block is left
         for the caller to step. Returns the token-weighted task loss and the position-weighted aux loss.
+
+        ``total_tokens`` / ``total_positions`` default to these micro-batches' own; pass the step's when the
+        step's other micro-batches run elsewhere (another rank).
         """
         if boundary not in BOUNDARIES:
             raise ValueError(f"boundary must be one of {', '.join(BOUNDARIES)}, got {boundary!r}")
@@ -315,7 +320,8 @@ class LoPTModel(nn.Module):
         tokens = [(labels != IGNORE_INDEX).sum() for _, _, labels, _ in parts]
         positions = [torch.tensor(ids.numel(), device=ids.device) if mask is None else mask.sum()
                      for ids, mask, _, _ in parts]
-        total_tokens, total_positions = sum(tokens), sum(positions)
+        total_tokens = sum(tokens) if total_tokens is None else total_tokens
+        total_positions = sum(positions) if total_positions is None else total_positions
         layer_inputs = [self._layer_inputs(ids.shape, ids.device, mask, docs) for ids, mask, _, docs in parts]
         masks = [None if mask is None else mask.bool() for _, mask, _, _ in parts]
 
@@ -347,9 +353,9 @@ class LoPTModel(nn.Module):
             if task.requires_grad:
                 (task * (loss_scale * weight)).backward()
             task_loss = task_loss + task.detach() * weight
-        task_loss = torch.as_tensor(task_loss)
-        aux_loss = torch.as_tensor(aux_loss, device=task_loss.device, dtype=task_loss.dtype)
-        return StepOutput(task_loss + self.lambda_aux * aux_loss, task_loss, aux_loss, total_tokens)
+        device = self.model.model.embed_tokens.weight.device
+        task_loss, aux_loss = (torch.as_tensor(x, device=device, dtype=torch.float32) for x in (task_loss, aux_loss))
+        return StepOutput(task_loss + self.lambda_aux * aux_loss, task_loss, aux_loss, torch.as_tensor(sum(tokens)))
 
     def lopt_loss(self, task_loss, aux_losses):
         """The objective's formula, its one definition: ``(task + lambda_aux * mean_b(aux_b), task, mean aux)``."""

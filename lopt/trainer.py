@@ -4,7 +4,9 @@ One optimizer step: count the label tokens and positions of its micro-batches, r
 each (the engine weights every micro-batch by its share of those totals, so the accumulated
 gradients are the large batch's exactly), clip, step AdamW at the cosine-scheduled rate. With
 ``early_lower_step`` each lower block is clipped and stepped inside ``train_step`` at its boundary,
-so its gradients are gone before the upper block's activations exist.
+so its gradients are gone before the upper block's activations exist. With ``schedule="sequential"``
+``sequential_step`` runs every micro-batch through one block before the next, and steps each lower block
+when it is done: one block's gradients at a time, with any gradient accumulation.
 
 Under torchrun (``lopt.distributed``) each rank runs its share of every step's micro-batches and the
 ranks sum their gradients before each clip and step: the same steps, schedule and data order as one
@@ -202,14 +204,15 @@ class Trainer:
     # ----------------------------------------------------------------------------- optimizers
 
     def _build_optimizers(self):
-        """One AdamW over all groups; with early_lower_step or a fresh boundary one per lower block plus
-        one for the upper.
+        """One AdamW over all groups; with per-block steps (early_lower_step, a fresh boundary, the sequential
+        schedule) one per lower block plus one for the upper.
 
         The groups come from ``LoPTModel.param_groups`` (upper/lower learning rates, no decay on
         vectors), split by owning block (``block_param_groups``) for per-block optimizers.
         """
         cfg, model = self.config, self.model
-        if not (cfg.early_lower_step or cfg.boundary == "fresh") or model.num_blocks == 1:
+        per_block_steps = cfg.early_lower_step or cfg.boundary == "fresh" or cfg.schedule == "sequential"
+        if not per_block_steps or model.num_blocks == 1:
             per_block = [model.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay)]
         else:
             per_block = model.block_param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay)
@@ -227,7 +230,7 @@ class Trainer:
                 group["lr"] = group["initial_lr"] * factor
 
     def _on_boundary(self, b: int):
-        """early_lower_step: clip and step lower block b now; its gradients are freed before block b+1 runs.
+        """Per-block steps: clip and step lower block b now; its gradients are freed before block b+1 runs.
         Under torchrun the ranks first sum this block's gradients, so every rank steps it alike."""
         params = self.block_params[b]
         self.world.sum_grads(params, f"summing block {b}'s gradients at step {self.step + 1}")
@@ -261,19 +264,25 @@ class Trainer:
         task_sum = aux_sum = torch.zeros((), device=self.device)
         pack_to = cfg.seq_len if cfg.pack else None
         mine = range(world.rank, len(parts), world.size)
-        for i in mine:
-            batch = _to_device(collate(parts[i], self.pad_id, pack_to), self.device)
-            out = self.model.train_step(batch, total_tokens=total_tokens, total_positions=total_positions,
-                                        on_boundary=on_boundary, boundary=cfg.boundary)
-            if tokens[i]:  # a micro-batch without labels still trains the lower blocks, but has no task loss
-                task_sum = task_sum + out.task_loss.float() * (tokens[i] / total_tokens)
-            aux_sum = aux_sum + out.aux_loss.float() * (positions[i] / total_positions)
-        # A rank left without a micro-batch (in an epoch's short last step) still joins each block's sum.
-        if not mine and on_boundary is not None:
-            for b in range(self.model.num_blocks - 1):
-                on_boundary(b)
+        if cfg.schedule == "sequential":  # every micro-batch through block 0, its step, then block 1, ...
+            batches = [_to_device(collate(parts[i], self.pad_id, pack_to), self.device) for i in mine]
+            out = self.model.sequential_step(batches, on_block_done=on_boundary, boundary=cfg.boundary,
+                                             total_tokens=total_tokens, total_positions=total_positions)
+            task_sum, aux_sum = out.task_loss.float(), out.aux_loss.float()  # weighted by the step's totals
+        else:  # each micro-batch through every block in turn
+            for i in mine:
+                batch = _to_device(collate(parts[i], self.pad_id, pack_to), self.device)
+                out = self.model.train_step(batch, total_tokens=total_tokens, total_positions=total_positions,
+                                            on_boundary=on_boundary, boundary=cfg.boundary)
+                if tokens[i]:  # a micro-batch without labels still trains the lower blocks, but has no task loss
+                    task_sum = task_sum + out.task_loss.float() * (tokens[i] / total_tokens)
+                aux_sum = aux_sum + out.aux_loss.float() * (positions[i] / total_positions)
+            # A rank left without a micro-batch (in an epoch's short last step) still joins each block's sum.
+            if not mine and on_boundary is not None:
+                for b in range(self.model.num_blocks - 1):
+                    on_boundary(b)
 
-        # Clip what is left to step: everything, or (early_lower_step) the upper block alone.
+        # Clip what is left to step: everything, or (per-block steps) the upper block alone.
         if self.block_params is not None:
             params = self.block_params[-1]
         else:
@@ -283,7 +292,7 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).float()
         else:
             grad_norm = torch.zeros((), device=self.device)
-        last = self.optimizers[-1]  # the only one, or (early_lower_step) the upper block's
+        last = self.optimizers[-1]  # the only one, or (per-block steps) the upper block's
         last.step()
         last.zero_grad(set_to_none=True)
         losses = world.sum(torch.stack([task_sum, aux_sum]), f"summing the losses of step {self.step + 1}")

@@ -195,6 +195,16 @@ def test_per_block_steps_sum_each_block_at_its_boundary(tmp_path, tiny_model_dir
     assert_same_run(tmp_path / "ranks", tmp_path / "one", tiny_model_dir)
 
 
+def test_sequential_schedule_with_accumulation_on_two_ranks(tmp_path, tiny_model_dir, data):
+    """--schedule sequential, fresh boundary, 4 micro-batches a step over 2 ranks: each rank runs its two
+    through a block, the ranks sum that block's gradients and step it; the same as one process."""
+    fields = flags(tiny_model_dir, data, tmp_path / "ranks", batch_size=2, grad_accum=4, num_blocks=3,
+                   schedule="sequential", boundary="fresh")
+    run_ranks(fields, tmp_path)
+    train(TrainConfig(**dict(fields, output_dir=str(tmp_path / "one"))))
+    assert_same_run(tmp_path / "ranks", tmp_path / "one", tiny_model_dir)
+
+
 def test_resume_across_rank_counts(tmp_path, tiny_model_dir, data):
     """A checkpoint holds the full state: 2 ranks' step-3 checkpoint resumed by 1 process, and 1 process's
     resumed by 2 ranks, each give the straight 6 steps (a constant rate, so stopping at step 3 with
