@@ -14,6 +14,7 @@ import lopt
 import lopt_kernels.adamw
 from lopt.optim import AdamW
 from lopt.tokenizer import byte_tokenizer
+from lopt.errors import UsageError
 from lopt.trainer import Trainer, lr_factor, train
 
 
