@@ -37,7 +37,9 @@ def summarise(results_dir: Path) -> dict:
         chosen = [r for r in runs[name] if r["spec"]["lr"] == lr]
         methods[name] = dict(
             description=METHODS[name].description, lr=lr, seeds=sorted(r["spec"]["seed"] for r in chosen),
-            sweep={f"{r['spec']['lr']:g}": r["after"]["exact_match"] for r in sweep},
+            sweep={f"{r['spec']['lr']:g}": dict(exact_match=r["after"]["exact_match"], kl=r["after"]["kl"],
+                                                nll_increase=r["after"]["general_nll"] - r["before"]["general_nll"])
+                   for r in sorted(sweep, key=lambda r: r["spec"]["lr"])},
             exact_match=_stats([r["after"]["exact_match"] for r in chosen]),
             task_loss=_stats([r["after"]["loss"] for r in chosen]),
             nll_increase=_stats([r["after"]["general_nll"] - r["before"]["general_nll"] for r in chosen]),
@@ -68,6 +70,11 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {name} | {m['lr']:g} | {len(m['seeds'])} | {pm(m['exact_match'], '{:.1%}')} | "
                      f"{pm(m['task_loss'], '{:.3f}')} | {pm(m['nll_increase'], '{:.4f}')} | {pm(m['kl'], '{:.4f}')} "
                      f"| {rel} | {m['trainable_params'] / 1e6:.1f}M | {m['peak_mem_gb']:.2f} |")
+    lines += ["", "Every rate of each sweep (seed 0): what each method trades between task score and retention.", "",
+              "| method | lr | exact match | NLL increase | KL |", "|---|---|---|---|---|"]
+    for name, m in summary["methods"].items():
+        for lr, r in m["sweep"].items():
+            lines.append(f"| {name} | {lr} | {r['exact_match']:.0%} | {r['nll_increase']:.4f} | {r['kl']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -79,11 +86,16 @@ def plot(summary: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for name, m in summary["methods"].items():
-        ax.errorbar(m["kl"]["mean"], m["exact_match"]["mean"], xerr=m["kl"]["std"], yerr=m["exact_match"]["std"],
-                    fmt="o", capsize=3, label=name)
-    ax.set_xlabel("KL from the original model on general prompts (nats/token; lower keeps more)")
+        bar = ax.errorbar(m["kl"]["mean"], m["exact_match"]["mean"], xerr=m["kl"]["std"], yerr=m["exact_match"]["std"],
+                          fmt="o", capsize=3, label=f"{name} (lr {m['lr']:g}, {len(m['seeds'])} seeds)")
+        sweep = list(m["sweep"].values())  # seed 0 at every rate, faint, in the same colour
+        ax.plot([r["kl"] for r in sweep], [r["exact_match"] for r in sweep], "--", marker=".", alpha=0.35,
+                color=bar[0].get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("KL from the original model on general prompts (nats/token, log scale; lower keeps more)")
     ax.set_ylabel("held-out exact match")
-    ax.set_title("Task score against retention")
+    ax.set_title("Task score against retention\n(dots with bars: the picked rate over its seeds; dashed: the sweep, seed 0)",
+                 fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
