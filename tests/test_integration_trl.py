@@ -227,3 +227,40 @@ def test_grpo_trainer_policy_loss_upper_only(tmp_path, monkeypatch):
     assert lopt_forwards == [True] * (steps * GRAD_ACCUM)
     _assert_lopt_logged(trainer.state.log_history, steps)
     _assert_all_moved(model, engine, before)
+
+
+class FirstStepGrads(TrainerCallback):
+    """The gradients of the first optimizer step, just before it (no clipping: max_grad_norm=0)."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+
+def test_sft_trainer_gives_train_steps_gradients():
+    """One micro-batch per step: SFTTrainer's step (TRL's fused head, its own loss normalisation, the
+    reconstruction loss at weight 1) has the gradients of ``LoPTModel.train_step`` on the same batch."""
+    import copy
+    import tempfile
+
+    model, engine, tokenizer = tiny_lopt_model()
+    twin = copy.deepcopy(engine)  # the same weights and decoders, driven by train_step
+    rows = [{"prompt": [{"role": "user", "content": f"Q{i}: " + "abc" * (i % 4)}],
+             "completion": [{"role": "assistant", "content": "x" * (1 + i * 3 % 7)}]} for i in range(8)]
+    probe, grads = GradientProbe(model, engine), FirstStepGrads(model)
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, max_steps=1, max_length=64,
+                         **{**TRAINER_ARGS, "gradient_accumulation_steps": 1})
+        SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                   callbacks=[grads, probe]).train()
+    (batch,) = probe.inputs
+    twin.model.train()
+    twin.train_step({k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
+    expected = {n: p.grad for n, p in twin.model.named_parameters() if p.grad is not None}  # decoders included
+    got = grads.grads
+    assert got.keys() == expected.keys() and any(n.startswith("lopt_decoders.") for n in got)
+    for name, g in expected.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-7, msg=name)
