@@ -141,6 +141,34 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict):
                     state[key] = value.to(current.device)
 
 
+def regroup_optimizer_states(saved: list[dict], model, optimizers: list[torch.optim.Optimizer]) -> list[dict]:
+    """``saved`` (the state dicts of one optimizer over ``model``, or of one per block) laid out for
+    ``optimizers``, which split the same parameters the other way: each parameter keeps its own state.
+
+    A run with one AdamW and one with an optimizer per block (``--pipeline``, per-block steps) then resume
+    from each other's checkpoints. The groups' settings are the new optimizers' (the schedule resets ``lr``)."""
+    groups = [model.param_groups(1.0)] if len(saved) == 1 else model.block_param_groups(1.0)
+    if len(groups) != len(saved):
+        raise UsageError(f"the checkpoint holds {len(saved)} optimizers, which fits neither one optimizer nor one "
+                         f"per block of this model's {model.num_blocks}")
+    by_param = {}
+    for state, optimizer_groups in zip(saved, groups):
+        params = [p for group in optimizer_groups for p in group["params"]]
+        indices = [i for group in state["param_groups"] for i in group["params"]]
+        if len(indices) != len(params):
+            raise UsageError(f"the checkpoint's optimizer holds {len(indices)} parameters where this model trains "
+                             f"{len(params)}: it was written for another model or --num-blocks")
+        by_param.update({id(p): state["state"][i] for p, i in zip(params, indices) if i in state["state"]})
+    regrouped = []
+    for optimizer in optimizers:
+        current = optimizer.state_dict()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        indices = [i for group in current["param_groups"] for i in group["params"]]
+        regrouped.append({"state": {i: by_param[id(p)] for p, i in zip(params, indices) if id(p) in by_param},
+                          "param_groups": current["param_groups"]})
+    return regrouped
+
+
 def rng_state(device) -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if device.type == "cuda":

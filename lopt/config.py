@@ -24,6 +24,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp32")
 BOUNDARIES = ("stale", "fresh")  # see LoPTModel.train_step
 SCHEDULES = ("interleaved", "sequential")  # LoPTModel.train_step per micro-batch, or LoPTModel.sequential_step
+OFFLOAD = ("none", "optimizer", "params")  # what waits in host memory between its block's turns (lopt.offload)
 
 # What ``None`` resolves to where a default depends on the run (see ``TrainConfig.resolved``).
 PRETRAINED_LR = 2e-5  # fine-tuning a real checkpoint
@@ -148,6 +149,14 @@ class TrainConfig:
         "turn) or sequential (every micro-batch runs through block 0, which then steps, clipped on its own, and "
         "frees its gradients, then block 1, ...: one block's gradients at a time with any --grad-accum, at the "
         "cost of keeping each micro-batch's boundary activations)", type=str, choices=SCHEDULES, group="LoPT")
+    offload: str = _flag(
+        "none", "with --schedule sequential, what waits in (pinned) host memory while other blocks run: none; "
+        "optimizer (each block's optimizer state comes to the device for that block's turn); params (its weights "
+        "too)", type=str, choices=OFFLOAD, group="LoPT")
+    stream_state: bool = _flag(
+        False, "with --offload: bring a block's optimizer state in one parameter at a time during its step (the "
+        "device holds one parameter's state; the transfers are no longer hidden behind compute)", type=bool,
+        group="LoPT")
     recompute: str = _flag("none", "activation recomputation of the layers: none, full, or selective (MLPs only)",
                            type=str, choices=RECOMPUTE, group="LoPT")
     kernels: bool | None = _flag(None, "use the fused lopt_kernels ops (default: on CUDA with Triton)",
@@ -210,6 +219,11 @@ class TrainConfig:
         DIST_TIMEOUT_S, "torchrun jobs: seconds a rank waits for the others in one collective before the job "
         "stops with an error (rank 0's evaluations and checkpoints happen while the others wait)",
         type=int, group="run", metavar="SECONDS")
+    pipeline: bool = _flag(
+        False, "torchrun with as many processes as --num-blocks: rank r trains block r (lopt.pipeline); each "
+        "micro-batch's boundary activations go forward to the next rank and nothing comes back, the micro-batches "
+        "stream through the ranks, and each block is clipped and stepped on its own rank (the stale boundary: the "
+        "one-process step's result)", type=bool, group="run")
 
     @property
     def embedded_model(self) -> bool:
@@ -271,13 +285,19 @@ class TrainConfig:
                 raise UsageError(f"{_flag_name(f.name)} must not be empty: give a path or name, or leave the flag out")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other: pick one")
-        # Both step each lower block at its boundary, once per micro-batch: one micro-batch per process and step.
-        # (fresh would need every micro-batch's lower backward before the lower step, then a second pass.)
+        if self.offload != "none" and self.schedule != "sequential" and not self.pipeline:  # --pipeline: below
+            raise UsageError(f"--offload {self.offload} pages one block at a time: it needs --schedule sequential")
+        if self.stream_state and self.offload == "none":
+            raise UsageError("--stream-state streams offloaded optimizer state: it needs --offload optimizer or params")
         _, ranks, _ = launch_env()
-        if self.schedule == "sequential":
+        if self.pipeline:
+            self._check_pipeline(ranks)
+        elif self.schedule == "sequential":
             if self.early_lower_step:
                 raise UsageError("--schedule sequential steps each block as soon as it is done already: "
                                  "drop --early-lower-step")
+        # Interleaved, both step each lower block at its boundary, once per micro-batch: one micro-batch per
+        # process and step (fresh would need every micro-batch's lower backward before the lower step).
         elif ranks == 1:
             if self.early_lower_step and self.grad_accum > 1:
                 raise UsageError("--early-lower-step steps each block once per micro-batch, so it needs --grad-accum 1")
@@ -291,6 +311,35 @@ class TrainConfig:
                              f"{self.grad_accum} (raise --batch-size instead)")
         if self.optimizer == "adamw-8bit" and importlib.util.find_spec("bitsandbytes") is None:
             raise UsageError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes")
+
+    def _check_pipeline(self, ranks: int):
+        """--pipeline: one block per rank, each block's step once per optimizer step, on the stale boundary."""
+        if ranks == 1 or self.num_blocks < 2:
+            raise UsageError("--pipeline puts one block on each process: start it with torchrun --nproc-per-node K "
+                             "and --num-blocks K (K >= 2), or leave it out (--no-pipeline)")
+        if ranks != self.num_blocks:
+            if ranks % self.num_blocks == 0:
+                raise UsageError(f"--pipeline with data parallel ({ranks} ranks for {self.num_blocks} blocks) is not "
+                                 f"supported yet: start {self.num_blocks} ranks with --pipeline, or {ranks} without it")
+            raise UsageError(f"--pipeline runs one block per rank: --num-blocks must equal the {ranks} ranks, "
+                             f"got {self.num_blocks}")
+        if self.schedule == "sequential":
+            raise UsageError("--pipeline steps each block once per step on its own rank, as --schedule sequential "
+                             "does in one process: drop --schedule sequential")
+        if self.early_lower_step:
+            raise UsageError("--pipeline steps and clips each block on its own rank, and a rank holds only its "
+                             "block's gradients: drop --early-lower-step")
+        # Honest fresh would have each rank wait for the previous block's update before using its output:
+        # the stages would take turns instead of overlapping.
+        if self.boundary == "fresh":
+            raise UsageError("--boundary fresh would make each pipeline stage wait for the previous block's step, "
+                             "so the stages could not overlap: use --boundary stale with --pipeline, or --schedule "
+                             "sequential --boundary fresh without it")
+        if self.recipe is not None or self.gpu_mem is not None:
+            raise UsageError("--recipe and --gpu-mem plan one process that holds the whole step, not a pipeline "
+                             "rank: with --pipeline set --batch-size, --grad-accum and --recompute yourself")
+        if self.offload != "none":  # lopt.offload pages the blocks of one process; a pipeline steps its block itself
+            raise UsageError(f"--offload {self.offload} with --pipeline is not supported yet: drop --offload")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

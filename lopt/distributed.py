@@ -1,4 +1,5 @@
-"""Data parallel over the processes ``torchrun`` starts: the ranks, their process group, the few collectives.
+"""Data parallel over the processes ``torchrun`` starts: the ranks, their process group, the few collectives
+(and the point-to-point sends of ``lopt.pipeline``).
 
 ``torchrun --nproc-per-node N -m lopt train ...`` starts N processes with RANK, WORLD_SIZE and LOCAL_RANK
 set (``lopt.config.launch_env``). Every rank builds the same model, data and step schedule; in each
@@ -146,6 +147,37 @@ class World:
         box = [obj]
         self._collective("sending rank 0's choice", dist.broadcast_object_list, box, 0)
         return box[0]
+
+    def gather_object(self, obj, what: str) -> list | None:
+        """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the others."""
+        if self.size == 1:
+            return [obj]
+        box = [None] * self.size if self.is_main else None
+        self._collective(what, dist.gather_object, obj, box, dst=0)
+        return box
+
+    # ----------------------------------------------------------------------------- point to point (lopt.pipeline)
+
+    def send(self, tensor: torch.Tensor, dst: int, what: str):
+        self._collective(what, dist.send, tensor, dst)
+
+    def recv(self, tensor: torch.Tensor, src: int, what: str):
+        self._collective(what, dist.recv, tensor, src)
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int, what: str) -> Callable[[], torch.Tensor]:
+        """Start sending ``tensor`` to rank ``dst``; returns the wait for it. ``tensor`` must not change until then."""
+        work = self._collective(what, dist.isend, tensor, dst, tag=tag)
+        return lambda: self._wait(work, what, tensor)
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int, what: str) -> Callable[[], torch.Tensor]:
+        """Start receiving into ``tensor`` from rank ``src``; returns the wait, which returns ``tensor``."""
+        work = self._collective(what, dist.irecv, tensor, src, tag=tag)
+        return lambda: self._wait(work, what, tensor)
+
+    def _wait(self, work, what: str, tensor: torch.Tensor) -> torch.Tensor:
+        # An explicit bound: a peer that hangs without closing its connection fails the wait, as in a collective.
+        self._collective(what, work.wait, datetime.timedelta(seconds=self.timeout_s))
+        return tensor
 
     @contextlib.contextmanager
     def together(self, what: str):

@@ -1,7 +1,8 @@
 """The byte model: what one LoPT training step needs on the GPU, from the model's config alone.
 
 ``estimate_memory`` predicts the peak of ``memory_allocated`` during one optimizer step of
-``LoPTModel.train_step`` (+ the trainer's optimizer); ``model_shape`` reads what it needs of a
+``LoPTModel.train_step`` (+ the trainer's optimizer), or of ``LoPTModel.sequential_step`` with per-block
+optimizers and ``lopt.offload``'s paging, and the host memory and traffic of that paging; ``model_shape`` reads what it needs of a
 transformers config. ``lopt.plan`` searches the settings with it.
 
 How the bytes are counted
@@ -89,6 +90,22 @@ the next block starts): the peak is the largest of
   the division, 12 B per value for ``adamw`` on bf16; 20 B for ``adamw-bf16``'s stochastic rounding.
   ``torch-adamw`` on CUDA runs foreach: one ``sqrt`` of the whole parameter group's second moment.
 
+The sequential schedule (``schedule="sequential"``: ``LoPTModel.sequential_step`` over the step's
+``M = grad_accum`` micro-batches, one optimizer per block stepped as the block finishes) holds only the
+running block's gradients (accumulated over the micro-batches; the phases are its last micro-batch's,
+and the last block's first and later ones) and, instead of one boundary tensor, the stash: every
+micro-batch's rotary cos/sin, ids and labels for the whole step, and ``M`` boundary tensors (``M*N*s*h``)
+between blocks; a block after the first holds its ``M`` inputs until after its step while it makes its
+``M`` outputs (``2*M*N*s*h``). Each block's step is a phase of its own, with that block's temporaries.
+``offload`` (``lopt.offload.BlockOffload``): ``optimizer`` keeps only the running block's state on the
+device, from the block's start to the end of its step; ``params`` keeps only the running block's weights
+(block 0's with the embeddings, the last one's with the norm and head), plus the next block's from the
+running block's step until the next block starts (a phase of its own); the last block's weights are what
+persists between steps. ``stream_state``: a block's state is on the device only in its step, one
+parameter's at a time. The estimate reports the host bytes (every block's state, and with ``params``
+every block's weights) and the bytes moved per step (each up and back once; with one block under
+``params`` its weights only go back).
+
 All sizes are exact byte counts of tensors; the CUDA caching allocator rounds blocks up (512 B) and
 fragments, which ``lopt.plan`` covers with a safety margin. ``tests/test_plan.py`` checks the activation,
 parameter, gradient and optimizer terms and the whole step's peak against bytes counted on the CPU.
@@ -108,7 +125,7 @@ from lopt_kernels.adamw import STEP_CHUNK_ELEMENTS
 from lopt_kernels.linear_cross_entropy import logits_block_elements
 from lopt_kernels.recon_loss import tokens_per_chunk
 
-from .config import OPTIMIZERS, RECOMPUTE
+from .config import OFFLOAD, OPTIMIZERS, RECOMPUTE, SCHEDULES
 from .model import split_layers
 
 GiB = 1 << 30
@@ -335,7 +352,7 @@ PART_LABELS = {
     "activations": "activations (saved)",
     "recompute": "recomputed layer",
     "workspace": "backward workspace",
-    "boundary": "boundary tensors",
+    "boundary": "boundary tensors / stash",
     "head": "head / logits",
     "decoders": "aux decoder",
     "optimizer_step": "optimizer temporaries",
@@ -344,21 +361,30 @@ PART_LABELS = {
 
 @dataclass
 class MemoryEstimate:
-    """Predicted bytes of one training step. ``breakdown`` sums to ``peak`` (the parts live at the peak)."""
+    """Predicted bytes of one training step. ``breakdown`` sums to ``peak`` (the parts live at the peak).
+
+    ``peak`` and ``phases`` are bytes on the device; ``host`` what the offload keeps in host memory and
+    ``transfer`` the bytes it moves between them per optimizer step (both directions)."""
 
     peak: int
     persistent: int
     peak_phase: str
     breakdown: dict[str, int]
     phases: dict[str, int]
-    parameters: int
-    gradients: int  # all gradients, as after the backward
-    optimizer_state: int
+    parameters: int  # all weights, wherever they live
+    gradients: int  # the most gradients alive at once: all of them (interleaved), the largest block's (sequential)
+    optimizer_state: int  # all of it, wherever it lives
     block_activations: int  # saved activations of the largest block (``recompute`` applied)
     boundary: int
     head_peak: int  # the head's largest transient (logits without kernels)
     decoders: int  # the decoder's saved activations in a lower block
     activations_per_block: list[int] = field(default_factory=list)  # saved by each block's layers
+    host: int = 0
+    transfer: int = 0
+    transfer_exposed: int = 0  # of ``transfer``: what the compute waits for (block 0's weights under params)
+    stash: int = 0  # sequential: the largest stash of boundary activations (all micro-batches)
+    activation_peak: int = 0  # the most activations, head and decoder transients and workspace live at once
+    per_block: list[dict] = field(default_factory=list)  # each block's parameters, optimizer_state, step_temp bytes
     settings: dict = field(default_factory=dict)
 
     @property
@@ -376,20 +402,29 @@ class MemoryEstimate:
     def table(self) -> str:
         rows = [(PART_LABELS[p], self.breakdown.get(p, 0)) for p in PARTS if self.breakdown.get(p, 0)]
         width = max(len(label) for label, _ in rows + [("predicted peak", 0)])
+        offload = self.settings.get("offload", "none")
         lines = [f"  {label:<{width}}  {n / GiB:8.3f} GiB" for label, n in rows]
         lines.append(f"  {'-' * width}  {'-' * 12}")
         lines.append(f"  {'predicted peak':<{width}}  {self.peak / GiB:8.3f} GiB   (during: {self.peak_phase})")
-        lines.append(f"  {'  persistent':<{width}}  {self.persistent / GiB:8.3f} GiB   (parameters + optimizer state)")
+        kept = {"none": "parameters + optimizer state", "optimizer": "parameters",
+                "params": "the last block's parameters"}[offload]
+        lines.append(f"  {'  persistent':<{width}}  {self.persistent / GiB:8.3f} GiB   ({kept})")
         lines.append(f"  {'  transient':<{width}}  {self.transient / GiB:8.3f} GiB")
+        if offload != "none":
+            lines.append(f"  {'host memory':<{width}}  {self.host / GiB:8.3f} GiB   (pinned: "
+                         f"{'optimizer state' if offload == 'optimizer' else 'parameters + optimizer state'})")
+            lines.append(f"  {'moved per step':<{width}}  {self.transfer / GiB:8.3f} GiB   "
+                         "(host <-> device, both ways)")
         lines.append("")
         lines.append("  totals: parameters {:.3f}, gradients {:.3f}, optimizer state {:.3f}, activations of the largest "
-                     "block {:.3f}, head/logits peak {:.3f}, aux decoder {:.3f}, boundary {:.3f} GiB".format(
+                     "block {:.3f}, head/logits peak {:.3f}, aux decoder {:.3f}, boundary {:.3f}{} GiB".format(
                          self.parameters / GiB, self.gradients / GiB, self.optimizer_state / GiB,
-                         self.block_activations / GiB, self.head_peak / GiB, self.decoders / GiB, self.boundary / GiB))
+                         self.block_activations / GiB, self.head_peak / GiB, self.decoders / GiB, self.boundary / GiB,
+                         f", stash {self.stash / GiB:.3f}" if self.stash else ""))
         lines.append("  peak of each phase of the step:")
         for name, total in self.phases.items():
             mark = "  <- peak" if name == self.peak_phase else ""
-            lines.append(f"    {name:<{width + 12}} {total / GiB:8.3f} GiB{mark}")
+            lines.append(f"    {name:<{width + 22}} {total / GiB:8.3f} GiB{mark}")
         return "\n".join(lines)
 
 
@@ -408,6 +443,9 @@ def estimate_memory(
     padded: bool = False,
     foreach: bool = True,
     fused_optimizer: bool = True,
+    schedule: str = "interleaved",
+    offload: str = "none",
+    stream_state: bool = False,
 ) -> MemoryEstimate:
     """Predict the memory of one optimizer step of LoPT training (see the module docstring).
 
@@ -415,20 +453,38 @@ def estimate_memory(
     GPU). ``kernels``: lopt_kernels' fused ops (patch, fused head and decoder loss) or the PyTorch
     reference path. ``padded``: batches with padding (an explicit attention mask). ``foreach``: only
     for ``torch-adamw`` (its default on CUDA). ``fused_optimizer``: lopt's AdamW runs lopt_kernels' fused
-    step (what runs on CUDA) rather than its PyTorch reference. Returns bytes.
+    step (what runs on CUDA) rather than its PyTorch reference. ``schedule``: ``train_step`` per
+    micro-batch (``interleaved``) or ``sequential_step`` with one optimizer per block stepped as the
+    block finishes; ``offload`` (sequential only): what ``lopt.offload.BlockOffload`` keeps on the host;
+    ``stream_state``: the offloaded state streams through each block's step one parameter at a time.
+    Returns bytes.
     """
     shape = model_shape(config)
     s = dtype_bytes(dtype)
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if offload not in OFFLOAD:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {offload!r}")
     if not 1 <= num_blocks <= shape.layers:
         raise ValueError(f"num_blocks must be between 1 and {shape.layers}, got {num_blocks}")
     if early_lower_step and grad_accum > 1:
         raise ValueError("early_lower_step needs grad_accum == 1")
+    sequential = schedule == "sequential"
+    if offload != "none" and not sequential:
+        raise ValueError("offload pages one block at a time: it needs schedule='sequential'")
+    if stream_state and offload == "none":
+        raise ValueError("stream_state streams offloaded state: it needs offload 'optimizer' or 'params'")
+    if early_lower_step and sequential:
+        raise ValueError("the sequential schedule steps every block as it finishes: early_lower_step is for the "
+                         "interleaved one")
     k = num_blocks
+    M = grad_accum
     N = batch_size * seq_len
     h, V = shape.hidden, shape.vocab
     ranges = split_layers(shape.layers, k)
+    last = k - 1
 
     # ---- parameters, gradients, optimizer state
     dec_tensors = shape.decoder_tensors()
@@ -442,18 +498,41 @@ def estimate_memory(
     grad_upper_fixed = (head_params + shape.final_norm_params) * s
     grads_all = n_params * s
     # 8-bit state needs the tensor sizes: layers' big matrices are >= 4096 values, their norms are not
-    sizes = [shape.embed_params, head_params, shape.final_norm_params] + (k - 1) * dec_tensors
     norm_values = 2 * h + (2 * shape.head_dim if shape.qk_norm else 0)
-    for n in layer_numels:
-        sizes += [n - norm_values, h, h] + ([shape.head_dim, shape.head_dim] if shape.qk_norm else [])
-    opt_state = optimizer_state_bytes(optimizer, sizes, s)
-    persistent = params + opt_state
+
+    def layer_sizes(n):
+        return [n - norm_values, h, h] + ([shape.head_dim, shape.head_dim] if shape.qk_norm else [])
+
+    # what each block owns (as LoPTModel.block_param_groups splits it): layers, its decoder, block 0 the
+    # embeddings, the last block the final norm and head
+    block_sizes = []
+    for b, (start, end) in enumerate(ranges):
+        sizes_b = [n for i in range(start, end) for n in layer_sizes(layer_numels[i])]
+        sizes_b += dec_tensors if b < last else [head_params, shape.final_norm_params]
+        sizes_b += [shape.embed_params] if b == 0 else []
+        block_sizes.append(sizes_b)
+    block_numel = [sum(sizes_b) for sizes_b in block_sizes]
+    weights = [n * s for n in block_numel]
+    block_state = [optimizer_state_bytes(optimizer, sizes_b, s) for sizes_b in block_sizes]
+    opt_state = sum(block_state)
     largest_tensor = max(shape.embed_params, shape.head_params, shape.largest_layer_tensor)
-    lower_numel = (shape.embed_params + sum(layer_numels[: ranges[-1][0]]) + (k - 1) * shape.decoder_params) if k > 1 else 0
+    lower_numel = sum(block_numel[:last])
     upper_numel = n_params - lower_numel
     opt_temp_all = optimizer_step_temp_bytes(optimizer, largest_tensor, max(lower_numel, upper_numel), s,
                                              foreach=foreach, fused=fused_optimizer,
                                              previous_tensor=shape.largest_layer_tensor)
+
+    def block_step_temp(b: int) -> int:
+        """Temporaries of block b's own optimizer step (early_lower_step, sequential); a streamed step updates
+        one parameter per call, so nothing of the previous one is alive."""
+        if b < last:
+            largest = max(shape.largest_layer_tensor, shape.embed_params if b == 0 else 0)
+        else:
+            largest = max(shape.head_params, shape.largest_layer_tensor, shape.embed_params if k == 1 else 0)
+        group = largest if stream_state else block_numel[b]
+        previous = 0 if stream_state else shape.largest_layer_tensor
+        return optimizer_step_temp_bytes(optimizer, largest, group, s, foreach=foreach, fused=fused_optimizer,
+                                         previous_tensor=previous)
 
     # ---- per-token terms
     saved_tok = saved_per_layer(shape, s, recompute, kernels=kernels, padded=padded)
@@ -462,11 +541,12 @@ def estimate_memory(
     input_tok = input_saved_per_layer(shape, s, recompute, kernels=kernels)
     down_proj_grad = shape.hidden * shape.intermediate * s
     d = h // 4
-    # during a block: its input and its output (train_step holds both), rotary cos/sin, ids and labels
-    boundary = N * (2 * s * h + 2 * s * shape.head_dim + 2 * 8)
-    boundary_end = boundary - N * s * h
-    if padded:
-        boundary += batch_size * seq_len * seq_len * s
+    # per micro-batch, for the whole step: rotary cos/sin, input ids and shifted labels (int64), the mask
+    inputs_mb = N * (2 * s * shape.head_dim + 2 * 8) + (batch_size * seq_len * seq_len * s if padded else 0)
+    hidden_mb = N * s * h  # one [N, h] boundary tensor
+    # during a block: its input and its output (train_step holds both)
+    boundary = inputs_mb + 2 * hidden_mb
+    boundary_end = boundary - hidden_mb
     # the final norm's saved tensors besides the block output (counted with the boundary)
     norm_tok = (s * h + 4) if kernels else ((4 * h if s < 4 else 0) + 4 + 2 * s * h)
     if kernels:
@@ -488,14 +568,13 @@ def estimate_memory(
 
     # ---- phases
     phases: dict[str, dict[str, int]] = {}
+    everything = {"parameters": params, "optimizer_state": opt_state}
 
-    def add(name, **parts):
-        base = {"parameters": params, "optimizer_state": opt_state}
-        base.update({key: value for key, value in parts.items() if value})
-        phases[name] = base
+    def add(name, base, **parts):
+        phases[name] = {**base, **{key: value for key, value in parts.items() if value}}
 
     def held_grads(b: int) -> int:
-        """Gradients alive when block b starts."""
+        """Interleaved: gradients alive when block b starts."""
         if grad_accum > 1:
             return grads_all
         if early_lower_step or b == 0:
@@ -503,7 +582,7 @@ def estimate_memory(
         held = grad_embed + b * grad_dec + sum(grad_layer[: ranges[b][0]])
         return held
 
-    def layers_backward(b, extra_grads, fixed):
+    def layers_backward(b, extra_grads, fixed, accum):
         """Peak over the backward of block b's layers, top layer first (at each one's MLP backward)."""
         start, end = ranges[b]
         L = end - start
@@ -522,56 +601,119 @@ def estimate_memory(
             )
             if best is None or sum(total.values()) > sum(best.values()):
                 best = total
-            acc_grads += 0 if grad_accum > 1 else grad_layer[layer]
+            acc_grads += 0 if accum else grad_layer[layer]
         return best
+
+    def lower_block(b, base, held, accum, run_boundary, end_boundary):
+        """Lower block b's forward, decoder loss and backward over one micro-batch; ``held``: gradients alive
+        before it, ``accum``: the block's own gradients exist already (each new one is added)."""
+        add(f"block {b} forward", base, gradients=held, boundary=run_boundary, activations=block_acts[b],
+            decoders=dec_fwd_peak)
+        add(f"block {b} decoder backward", base, gradients=held, boundary=run_boundary, activations=block_acts[b],
+            decoders=dec_bwd_peak)
+        dec_grads = 0 if accum else grad_dec
+        add(f"block {b} backward", base, **layers_backward(b, held + dec_grads, {"boundary": run_boundary}, accum))
+        block_grads = 0 if accum else sum(grad_layer[ranges[b][0]: ranges[b][1]]) + dec_grads
+        embed = 0 if b > 0 else grad_embed  # with accumulation: the fresh one, before it is added
+        add(f"block {b} end", base, gradients=held + block_grads + embed, boundary=end_boundary)
+        return block_grads + embed
+
+    def last_block(suffix, base, held, accum, run_boundary, end_boundary):
+        final_norm = N * norm_tok
+        add("last block forward + head" + suffix, base, gradients=held, boundary=run_boundary,
+            activations=block_acts[last] + final_norm, head=head_fwd_peak)
+        add("head backward" + suffix, base, gradients=held, boundary=run_boundary,
+            activations=block_acts[last] + final_norm, head=head_bwd_peak)
+        head_grads = 0 if accum else grad_upper_fixed
+        add("last block backward" + suffix, base,
+            **layers_backward(last, held + head_grads, {"boundary": run_boundary}, accum))
+        embed_at_end = grad_embed if (k == 1 and not accum) else 0
+        add("last block end" + suffix, base, gradients=held + head_grads
+            + sum(grad_layer[ranges[last][0]:]) * (not accum) + embed_at_end, boundary=end_boundary)
 
     # Blocks after the first start from a detached tensor: their first RMSNorm records no fp32 copy
     # and no rstd (nothing upstream needs its gradient); the fused norm saves its rstd regardless.
     detached_tok = 0 if (kernels or recompute == "full") else (4 * h if s < 4 else 0) + 4
     block_acts = [((end - start) * saved_tok - input_tok - (detached_tok if b > 0 else 0)) * N
                   for b, (start, end) in enumerate(ranges)]
-    for b in range(k - 1):
-        held = held_grads(b)
-        add(f"block {b} forward", gradients=held, boundary=boundary, activations=block_acts[b], decoders=dec_fwd_peak)
-        add(f"block {b} decoder backward", gradients=held, boundary=boundary, activations=block_acts[b],
-            decoders=dec_bwd_peak)
-        dec_grads = 0 if grad_accum > 1 else grad_dec
-        add(f"block {b} backward", **layers_backward(b, held + dec_grads, {"boundary": boundary}))
-        block_grads = 0 if grad_accum > 1 else sum(grad_layer[ranges[b][0]: ranges[b][1]]) + dec_grads
-        embed = 0 if b > 0 else grad_embed  # with accumulation: the fresh one, before it is added
-        add(f"block {b} end", gradients=held + block_grads + embed, boundary=boundary_end)
+    host = transfer = transfer_exposed = stash = 0
+    if not sequential:
+        for b in range(k - 1):
+            held = held_grads(b)
+            block_grads = lower_block(b, everything, held, grad_accum > 1, boundary, boundary_end)
+            if early_lower_step:
+                largest = max(shape.largest_layer_tensor, shape.embed_params if b == 0 else 0)
+                temp = optimizer_step_temp_bytes(optimizer, largest, block_grads // s, s, foreach=foreach,
+                                                 fused=fused_optimizer, previous_tensor=shape.largest_layer_tensor)
+                add(f"block {b} early optimizer step", everything, gradients=block_grads, boundary=boundary_end,
+                    optimizer_step=temp)
+        last_block("", everything, held_grads(last), grad_accum > 1, boundary, boundary_end)
+        remaining = grads_all if not early_lower_step else grads_all - (grad_embed + (k - 1) * grad_dec
+                                                                         + sum(grad_layer[: ranges[last][0]]))
         if early_lower_step:
-            largest = max(shape.largest_layer_tensor, shape.embed_params if b == 0 else 0)
-            temp = optimizer_step_temp_bytes(optimizer, largest, (block_grads + embed) // s, s, foreach=foreach,
-                                             fused=fused_optimizer,
-                                             previous_tensor=shape.largest_layer_tensor)
-            add(f"block {b} early optimizer step", gradients=block_grads + embed, boundary=boundary_end,
-                optimizer_step=temp)
-
-    last = k - 1
-    held = held_grads(last)
-    final_norm = N * norm_tok
-    add("last block forward + head", gradients=held, boundary=boundary,
-        activations=block_acts[last] + final_norm, head=head_fwd_peak)
-    add("head backward", gradients=held, boundary=boundary, activations=block_acts[last] + final_norm,
-        head=head_bwd_peak)
-    head_grads = 0 if grad_accum > 1 else grad_upper_fixed
-    add("last block backward", **layers_backward(last, held + head_grads, {"boundary": boundary}))
-    embed_at_end = grad_embed if (k == 1 and grad_accum == 1) else 0
-    remaining = grads_all if not early_lower_step else grads_all - (grad_embed + (k - 1) * grad_dec
-                                                                     + sum(grad_layer[: ranges[last][0]]))
-    add("last block end", gradients=held + head_grads + sum(grad_layer[ranges[last][0]:]) * (grad_accum == 1)
-        + embed_at_end, boundary=boundary_end)
-    if early_lower_step:
-        last_temp = optimizer_step_temp_bytes(optimizer, max(shape.head_params, shape.largest_layer_tensor),
-                                              upper_numel, s, foreach=foreach, fused=fused_optimizer,
-                                              previous_tensor=shape.largest_layer_tensor)
+            last_temp = optimizer_step_temp_bytes(optimizer, max(shape.head_params, shape.largest_layer_tensor),
+                                                  upper_numel, s, foreach=foreach, fused=fused_optimizer,
+                                                  previous_tensor=shape.largest_layer_tensor)
+        else:
+            last_temp = opt_temp_all
+        add("optimizer step", everything, gradients=remaining, optimizer_step=last_temp)
+        persistent = params + opt_state
+        live_grads = grads_all
     else:
-        last_temp = opt_temp_all
-    add("optimizer step", gradients=remaining, optimizer_step=last_temp)
+        # One block at a time over all M micro-batches (LoPTModel.sequential_step): only block b's gradients
+        # (accumulated over the micro-batches) and the stash, every micro-batch's detached input to the
+        # next block. Block b >= 1 holds its M inputs until after its step while it makes its M outputs.
+        def on_device(b, weights_too=None, stepping=False):
+            """What stays on the device while block b runs (``stepping``: in its step)."""
+            w = weights[b] if offload == "params" else params
+            state = opt_state if offload == "none" else block_state[b]
+            if stream_state:  # one parameter's state at a time, in the step only
+                state = optimizer_state_bytes(optimizer, [largest_in_block(b)], s) if stepping else 0
+            return {"parameters": w + (weights_too or 0), "optimizer_state": state}
+
+        def largest_in_block(b):
+            own = shape.embed_params if b == 0 else 0
+            own = max(own, shape.head_params if b == last else shape.decoder_tensors()[2])
+            return max(shape.largest_layer_tensor, own)
+
+        accum = M > 1
+        lower_end = [inputs_mb * M + hidden_mb * (M if b == 0 else 2 * M) for b in range(k - 1)]
+        for b in range(k - 1):
+            # the last micro-batch: the earlier ones' gradients and outputs are held, the current output is new
+            run = inputs_mb * M + hidden_mb * ((M + 1) if b == 0 else 2 * M)
+            lower_block(b, on_device(b), weights[b] if accum else 0, accum, run, lower_end[b])
+            add(f"block {b} step", on_device(b, stepping=True), gradients=weights[b], boundary=lower_end[b],
+                optimizer_step=block_step_temp(b))
+            if offload == "params":  # block b+1's weights arrive during b's step; b's gradients are gone by then
+                add(f"block {b} step -> block {b + 1} weights", on_device(b, weights[b + 1]), boundary=lower_end[b])
+        # the last block takes the stash's M inputs one by one (with k = 1 every micro-batch embeds anew)
+        waiting = [0, 0] if k == 1 else [M - 1, M - 2]  # stashed inputs of the other micro-batches
+        last_end = inputs_mb * M + hidden_mb
+        first_run = inputs_mb * M + hidden_mb * (2 + waiting[0])  # + the current input and output
+        if accum:
+            last_block(" (first micro-batch)", on_device(last), 0, False, first_run, last_end)
+            later_run = inputs_mb * M + hidden_mb * (2 + waiting[1])
+            last_block(" (later micro-batches)", on_device(last), weights[last], True, later_run, last_end)
+        else:
+            last_block("", on_device(last), 0, False, first_run, last_end)
+        add("optimizer step", on_device(last, stepping=True), gradients=weights[last],
+            boundary=M * N * 8, optimizer_step=block_step_temp(last))  # and the input ids
+        stash = hidden_mb * M * (2 if k > 2 else 1 if k == 2 else 0)
+        live_grads = max(weights)
+        persistent = {"none": params + opt_state, "optimizer": params, "params": weights[last]}[offload]
+        if offload != "none":
+            host = opt_state + (params if offload == "params" else 0)
+            transfer = 2 * opt_state
+            if offload == "params":  # each block's weights up and back; one block is always resident
+                transfer += 2 * params if k > 1 else params
+                transfer_exposed = weights[0] if k > 1 else 0
+            if stream_state:  # inside the steps, not behind compute
+                transfer_exposed += 2 * opt_state
 
     totals = {name: sum(parts.values()) for name, parts in phases.items()}
     peak_phase = max(totals, key=totals.get)
+    transient_parts = ("activations", "recompute", "workspace", "head", "decoders")
+    activation_peak = max(sum(parts.get(p, 0) for p in transient_parts) for parts in phases.values())
     return MemoryEstimate(
         peak=totals[peak_phase],
         persistent=persistent,
@@ -579,14 +721,22 @@ def estimate_memory(
         breakdown=phases[peak_phase],
         phases=totals,
         parameters=params,
-        gradients=grads_all,
+        gradients=live_grads,
         optimizer_state=opt_state,
         block_activations=max(block_acts),
         boundary=boundary,
         head_peak=head_bwd_peak,
         decoders=dec_saved if k > 1 else 0,
         activations_per_block=block_acts,
+        host=host,
+        transfer=transfer,
+        transfer_exposed=transfer_exposed,
+        stash=stash,
+        activation_peak=activation_peak,
+        per_block=[dict(parameters=weights[b], optimizer_state=block_state[b], step_temp=block_step_temp(b))
+                   for b in range(k)],
         settings=dict(seq_len=seq_len, batch_size=batch_size, num_blocks=k, recompute=recompute,
                       optimizer=optimizer, kernels=kernels, early_lower_step=early_lower_step,
-                      grad_accum=grad_accum, dtype=str(dtype).replace("torch.", ""), padded=padded),
+                      grad_accum=grad_accum, dtype=str(dtype).replace("torch.", ""), padded=padded,
+                      schedule=schedule, offload=offload, stream_state=stream_state),
     )

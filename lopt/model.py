@@ -353,7 +353,8 @@ class LoPTModel(nn.Module):
             if task.requires_grad:
                 (task * (loss_scale * weight)).backward()
             task_loss = task_loss + task.detach() * weight
-        device = self.model.model.embed_tokens.weight.device
+        # the inputs' device: under weight offload the embeddings may be on the host by now
+        device = parts[0][0].device if parts else self.model.model.embed_tokens.weight.device
         task_loss, aux_loss = (torch.as_tensor(x, device=device, dtype=torch.float32) for x in (task_loss, aux_loss))
         return StepOutput(task_loss + self.lambda_aux * aux_loss, task_loss, aux_loss, torch.as_tensor(sum(tokens)))
 

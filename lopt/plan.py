@@ -1,8 +1,10 @@
 """The memory planner: the fastest setting of a LoPT training step that fits a card.
 
-``plan`` searches micro-batch, gradient accumulation, recomputation, optimizer and the early lower-block
-step, pricing each setting with ``lopt.memory_model.estimate_memory``; ``lopt plan`` prints the result
-and ``lopt train --recipe`` applies it (``apply_recipe``).
+``plan`` searches micro-batch, gradient accumulation, recomputation, optimizer, the early lower-block
+step, the schedule and what is offloaded to the host, pricing each setting with
+``lopt.memory_model.estimate_memory``; ``lopt plan`` prints the result and ``lopt train --recipe``
+applies it (``apply_recipe``). Offloading is priced in time too (``step_time``): the bytes it moves
+over PCIe against the step's compute, at an assumed bandwidth and FLOP rate that the flags override.
 """
 
 from __future__ import annotations
@@ -23,26 +25,37 @@ from .config import (
     MAX_COUNT,
     MAX_GPU_MEM_GB,
     MAX_SEQ_LEN,
+    OFFLOAD,
     OPTIMIZERS,
     RECIPES,
     RECOMPUTE,
+    SCHEDULES,
     check_int,
     check_number,
 )
 from .configs import SHIPPED_CONFIGS_DIR, shipped_config, shipped_config_names
 from .errors import UsageError
 from .loading import TINY, load_config, resolve_model
-from .memory_model import GiB, MemoryEstimate, dtype_bytes, estimate_memory, model_shape
+from .memory_model import GiB, MemoryEstimate, ModelShape, dtype_bytes, estimate_memory, model_shape
 
 # What the plan keeps free: a fraction for the caching allocator's rounding and fragmentation, and
 # what the CUDA context and libraries take on a real card outside PyTorch's allocator.
 SAFETY_FRACTION = 0.10
+MAX_RATE = 1e6  # GB/s or TFLOP/s: past this a value is a typo
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)
 # Relative speed the plan assumes, to rank the settings that fit (see ``plan``).
 RECOMPUTE_SPEED = {"none": 1.0, "selective": 0.85, "full": 0.75}
 OPTIMIZER_PREFERENCE = {"adamw": 1.0, "adamw-bf16": 0.97, "adamw-8bit": 0.95, "torch-adamw": 1.0}
 EARLY_STEP_PREFERENCE = 0.99  # per-block clipping: a small change of the arithmetic, used when it helps
 TOKENS_HALF_SPEED = 1024  # a micro-batch of this many tokens runs at about half the GPU's best rate
+# Interleaved stays the default until a GPU measurement says otherwise: the sequential schedule is the same
+# arithmetic (stale boundary) with one optimizer per block and a stash of boundary activations.
+SCHEDULE_PREFERENCE = {"interleaved": 1.0, "sequential": 0.99}
+# What the transfer-versus-compute estimate assumes (``lopt plan --pcie-bandwidth / --tflops``): a
+# PCIe 4.0 x16 link's effective host<->device rate, and a dense bf16 rate a 24 GB card sustains on large
+# matrix products; the step's compute is the usual 6 x parameters x tokens (forward 2, backward 4).
+PCIE_GB_S = 25.0
+TFLOPS = 150.0
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -102,12 +115,66 @@ def usable_bytes(gpu_mem_gb: float, *, safety: float = SAFETY_FRACTION, context_
     return int(gpu_mem_gb * GiB * (1 - safety)) - context_bytes
 
 
-def relative_speed(seq_len: int, batch_size: int, recompute: str, optimizer: str, early_lower_step: bool) -> float:
+def relative_speed(seq_len: int, batch_size: int, recompute: str, optimizer: str, early_lower_step: bool,
+                   schedule: str = "interleaved", transfer_factor: float = 1.0) -> float:
     """The plan's ranking of settings: larger micro-batches fill the GPU better, recomputation costs a
-    forward of what it recomputes, and the exact optimizer is preferred where the others would gain little."""
+    forward of what it recomputes, and the exact optimizer is preferred where the others would gain little;
+    ``transfer_factor``: compute time over step time when offloading (``step_time``)."""
     tokens = seq_len * batch_size
     speed = tokens / (tokens + TOKENS_HALF_SPEED) * RECOMPUTE_SPEED[recompute] * OPTIMIZER_PREFERENCE[optimizer]
+    speed *= SCHEDULE_PREFERENCE[schedule] * transfer_factor
     return speed * (EARLY_STEP_PREFERENCE if early_lower_step else 1.0)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one optimizer step as the plan estimates them (a model, not a measurement)."""
+
+    compute: float  # FLOPs / rate
+    transfer: float  # host <-> device bytes / bandwidth, both directions
+    step: float  # block by block, the longer of its compute and its transfers, plus what the compute waits for
+
+    @property
+    def compute_fraction(self) -> float:
+        return self.compute / self.step if self.step else 1.0
+
+
+def step_flops(shape: ModelShape, num_blocks: int, recompute: str, tokens: int) -> list[float]:
+    """FLOPs of each block in one optimizer step: 6 x its matrix parameters x tokens (the input embeddings
+    are a lookup), plus the recomputed forward (2 x the layers', or the MLPs', parameters x tokens)."""
+    from .model import split_layers
+
+    ranges = split_layers(shape.layers, num_blocks)
+    mlp = 3 * shape.hidden * shape.intermediate
+    out = []
+    for b, (start, end) in enumerate(ranges):
+        layers = sum(shape.layer_params[start:end])
+        params = layers + (shape.decoder_params if b < num_blocks - 1 else shape.head_params)
+        again = {"none": 0, "selective": (end - start) * mlp, "full": layers}[recompute]
+        out.append((6 * params + 2 * again) * tokens)
+    return out
+
+
+def step_time(shape: ModelShape, estimate: MemoryEstimate, tokens: int, *, pcie_gb_s: float = PCIE_GB_S,
+              tflops: float = TFLOPS) -> StepTime:
+    """The step's compute against its transfers. Offloading overlaps each block's transfers with its compute
+    (``lopt.offload``), so a block takes the longer of the two; what the compute waits for is added: block
+    0's weights under ``params``, all the state with ``stream_state``. A lower bound in practice: kernels
+    reach the FLOP rate only on large products."""
+    settings = estimate.settings
+    flops = step_flops(shape, settings["num_blocks"], settings["recompute"], tokens)
+    rate, bandwidth = tflops * 1e12, pcie_gb_s * 1e9
+    compute = sum(flops) / rate
+    offload, streamed = settings.get("offload", "none"), settings.get("stream_state", False)
+    several = len(estimate.per_block) > 1
+    moved = []  # what each block moves behind its compute
+    for block in estimate.per_block:
+        moved.append(2 * block["optimizer_state"] * (offload != "none" and not streamed)
+                     + 2 * block["parameters"] * (offload == "params" and several))
+    if offload == "params":  # block 0's upload is waited for; with one block, its weights only go back
+        moved[0] += -estimate.per_block[0]["parameters"] if several else estimate.per_block[0]["parameters"]
+    step = sum(max(f / rate, m / bandwidth) for f, m in zip(flops, moved)) + estimate.transfer_exposed / bandwidth
+    return StepTime(compute=compute, transfer=estimate.transfer / bandwidth, step=step)
 
 
 @dataclass
@@ -129,8 +196,15 @@ class Plan:
     budget: int
     estimate: MemoryEstimate
     num_params: int
+    schedule: str = "interleaved"
+    offload: str = "none"
+    stream_state: bool = False
+    time: StepTime | None = None
+    pcie_gb_s: float = PCIE_GB_S
+    tflops: float = TFLOPS
     alternatives: list[dict] = field(default_factory=list)
     train_model: str | None = None  # what to give `lopt train --model`; None: the plan's model has no weights
+    fitting_num_blocks: int | None = None  # nothing fits: the fewest blocks with which something does (``run_plan``)
 
     @property
     def tokens_per_step(self) -> int:
@@ -139,13 +213,36 @@ class Plan:
     def train_flags(self) -> str:
         flags = (f"--seq-len {self.seq_len} --num-blocks {self.num_blocks} --batch-size {self.batch_size} "
                  f"--grad-accum {self.grad_accum} --recompute {self.recompute} --optimizer {self.optimizer}")
+        if self.schedule != "interleaved":
+            flags += f" --schedule {self.schedule}"
+        if self.offload != "none":
+            flags += f" --offload {self.offload}"
+        if self.stream_state:
+            flags += " --stream-state"
         return flags + (" --early-lower-step" if self.early_lower_step else "")
 
     def as_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "estimate"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("estimate", "time")}
         out["estimate"] = self.estimate.as_dict()
+        out["time"] = dataclasses.asdict(self.time) if self.time is not None else None
         out["tokens_per_step"] = self.tokens_per_step
         return out
+
+    def time_lines(self) -> list[str]:
+        """The transfer-versus-compute estimate, with what it assumes."""
+        t, est = self.time, self.estimate
+        if t is None:
+            return []
+        link = f", {self.pcie_gb_s:g} GB/s host<->device" if self.offload != "none" else ""
+        lines = [f"time of a step (estimate: {self.tflops:g} TFLOP/s{link}; --tflops / --pcie-bandwidth change them; "
+                 "6 x parameters x tokens FLOPs):", f"  compute {t.compute:.2f} s"]
+        if self.offload != "none":
+            lines[-1] += (f", transfers {t.transfer:.2f} s ({est.transfer / 1e9:.1f} GB moved), "
+                          f"overlapped block by block: about {t.step:.2f} s per step "
+                          f"({t.compute_fraction:.0%} of it compute)")
+            lines.append(f"  host memory needed: {est.host / GiB:.2f} GiB pinned "
+                         f"({'optimizer state' if self.offload == 'optimizer' else 'weights + optimizer state'})")
+        return lines + [""]
 
     def describe(self) -> str:
         est = self.estimate
@@ -164,18 +261,26 @@ class Plan:
             f"sequences of {self.seq_len} = {self.tokens_per_step:,} tokens per optimizer step",
             f"  recompute {self.recompute}, optimizer {self.optimizer}, early lower-block step "
             f"{'on' if self.early_lower_step else 'off'}, kernels {'on' if self.kernels else 'off'}",
+            f"  schedule {self.schedule}, offload {self.offload}"
+            + (", optimizer state streamed through each block's step" if self.stream_state else ""),
             "",
-            "predicted memory of a step (peak of memory_allocated; the parts live at the peak):",
+            "predicted memory of a step (peak of memory_allocated on the device; the parts live at the peak):",
             est.table(),
             "",
         ]
+        lines += self.time_lines()
+        if self.fitting_num_blocks is not None:
+            lines += [f"with --num-blocks {self.fitting_num_blocks} a setting fits (`lopt plan ... --num-blocks "
+                      f"{self.fitting_num_blocks}` shows it); the number of blocks changes what LoPT trains, so "
+                      "the plan does not choose it", ""]
         if self.alternatives:
             lines.append("other settings that fit, fastest first (relative speed is the plan's model, not a measurement):")
             lines.append(f"  {'micro':>5} {'accum':>5}  {'recompute':<9}  {'optimizer':<10}  {'early':<5}  "
-                         f"{'peak GiB':>8}  {'speed':>5}")
+                         f"{'schedule':<11}  {'offload':<9}  {'peak GiB':>8}  {'speed':>5}")
             for alt in self.alternatives:
                 lines.append(f"  {alt['batch_size']:>5} {alt['grad_accum']:>5}  {alt['recompute']:<9}  "
                              f"{alt['optimizer']:<10}  {'on' if alt['early_lower_step'] else 'off':<5}  "
+                             f"{alt['schedule']:<11}  {alt['offload']:<9}  "
                              f"{alt['peak'] / GiB:>8.2f}  {alt['speed']:>5.2f}")
             lines.append("")
         if self.train_model is not None:
@@ -201,6 +306,11 @@ def plan(
     recompute_modes: tuple[str, ...] | None = None,
     batch_sizes: tuple[int, ...] | None = None,
     allow_early_lower_step: bool = True,
+    schedules: tuple[str, ...] | None = None,
+    offloads: tuple[str, ...] | None = None,
+    stream_states: tuple[bool, ...] | None = None,
+    pcie_gb_s: float = PCIE_GB_S,
+    tflops: float = TFLOPS,
     safety: float = SAFETY_FRACTION,
     context_bytes: int = CUDA_CONTEXT_BYTES,
     name: str | None = None,
@@ -211,8 +321,12 @@ def plan(
     at least 1), split into ``grad_accum`` micro-batches of ``batch_size`` (``batch_size`` divides it,
     so every setting trains on the same batch). Searched: the micro-batch, recomputation
     (none / selective / full), the optimizer (adamw, adamw-bf16, and adamw-8bit where bitsandbytes is
-    installed) and, without accumulation, the lower blocks' early optimizer step. ``num_blocks``,
-    ``kernels`` and ``dtype`` are given. Nothing fits: the setting with the smallest peak, ``fits=False``.
+    installed), without accumulation the lower blocks' early optimizer step (interleaved), the schedule
+    (``schedules``, default both) and, for the sequential one, the offload (``offloads``, default all)
+    and whether its state streams through the step (``stream_states``, default both). A setting that
+    offloads is taken only when none without offload fits, one that streams only when none that
+    prefetches fits, and its speed counts the transfers (``step_time`` at ``pcie_gb_s`` and ``tflops``).
+    ``num_blocks``, ``kernels`` and ``dtype`` are given. Nothing fits: the setting with the smallest peak, ``fits=False``.
     """
     shape = model_shape(config)
     if examples_per_step is None:
@@ -222,46 +336,51 @@ def plan(
     recompute_modes = recompute_modes or RECOMPUTE
     if batch_sizes is None:
         batch_sizes = tuple(b for b in range(examples_per_step, 0, -1) if examples_per_step % b == 0)
+    schedules = schedules or SCHEDULES
+    offloads = offloads or OFFLOAD
     budget = usable_bytes(gpu_mem_gb, safety=safety, context_bytes=context_bytes)
+    stream_states = (False, True) if stream_states is None else stream_states
+    layouts = [(schedule, offload, stream) for schedule in schedules for offload in offloads
+               for stream in stream_states
+               if (schedule == "sequential" or offload == "none") and (offload != "none" or not stream)]
+    if not layouts:
+        raise ValueError("offload needs the sequential schedule")
     candidates = []
     for optimizer in optimizers:
         for recompute in recompute_modes:
             for batch_size in batch_sizes:
                 grad_accum = max(1, math.ceil(examples_per_step / batch_size))
-                for early in ((False, True) if grad_accum == 1 and num_blocks > 1 and allow_early_lower_step
-                              else (False,)):
-                    est = estimate_memory(
-                        shape, seq_len=seq_len, batch_size=batch_size, num_blocks=num_blocks, recompute=recompute,
-                        optimizer=optimizer, kernels=kernels, early_lower_step=early, grad_accum=grad_accum,
-                        dtype=dtype,
-                    )
-                    candidates.append(dict(
-                        batch_size=batch_size, grad_accum=grad_accum, recompute=recompute, optimizer=optimizer,
-                        early_lower_step=early, peak=est.peak, estimate=est,
-                        speed=relative_speed(seq_len, batch_size, recompute, optimizer, early),
-                    ))
-    fitting = sorted((c for c in candidates if c["peak"] <= budget), key=lambda c: (-c["speed"], c["peak"]))
+                for schedule, offload, stream in layouts:
+                    early_choices = (False, True) if (grad_accum == 1 and num_blocks > 1 and allow_early_lower_step
+                                                      and schedule == "interleaved") else (False,)
+                    for early in early_choices:
+                        est = estimate_memory(
+                            shape, seq_len=seq_len, batch_size=batch_size, num_blocks=num_blocks,
+                            recompute=recompute, optimizer=optimizer, kernels=kernels, early_lower_step=early,
+                            grad_accum=grad_accum, dtype=dtype, schedule=schedule, offload=offload,
+                            stream_state=stream,
+                        )
+                        time = step_time(shape, est, seq_len * batch_size * grad_accum, pcie_gb_s=pcie_gb_s,
+                                         tflops=tflops)
+                        candidates.append(dict(
+                            batch_size=batch_size, grad_accum=grad_accum, recompute=recompute, optimizer=optimizer,
+                            early_lower_step=early, schedule=schedule, offload=offload, stream_state=stream,
+                            peak=est.peak, estimate=est,
+                            time=time, speed=relative_speed(seq_len, batch_size, recompute, optimizer, early,
+                                                            schedule, time.compute_fraction),
+                        ))
+    fitting = sorted((c for c in candidates if c["peak"] <= budget),
+                     key=lambda c: (c["offload"] != "none", c["stream_state"], -c["speed"], c["peak"]))
     fits = bool(fitting)
     best = fitting[0] if fits else min(candidates, key=lambda c: c["peak"])
-    alternatives = [{k: v for k, v in c.items() if k != "estimate"} for c in fitting[1:6]]
+    alternatives = [{k: v for k, v in c.items() if k not in ("estimate", "time")} for c in fitting[1:6]]
     dtype_name = "bf16" if dtype_bytes(dtype) == 2 else "fp32"
+    chosen = ("batch_size", "grad_accum", "recompute", "optimizer", "early_lower_step", "schedule", "offload",
+              "stream_state", "estimate", "time")
     return Plan(
-        model=name or shape.name or "model",
-        gpu_mem_gb=gpu_mem_gb,
-        seq_len=seq_len,
-        num_blocks=num_blocks,
-        batch_size=best["batch_size"],
-        grad_accum=best["grad_accum"],
-        recompute=best["recompute"],
-        optimizer=best["optimizer"],
-        early_lower_step=best["early_lower_step"],
-        kernels=kernels,
-        dtype=dtype_name,
-        fits=fits,
-        budget=budget,
-        estimate=best["estimate"],
-        num_params=shape.total_params(num_blocks),
-        alternatives=alternatives,
+        model=name or shape.name or "model", gpu_mem_gb=gpu_mem_gb, seq_len=seq_len, num_blocks=num_blocks,
+        kernels=kernels, dtype=dtype_name, fits=fits, budget=budget, num_params=shape.total_params(num_blocks),
+        pcie_gb_s=pcie_gb_s, tflops=tflops, alternatives=alternatives, **{key: best[key] for key in chosen},
     )
 
 
@@ -287,6 +406,20 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--optimizer", choices=OPTIMIZERS, help="fix the optimizer instead of choosing one")
     parser.add_argument("--recompute", choices=RECOMPUTE, help="fix the recomputation instead of choosing one")
     parser.add_argument("--batch-size", type=int, help="fix the micro-batch instead of choosing one")
+    parser.add_argument("--schedule", choices=SCHEDULES,
+                        help="fix the schedule instead of choosing one: interleaved (each micro-batch through every "
+                             "block) or sequential (every micro-batch through one block at a time)")
+    parser.add_argument("--offload", choices=OFFLOAD,
+                        help="fix what the host keeps instead of choosing (only when nothing else fits): none, "
+                             "optimizer (the optimizer state) or params (weights and optimizer state); needs the "
+                             "sequential schedule")
+    parser.add_argument("--stream-state", action="store_true",
+                        help="with --offload: stream the optimizer state through each block's step one parameter "
+                             "at a time (the device holds one parameter's state; the transfers are not hidden)")
+    parser.add_argument("--pcie-bandwidth", type=float, default=PCIE_GB_S, metavar="GB_S",
+                        help=f"host<->device bandwidth the transfer estimate assumes, GB/s (default {PCIE_GB_S:g})")
+    parser.add_argument("--tflops", type=float, default=TFLOPS,
+                        help=f"compute rate the step-time estimate assumes, TFLOP/s (default {TFLOPS:g}, dense bf16)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
@@ -300,6 +433,12 @@ def check_plan_args(args: argparse.Namespace):
     check_int("--tokens-per-step", args.tokens_per_step, 1, MAX_COUNT)
     if args.batch_size is not None:
         check_int("--batch-size", args.batch_size, 1, MAX_BATCH)
+    check_number("--pcie-bandwidth", args.pcie_bandwidth, 0, MAX_RATE, low_open=True)
+    check_number("--tflops", args.tflops, 0, MAX_RATE, low_open=True)
+    if args.stream_state and args.offload == "none":
+        raise UsageError("--stream-state streams offloaded state: it needs --offload optimizer or params")
+    if args.offload not in (None, "none") and args.schedule == "interleaved":
+        raise UsageError(f"--offload {args.offload} pages one block at a time: it needs --schedule sequential")
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -307,20 +446,36 @@ def run_plan(args: argparse.Namespace) -> int:
     check_plan_args(args)
     config = load_model_config(args.model)
     gpu_mem = args.gpu_mem if args.gpu_mem is not None else RECIPES[args.recipe]
-    result = plan(
-        config, gpu_mem, args.seq_len, num_blocks=args.num_blocks, tokens_per_step=args.tokens_per_step,
-        kernels=not args.no_kernels, dtype=args.dtype,
+    offloading = args.offload not in (None, "none") or args.stream_state
+    schedule = "sequential" if args.schedule is None and offloading else args.schedule
+    offloads = (args.offload,) if args.offload else (("optimizer", "params") if args.stream_state else None)
+    search = dict(
+        tokens_per_step=args.tokens_per_step, kernels=not args.no_kernels, dtype=args.dtype,
         optimizers=(args.optimizer,) if args.optimizer else None,
         recompute_modes=(args.recompute,) if args.recompute else None,
         batch_sizes=(args.batch_size,) if args.batch_size else None,
-        name=args.model,
+        schedules=(schedule,) if schedule else None, offloads=offloads,
+        stream_states=(True,) if args.stream_state else None,
+        pcie_gb_s=args.pcie_bandwidth, tflops=args.tflops, name=args.model,
     )
+    result = plan(config, gpu_mem, args.seq_len, num_blocks=args.num_blocks, **search)
+    if not result.fits:
+        result.fitting_num_blocks = fewest_fitting_blocks(config, gpu_mem, args.seq_len, args.num_blocks, **search)
     result.train_model = args.model if trainable_model(args.model) else None
     if args.json:
         print(json.dumps(result.as_dict(), indent=2, default=str))
     else:
         print(result.describe())
     return 0 if result.fits else 1
+
+
+def fewest_fitting_blocks(config, gpu_mem_gb: float, seq_len: int, num_blocks: int, **search) -> int | None:
+    """The fewest blocks above ``num_blocks`` with which some setting fits, or None."""
+    shape = model_shape(config)
+    for k in range(num_blocks + 1, shape.layers + 1):
+        if plan(shape, gpu_mem_gb, seq_len, num_blocks=k, **search).fits:
+            return k
+    return None
 
 
 def _train_model_config(train_config):
@@ -335,7 +490,9 @@ def apply_recipe(config, recipe: str | None = None, gpu_mem: float | None = None
     ``gpu_mem`` / ``recipe``. The optimizer step keeps the configured number of sequences
     (``batch_size * grad_accum``): the plan only splits it into micro-batches, so a recipe changes the
     memory and the speed, not what is learned. Sets ``batch_size``, ``grad_accum``, ``recompute``,
-    ``optimizer`` and ``early_lower_step``. Raises ``UsageError`` when nothing fits.
+    ``optimizer`` and ``early_lower_step``, and ``schedule``, ``offload`` and ``stream_state`` where the
+    ``TrainConfig`` has an ``offload`` field (without one the configured schedule is kept, without
+    offload). Raises ``UsageError`` when nothing fits.
     """
     if config.batch_size is None:  # the run's default, filled in as the trainer would
         config = dataclasses.replace(config, batch_size=config.resolved().batch_size)
@@ -360,8 +517,8 @@ def apply_recipe(config, recipe: str | None = None, gpu_mem: float | None = None
             f"no setting fits {gpu_mem:g} GiB at --seq-len {config.seq_len} with {config.num_blocks} blocks "
             f"(smallest predicted peak {result.estimate.peak / GiB:.1f} GiB): try a shorter --seq-len or more "
             f"--num-blocks; `lopt plan --model ... --gpu-mem {gpu_mem:g}` shows the breakdown")
-    return dataclasses.replace(
-        config, batch_size=result.batch_size, grad_accum=result.grad_accum, recompute=result.recompute,
-        optimizer=result.optimizer, early_lower_step=result.early_lower_step,
-    )
+    chosen = dict(batch_size=result.batch_size, grad_accum=result.grad_accum, recompute=result.recompute,
+                  optimizer=result.optimizer, early_lower_step=result.early_lower_step, schedule=result.schedule,
+                  offload=result.offload, stream_state=result.stream_state)
+    return dataclasses.replace(config, **chosen)
 

@@ -10,7 +10,9 @@ when it is done: one block's gradients at a time, with any gradient accumulation
 
 Under torchrun (``lopt.distributed``) each rank runs its share of every step's micro-batches and the
 ranks sum their gradients before each clip and step: the same steps, schedule and data order as one
-process. Rank 0 alone logs, evaluates and writes; every rank holds the full state.
+process. Rank 0 alone logs, evaluates and writes; every rank holds the full state. With ``--pipeline``
+(``lopt.pipeline``) rank r instead runs block r of every micro-batch and steps only that block; rank 0
+gathers the blocks before it evaluates or writes.
 
 Precision: fp32 on the CPU. On CUDA the parameters are bf16 and there is no autocast: the weights,
 activations and gradients are half the size (the point of a memory-saving trainer), the fused
@@ -53,6 +55,7 @@ from .checkpoint import (
     load_optimizer_state,
     read_checkpoint,
     read_latest,
+    regroup_optimizer_states,
     remove,
     remove_partial_writes,
     rng_state,
@@ -69,18 +72,20 @@ from .data import (
     tokenize_conversations,
 )
 from .distributed import PeerLost, World
+from .offload import BlockOffload
 from .errors import NonFiniteLossError, UsageError
 from .loading import TINY, load_tokenizer_and_config, load_weights, resolve_model
 from .evaluation import task_score
 from .model import LoPTModel
 from .optim import build_optimizer
+from .pipeline import Pipeline
 from .plotting import plot_losses
 from .run_dir import TMP_PREFIX, RunDir, checkpoint_name, checkpoint_step, checkpoints, read_saved_config
 from .retention import RetentionProbe, before_after_lines
 
 # Settings a resumed run may change without changing its trajectory (the step count sets the schedule).
 RUN_CONTROL_FIELDS = {"resume", "overwrite", "output_dir", "log_every", "save_every", "eval_every",
-                      "eval_max_examples", "device", "dist_timeout"}
+                      "eval_max_examples", "device", "dist_timeout", "offload", "stream_state"}  # offload: same numbers
 # Under torchrun a signal this soon after the first is the same one, passed on by torchrun.
 REPEAT_SIGNAL_S = 1.0
 
@@ -188,6 +193,10 @@ class Trainer:
             config.warmup_steps if config.warmup_steps is not None else max(1, round(0.05 * self.total_steps))
         )
         self.optimizers, self.block_params = self._build_optimizers()
+        self.pipeline = Pipeline(self) if config.pipeline else None  # --pipeline: this rank's block (lopt.pipeline)
+        # --offload: the blocks not running wait on the host (lopt.offload); it steps each block for us.
+        self.offload = (BlockOffload(model, self.optimizers, config.offload, device, stream_state=config.stream_state)
+                        if config.offload != "none" else None)
         # Position: optimizer steps done, and where the data order stands.
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.start_step = 0  # where this process started: the resumed checkpoint's step
@@ -211,7 +220,8 @@ class Trainer:
         vectors), split by owning block (``block_param_groups``) for per-block optimizers.
         """
         cfg, model = self.config, self.model
-        per_block_steps = cfg.early_lower_step or cfg.boundary == "fresh" or cfg.schedule == "sequential"
+        per_block_steps = (cfg.early_lower_step or cfg.boundary == "fresh" or cfg.schedule == "sequential"
+                           or cfg.pipeline)
         if not per_block_steps or model.num_blocks == 1:
             per_block = [model.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay)]
         else:
@@ -239,9 +249,18 @@ class Trainer:
             if not torch.isfinite(norm):
                 self._lower_grads_finite = False
                 self.optimizers[b].zero_grad(set_to_none=True)
+                if self.offload is not None:
+                    self.offload.page_out()
                 return
-        self.optimizers[b].step()
-        self.optimizers[b].zero_grad(set_to_none=True)
+        self._step_block(b)
+
+    def _step_block(self, b: int):
+        """Step block b's optimizer and free its gradients (with offload, its state then goes back to the host)."""
+        if self.offload is not None:
+            self.offload.step_block(b)
+        else:
+            self.optimizers[b].step()
+            self.optimizers[b].zero_grad(set_to_none=True)
 
     # ----------------------------------------------------------------------------- one optimizer step
 
@@ -263,6 +282,9 @@ class Trainer:
         on_boundary = self._on_boundary if self.block_params is not None else None
         task_sum = aux_sum = torch.zeros((), device=self.device)
         pack_to = cfg.seq_len if cfg.pack else None
+        if self.pipeline is not None:  # every micro-batch through this rank's block, then its own step
+            batches = [_to_device(collate(part, self.pad_id, pack_to), self.device) for part in parts]
+            return self.pipeline.step(batches, tokens, positions)
         mine = range(world.rank, len(parts), world.size)
         if cfg.schedule == "sequential":  # every micro-batch through block 0, its step, then block 1, ...
             batches = [_to_device(collate(parts[i], self.pad_id, pack_to), self.device) for i in mine]
@@ -293,8 +315,7 @@ class Trainer:
         else:
             grad_norm = torch.zeros((), device=self.device)
         last = self.optimizers[-1]  # the only one, or (per-block steps) the upper block's
-        last.step()
-        last.zero_grad(set_to_none=True)
+        self._step_block(len(self.optimizers) - 1)
         losses = world.sum(torch.stack([task_sum, aux_sum]), f"summing the losses of step {self.step + 1}")
         # The step's one read of the device: its losses, and whether the update left everything finite.
         task, aux, norm, updated_finite = torch.cat([losses, torch.stack([grad_norm, self._all_finite()])]).tolist()
@@ -317,6 +338,9 @@ class Trainer:
         for optimizer in self.optimizers:
             for state in optimizer.state.values():
                 tensors.extend(v for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+        if self.offload is not None:  # what is on the device; reading the host copies each step would cost more
+            self.offload.synchronize()
+            tensors = [t for t in tensors if t.device == self.device]
         groups: dict[tuple, list[torch.Tensor]] = {}
         for t in tensors:
             groups.setdefault((t.dtype, t.device), []).append(t)
@@ -371,8 +395,11 @@ class Trainer:
                 self.step += 1
                 window_tokens += result["tokens"]
                 # Rank 0 logs, evaluates and saves; the others go on to the next step and wait in its first sum.
-                do_eval = bool(cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps
-                               and self.held_out is not None and self.world.is_main)
+                eval_due = bool(cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps
+                                and self.held_out is not None)
+                if eval_due and self.pipeline is not None:  # rank 0 evaluates the whole model
+                    self.pipeline.gather_weights()
+                do_eval = eval_due and self.world.is_main
                 log = self.step % cfg.log_every == 0 or self.step == self.total_steps or do_eval
                 if log and self.world.is_main:
                     elapsed = time.perf_counter() - window_start
@@ -391,8 +418,8 @@ class Trainer:
         finally:
             self._restore_signal_handlers(previous_handlers)
             self._pbar.close()
+        checkpoint = self.save_checkpoint()  # with --pipeline every rank sends rank 0 its block here
         self.world.close()  # the steps are done; what follows is rank 0's alone
-        checkpoint = self.save_checkpoint()
         self._confirm_checkpoint()  # no next step to try it on; the update check passed
         summary = dict(
             status="interrupted" if interrupted else "completed",
@@ -450,13 +477,14 @@ class Trainer:
         data = "embedded SFT set" if cfg.data is None else cfg.data
         dtype = next(model.parameters()).dtype
         where = f"resuming at step {self.step}" if self.step else "starting"
-        ranks = f" x {self.world.size} ranks (data parallel)" if self.world.size > 1 else ""
+        mode = "pipeline: block r on rank r" if cfg.pipeline else "data parallel"
+        ranks = f" x {self.world.size} ranks ({mode})" if self.world.size > 1 else ""
         self._say(
             f"{where}: {source} ({n_params / 1e6:.1f}M parameters, blocks {model.block_ranges}) on "
             f"{self.device}{ranks} in {str(dtype).removeprefix('torch.')}; {data}: {len(self.examples)} examples, "
             f"{self.total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}; output: {self.out}"
         )
-        if cfg.grad_accum % self.world.size:
+        if cfg.grad_accum % self.world.size and not cfg.pipeline:
             self._say(f"note: --grad-accum {cfg.grad_accum} does not divide among {self.world.size} ranks: in each "
                       "step some ranks run one micro-batch fewer (and add zero gradients when they have none); a "
                       f"multiple of {self.world.size} keeps every rank busy")
@@ -494,6 +522,8 @@ class Trainer:
         """Model, decoders, optimizers, RNG states and data position, written whole (``lopt.checkpoint``).
         The older checkpoints stay until this one's weights have given a finite loss. Rank 0 alone writes
         (every rank holds the same full state, so a checkpoint resumes on any number of ranks): None elsewhere."""
+        # --pipeline: rank 0 holds only its own block's state; every rank sends it its block first.
+        gathered_optimizers = self.pipeline.gather_state() if self.pipeline is not None else None
         if not self.world.is_main:
             return None
         for saved in (self.unconfirmed_checkpoint, self.last_checkpoint):
@@ -501,7 +531,7 @@ class Trainer:
                 return saved  # this step is saved (e.g. a resume that stopped before its first step)
         state = dict(
             model=self.model.state_dict(),
-            optimizers=[o.state_dict() for o in self.optimizers],
+            optimizers=gathered_optimizers or self._optimizer_states(),
             step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
             rng=rng_state(self.device),
             config=dataclasses.asdict(self.config),
@@ -509,6 +539,11 @@ class Trainer:
         self.run_dir.record(checkpoint_name(self.step))
         self.unconfirmed_checkpoint = write_checkpoint(self.out, self.step, state)
         return self.unconfirmed_checkpoint
+
+    def _optimizer_states(self) -> list[dict]:
+        if self.offload is not None:  # read from the host buffers once their copies are done
+            return self.offload.state_dicts()
+        return [o.state_dict() for o in self.optimizers]
 
     def _confirm_checkpoint(self):
         """The unconfirmed checkpoint is good: it replaces the older ones lopt wrote."""
@@ -529,10 +564,16 @@ class Trainer:
             self.model.load_state_dict(state["model"])
         except RuntimeError as error:
             raise UsageError(f"{path} does not fit this model: {str(error).splitlines()[0]}") from None
-        if len(state["optimizers"]) != len(self.optimizers):
-            raise UsageError(f"{path} was written with a different --early-lower-step / --num-blocks setting")
-        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+        saved_optimizers = state["optimizers"]
+        if len(saved_optimizers) != len(self.optimizers):  # one AdamW <-> one per block (e.g. --pipeline <-> not)
+            try:
+                saved_optimizers = regroup_optimizer_states(saved_optimizers, self.model, self.optimizers)
+            except UsageError as error:
+                raise UsageError(f"{path}: {error}") from None
+        for optimizer, saved in zip(self.optimizers, saved_optimizers):
             load_optimizer_state(optimizer, saved)
+        if self.offload is not None:  # the loaded state and weights go where the offload keeps them
+            self.offload.page_out()
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.start_step = self.step
         set_rng_state(state["rng"], self.device)

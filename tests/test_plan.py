@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from benchmarks.e2e.bytecount import ByteCounter, saved_tensor_bytes, tensors_of
+from benchmarks.schedule_memory import measure_windows
 from lopt import LoPTModel
 from lopt.configs import build_model, shipped_config, tiny_config
 from lopt_kernels import current_backend
@@ -40,7 +41,7 @@ from lopt.memory_model import (
 )
 from lopt.model import split_layers
 from lopt.optim import build_optimizer
-from lopt.plan import add_plan_arguments, apply_recipe, plan, run_plan, usable_bytes
+from lopt.plan import add_plan_arguments, apply_recipe, plan, run_plan, step_time, usable_bytes
 
 ACT_TOL = 0.01
 PEAK_TOL = 0.03
@@ -314,6 +315,101 @@ def test_a_tied_head_is_counted_once_at_one_block(num_blocks):
     assert est.persistent == pytest.approx(persistent, rel=ACT_TOL)
 
 
+# ---------------------------------------------------------------------------------------------- schedules and offload
+
+
+def _predicted_windows(est, schedule, k):
+    """The estimate's phases grouped as ``benchmarks.schedule_memory.measure_windows`` cuts the step."""
+    if schedule == "interleaved":
+        return {("block", 0): max(v for n, v in est.phases.items() if n != "optimizer step"),
+                ("step", 0): est.phases["optimizer step"]}
+    out = {}
+    for b in range(k):
+        if b < k - 1:
+            out["block", b] = max(v for n, v in est.phases.items() if n.startswith(f"block {b} ") and "step" not in n)
+            out["step", b] = max(v for n, v in est.phases.items() if n.startswith(f"block {b} step"))
+        else:
+            out["block", b] = max(v for n, v in est.phases.items() if n.startswith(("last block", "head backward")))
+            out["step", b] = est.phases["optimizer step"]
+    return out
+
+
+LAYOUT_CASES = [
+    # family, dtype, num_blocks, recompute, optimizer, micro-batches, schedule, offload, stream_state
+    ("llama", torch.float32, 2, "none", "adamw", 2, "interleaved", "none", False),
+    ("llama", torch.float32, 2, "none", "adamw", 2, "sequential", "none", False),
+    ("llama", torch.float32, 3, "full", "torch-adamw", 2, "sequential", "optimizer", False),
+    ("qwen3", torch.bfloat16, 3, "none", "adamw", 2, "sequential", "params", False),
+    ("llama", torch.bfloat16, 3, "selective", "adamw-bf16", 1, "sequential", "params", False),
+    ("llama", torch.bfloat16, 3, "none", "adamw", 2, "sequential", "params", True),
+    ("qwen2", torch.float32, 2, "none", "torch-adamw", 1, "sequential", "optimizer", True),
+]
+
+
+def _layout_model(family, dtype, k, recompute):
+    return _wrapped(family, dtype, recompute, layers=6, num_blocks=k, vocab=512)
+
+
+def _micro(n, batch_size=2, seq_len=64):
+    return [{"input_ids": torch.randint(0, 512, (batch_size, seq_len), generator=torch.Generator().manual_seed(i))}
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda c: f"{c[0]}-{str(c[1])[6:]}-k{c[2]}-{c[3]}-{c[4]}-m{c[5]}-"
+                                                            f"{c[6]}-{c[7]}{'-stream' if c[8] else ''}")
+def test_schedule_and_offload_match_counted_bytes_phase_by_phase(case, monkeypatch):
+    """Device bytes in each window of the step (all counted storages minus the offload's host buffers), host
+    bytes and bytes moved, against the estimate."""
+    monkeypatch.setenv("LOPT_KERNELS_BACKEND", "torch")  # the reference step: its temporaries are tensors
+    family, dtype, k, recompute, optimizer, micro_batches, schedule, offload, stream = case
+    config, lm = _layout_model(family, dtype, k, recompute)
+    counted = measure_windows(lm, optimizer, _micro(micro_batches), schedule, offload, stream)
+    windows = counted["windows"]
+    est = estimate_memory(config, seq_len=64, batch_size=2, num_blocks=k, recompute=recompute, optimizer=optimizer,
+                          kernels=False, dtype=dtype, grad_accum=micro_batches, foreach=False, fused_optimizer=False,
+                          schedule=schedule, offload=offload, stream_state=stream)
+    predicted = _predicted_windows(est, schedule, k)
+    assert predicted.keys() == windows.keys()
+    for window, peak in windows.items():
+        assert predicted[window] == pytest.approx(peak, rel=PEAK_TOL), (window, est.phases)
+    assert est.peak == pytest.approx(max(windows.values()), rel=PEAK_TOL)
+    assert est.persistent == pytest.approx(counted["before"], rel=ACT_TOL)
+    assert est.host == pytest.approx(counted["host"], rel=ACT_TOL) and (counted["host"] > 0) == (offload != "none")
+    assert est.transfer == pytest.approx(counted["moved"], rel=ACT_TOL)
+    assert (counted["moved"] > 0) == (offload != "none")
+
+
+def test_sequential_params_offload_peak_is_one_blocks_share(monkeypatch):
+    """Under params offload the device holds at most the largest block's weights, gradients, optimizer state
+    and step temporaries, plus the largest activation working set and the stash (every micro-batch's
+    boundary tensors, block b's inputs and outputs) and the micro-batches' own tensors. The weights,
+    gradients and state are taken from the tensors themselves. Without offload the same step exceeds that
+    bound: it is the paging, not slack, that keeps the peak under it."""
+    monkeypatch.setenv("LOPT_KERNELS_BACKEND", "torch")
+    k, M, batch_size, seq_len = 3, 2, 2, 64
+    peaks = {}
+    for offload in ("none", "params"):
+        config, lm = _layout_model("llama", torch.bfloat16, k, "none")
+        peaks[offload] = max(measure_windows(lm, "adamw", _micro(M), "sequential", offload)["windows"].values())
+    optimizers = [build_optimizer("adamw", g) for g in lm.block_param_groups(1e-3)]
+    lm.sequential_step(_micro(M), on_block_done=lambda b: optimizers[b].step())
+    optimizers[-1].step()  # the state exists: measure each block's share from its tensors
+    est = estimate_memory(config, seq_len=seq_len, batch_size=batch_size, num_blocks=k, optimizer="adamw",
+                          kernels=False, dtype=torch.bfloat16, grad_accum=M, fused_optimizer=False,
+                          schedule="sequential", offload="params")
+    share = []
+    for b, opt in enumerate(optimizers):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        weights = sum(p.numel() * p.element_size() for p in params)
+        state = sum(v.numel() * v.element_size() for p in params for v in opt.state[p].values() if torch.is_tensor(v))
+        share.append(2 * weights + state + est.per_block[b]["step_temp"])  # weights, their gradients, state
+    tokens, h, head_dim = M * batch_size * seq_len, config.hidden_size, config.head_dim
+    stash = 2 * tokens * h * 2  # bf16 inputs and outputs of a middle block, every micro-batch
+    inputs = tokens * (2 * 8 + 2 * 2 * head_dim)  # ids, labels, rotary cos/sin
+    bound = max(share) + est.activation_peak + stash + inputs
+    assert peaks["params"] <= bound < peaks["none"], (peaks, bound)
+
+
 # ---------------------------------------------------------------------------------------------- the plan
 
 
@@ -388,6 +484,75 @@ def test_apply_recipe_raises_a_usage_error_when_nothing_fits():
 
     with pytest.raises(UsageError, match="no setting fits"):
         apply_recipe(TrainConfig(model="llama-3.2-3b", seq_len=8192, batch_size=8), gpu_mem=4)
+
+
+def test_offload_needs_the_sequential_schedule():
+    config = tiny_config("llama", hidden_size=64, num_hidden_layers=4)
+    with pytest.raises(ValueError, match="schedule='sequential'"):
+        estimate_memory(config, seq_len=16, batch_size=1, offload="params")
+    with pytest.raises(ValueError, match="stream_state"):
+        estimate_memory(config, seq_len=16, batch_size=1, schedule="sequential", stream_state=True)
+    with pytest.raises(ValueError, match="early_lower_step is for the interleaved"):
+        estimate_memory(config, seq_len=16, batch_size=1, schedule="sequential", early_lower_step=True)
+    parser = add_plan_arguments(argparse.ArgumentParser())
+    from lopt.errors import UsageError
+
+    with pytest.raises(UsageError, match="needs --schedule sequential"):
+        run_plan(parser.parse_args(["--model", "tiny", "--gpu-mem", "8", "--schedule", "interleaved",
+                                    "--offload", "params"]))
+    with pytest.raises(UsageError, match="--pcie-bandwidth must be a finite number > 0"):
+        run_plan(parser.parse_args(["--model", "tiny", "--gpu-mem", "8", "--pcie-bandwidth", "0"]))
+    with pytest.raises(UsageError, match="--stream-state streams offloaded state"):
+        run_plan(parser.parse_args(["--model", "tiny", "--gpu-mem", "8", "--offload", "none", "--stream-state"]))
+
+
+def test_plan_offloads_only_when_nothing_else_fits():
+    roomy = plan(shipped_config("qwen2.5-0.5b"), 80, 2048)
+    assert (roomy.schedule, roomy.offload, roomy.stream_state) == ("interleaved", "none", False)
+    config = shipped_config("llama-3.1-8b-instruct")
+    on_device = plan(config, 24, 2048, offloads=("none",))
+    assert not on_device.fits  # 8B parameters (16 GB in bf16) with gradients and state do not fit 24 GB
+    paged = plan(config, 24, 2048)
+    est = paged.estimate
+    assert paged.fits and paged.schedule == "sequential" and paged.offload != "none"
+    assert est.peak <= usable_bytes(24) < on_device.estimate.peak
+    assert est.host >= est.optimizer_state and est.transfer >= 2 * est.optimizer_state
+    assert "--schedule sequential --offload" in paged.train_flags()
+
+
+def test_step_time_counts_flops_and_transfers():
+    config = shipped_config("llama-3.2-1b")
+    shape = model_shape(config)
+    tokens = 8 * 2048
+    est = estimate_memory(config, seq_len=2048, batch_size=1, grad_accum=8, schedule="sequential", offload="params")
+    fast, slow = step_time(shape, est, tokens), step_time(shape, est, tokens, pcie_gb_s=2.5)
+    matrices = shape.total_params(2) - shape.embed_params - shape.final_norm_params  # the embedding is a lookup
+    assert fast.compute == pytest.approx(6 * matrices * tokens / 150e12)
+    assert slow.transfer == pytest.approx(10 * fast.transfer) and fast.transfer == pytest.approx(est.transfer / 25e9)
+    assert fast.compute <= fast.step < fast.compute + fast.transfer  # the transfers overlap the compute
+    assert slow.step == pytest.approx(slow.transfer) and slow.step > 10 * slow.compute  # transfer-bound
+    streamed = estimate_memory(config, seq_len=2048, batch_size=1, grad_accum=8, schedule="sequential",
+                               offload="params", stream_state=True)
+    assert streamed.peak < est.peak and step_time(shape, streamed, tokens).step > fast.step
+
+
+def test_plan_cli_prints_host_memory_and_transfer_time(capsys):
+    parser = add_plan_arguments(argparse.ArgumentParser())
+    args = ["--model", "llama-3.1-8b-instruct", "--gpu-mem", "24", "--seq-len", "2048"]
+    assert run_plan(parser.parse_args(args)) == 0
+    out = capsys.readouterr().out
+    for needle in ("schedule sequential, offload", "host memory needed", "25 GB/s host<->device", "150 TFLOP/s",
+                   "--pcie-bandwidth", "moved per step", "--schedule sequential --offload"):
+        assert needle in out, needle
+
+    def transfer_seconds(text):
+        return float(text.split("transfers ")[1].split(" s")[0])
+
+    assert run_plan(parser.parse_args(args + ["--pcie-bandwidth", "5", "--offload", "params"])) in (0, 1)
+    slow = capsys.readouterr().out
+    assert transfer_seconds(slow) == pytest.approx(5 * transfer_seconds(out), rel=0.02)
+    assert run_plan(parser.parse_args(args[:3] + ["16", "--seq-len", "2048"])) == 1
+    assert "with --num-blocks 3 a setting fits" in capsys.readouterr().out
 
 
 def test_gib_units():

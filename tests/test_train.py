@@ -212,6 +212,39 @@ def test_sequential_schedule_runs_the_fresh_boundary_with_accumulation(tmp_path,
                     early_lower_step=True))
 
 
+@pytest.mark.parametrize("offload", [dict(offload="optimizer"), dict(offload="params", stream_state=True)],
+                         ids=["optimizer", "params-streamed"])
+def test_offload_changes_no_number_and_resumes(tmp_path, tiny_model_dir, qa_file, offload, monkeypatch):
+    """--offload pages blocks through the host: the same losses and weights as the sequential schedule
+    without it, also across a checkpoint written and resumed while paged."""
+    common = dict(batch_size=2, grad_accum=2, num_blocks=3, schedule="sequential", lr=3e-3)
+    train(small(tmp_path, "plain", tiny_model_dir, qa_file, max_steps=4, **common))
+    original = Trainer.optimizer_step
+
+    def stop_after_two(self, micro_batches):
+        out = original(self, micro_batches)
+        if self.step == 1:  # the second step: ask to stop, as Ctrl-C would
+            self.stop_requested = True
+        return out
+
+    monkeypatch.setattr(Trainer, "optimizer_step", stop_after_two)
+    first = train(small(tmp_path, "paged", tiny_model_dir, qa_file, max_steps=4, **common, **offload))
+    assert first["status"] == "interrupted" and first["steps"] == 2
+    monkeypatch.setattr(Trainer, "optimizer_step", original)
+    train(small(tmp_path, "paged", tiny_model_dir, qa_file, max_steps=4, resume=True, **common, **offload))
+    assert [r["loss"] for r in metrics(tmp_path / "paged")] == [r["loss"] for r in metrics(tmp_path / "plain")]
+    reference = final_params(tmp_path / "plain")
+    for name, p in final_params(tmp_path / "paged").items():
+        assert torch.equal(p, reference[name]), name
+
+
+def test_offload_needs_the_sequential_schedule(tmp_path, tiny_model_dir, qa_file):
+    with pytest.raises(UsageError, match="needs --schedule sequential"):
+        train(small(tmp_path, "a", tiny_model_dir, qa_file, max_steps=1, offload="params"))
+    with pytest.raises(UsageError, match="needs --offload"):
+        train(small(tmp_path, "b", tiny_model_dir, qa_file, max_steps=1, schedule="sequential", stream_state=True))
+
+
 def test_early_lower_step_uses_one_optimizer_per_block(tmp_path, tiny_model_dir, qa_file, monkeypatch):
     steps = []
     original = AdamW.step
