@@ -30,6 +30,7 @@ from .config import (
     RECIPES,
     RECOMPUTE,
     SCHEDULES,
+    TrainConfig,
     check_int,
     check_number,
 )
@@ -397,7 +398,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     card.add_argument("--gpu-mem", type=float, metavar="GB", help="memory of the card in GiB (e.g. 24)")
     card.add_argument("--recipe", choices=tuple(RECIPES),
                       help="a consumer card: 8gb, 12gb, 16gb or 24gb")
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    seq_len = TrainConfig.__dataclass_fields__["seq_len"].default  # lopt train's: one default for both
+    parser.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per sequence (default {seq_len})")
     parser.add_argument("--num-blocks", type=int, default=2, help="LoPT blocks (default 2)")
     parser.add_argument("--tokens-per-step", type=int, default=16384,
                         help="tokens per optimizer step, split into micro-batches (default 16384)")
