@@ -52,6 +52,16 @@ def summarise(results_dir: Path) -> dict:
     if "e2e" in methods:
         for m in methods.values():
             m["tokens_per_s_vs_e2e"] = m["tokens_per_s"] / methods["e2e"]["tokens_per_s"]
+        # Every method at end-to-end's rate, over all the seeds run there: retention at (near) equal task score.
+        at_lr = methods["e2e"]["lr"]
+        for name, m in methods.items():
+            there = [r for r in runs[name] if r["spec"]["lr"] == at_lr]
+            if there:
+                m["at_e2e_lr"] = dict(
+                    lr=at_lr, seeds=sorted(r["spec"]["seed"] for r in there),
+                    exact_match=_stats([r["after"]["exact_match"] for r in there]),
+                    nll_increase=_stats([r["after"]["general_nll"] - r["before"]["general_nll"] for r in there]),
+                    kl=_stats([r["after"]["kl"] for r in there]))
     settings = next(iter(runs.values()))[0]["spec"] if runs else {}
     keep = ("model", "steps", "batch_size", "seq_len", "eval_max_examples")
     return dict(settings={k: settings[k] for k in keep if k in settings}, methods=methods)
@@ -70,6 +80,18 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {name} | {m['lr']:g} | {len(m['seeds'])} | {pm(m['exact_match'], '{:.1%}')} | "
                      f"{pm(m['task_loss'], '{:.3f}')} | {pm(m['nll_increase'], '{:.4f}')} | {pm(m['kl'], '{:.4f}')} "
                      f"| {rel} | {m['trainable_params'] / 1e6:.1f}M | {m['peak_mem_gb']:.2f} |")
+    at = {name: m["at_e2e_lr"] for name, m in summary["methods"].items() if "at_e2e_lr" in m}
+    if at:
+        e2e = at.get("e2e")
+        lines += ["", f"Every method at end-to-end's picked rate ({e2e['lr']:g}), over all the seeds run there, and its "
+                  "retention loss as a multiple of end-to-end's.", "",
+                  "| method | seeds | exact match | NLL increase | x e2e | KL | x e2e |", "|---|---|---|---|---|---|---|"]
+        for name, r in at.items():
+            def pm(stat, fmt):
+                return f"{fmt.format(stat['mean'])} ± {fmt.format(stat['std'])}"
+            lines.append(f"| {name} | {len(r['seeds'])} | {pm(r['exact_match'], '{:.1%}')} | "
+                         f"{pm(r['nll_increase'], '{:.4f}')} | {r['nll_increase']['mean'] / e2e['nll_increase']['mean']:.2f} "
+                         f"| {pm(r['kl'], '{:.4f}')} | {r['kl']['mean'] / e2e['kl']['mean']:.2f} |")
     lines += ["", "Every rate of each sweep (seed 0): what each method trades between task score and retention.", "",
               "| method | lr | exact match | NLL increase | KL |", "|---|---|---|---|---|"]
     for name, m in summary["methods"].items():
@@ -88,6 +110,11 @@ def plot(summary: dict, path: Path) -> None:
     for name, m in summary["methods"].items():
         bar = ax.errorbar(m["kl"]["mean"], m["exact_match"]["mean"], xerr=m["kl"]["std"], yerr=m["exact_match"]["std"],
                           fmt="o", capsize=3, label=f"{name} (lr {m['lr']:g}, {len(m['seeds'])} seeds)")
+        at = m.get("at_e2e_lr")
+        if at and at["lr"] != m["lr"] and len(at["seeds"]) > 1:  # its seeds at end-to-end's rate: a hollow dot
+            ax.errorbar(at["kl"]["mean"], at["exact_match"]["mean"], xerr=at["kl"]["std"], yerr=at["exact_match"]["std"],
+                        fmt="o", mfc="none", capsize=3, color=bar[0].get_color(),
+                        label=f"{name} at lr {at['lr']:g} ({len(at['seeds'])} seeds)")
         sweep = list(m["sweep"].values())  # seed 0 at every rate, faint, in the same colour
         ax.plot([r["kl"] for r in sweep], [r["exact_match"] for r in sweep], "--", marker=".", alpha=0.35,
                 color=bar[0].get_color())
