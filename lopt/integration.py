@@ -41,6 +41,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+from transformers import TrainerCallback
 
 from .model import IGNORE_INDEX, LoPTModel
 
@@ -222,13 +223,7 @@ def load_decoders(model: nn.Module, directory: str | os.PathLike) -> bool:
     return True
 
 
-def _trainer_callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class LoPTCallback(_trainer_callback_base()):
+class LoPTCallback(TrainerCallback):
     """For the Hugging Face Trainer and TRL: logs ``aux_loss``, takes the accumulation count from the
     trainer's args, and keeps the decoders in checkpoints (saved beside them, loaded on resume)."""
 
