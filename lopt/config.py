@@ -224,6 +224,10 @@ class TrainConfig:
         "micro-batch's boundary activations go forward to the next rank and nothing comes back, the micro-batches "
         "stream through the ranks, and each block is clipped and stepped on its own rank (the stale boundary: the "
         "one-process step's result)", type=bool, group="run")
+    shard: bool = _flag(
+        False, "torchrun data parallel with each decoder layer's weights, gradients and optimizer state split "
+        "across the ranks (FSDP2, lopt.sharding): a rank holds 1/N of them plus the layer being computed",
+        type=bool, group="run")
 
     @property
     def embedded_model(self) -> bool:
@@ -290,6 +294,8 @@ class TrainConfig:
         if self.stream_state and self.offload == "none":
             raise UsageError("--stream-state streams offloaded optimizer state: it needs --offload optimizer or params")
         _, ranks, _ = launch_env()
+        if self.shard:
+            self._check_shard(ranks)
         if self.pipeline:
             self._check_pipeline(ranks)
         elif self.schedule == "sequential":
@@ -311,6 +317,24 @@ class TrainConfig:
                              f"{self.grad_accum} (raise --batch-size instead)")
         if self.optimizer == "adamw-8bit" and importlib.util.find_spec("bitsandbytes") is None:
             raise UsageError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes")
+
+    def _check_shard(self, ranks: int):
+        """--shard: FSDP2 data parallel, with the interleaved schedule and an optimizer that steps shards."""
+        if ranks == 1:
+            raise UsageError("--shard splits the model across torchrun's processes: start it with torchrun "
+                             "--nproc-per-node N (N >= 2), or leave it out")
+        for flag, value, allowed in (("--pipeline", self.pipeline, False), ("--schedule", self.schedule, "interleaved"),
+                                     ("--offload", self.offload, "none")):
+            if value != allowed:
+                shown = "" if isinstance(value, bool) else f" {value}"
+                raise UsageError(f"--shard with {flag}{shown} is not supported yet: drop one of them")
+        if self.optimizer == "adamw-8bit":
+            raise UsageError("--shard with --optimizer adamw-8bit is not supported (bitsandbytes steps whole "
+                             "tensors): use adamw or adamw-bf16")
+        if self.recipe is not None or self.gpu_mem is not None:
+            raise UsageError("--recipe and --gpu-mem plan one process that holds the whole model; with --shard set "
+                             "--batch-size, --grad-accum and --recompute yourself (lopt plan --nproc N --shard "
+                             "predicts a rank's memory)")
 
     def _check_pipeline(self, ranks: int):
         """--pipeline: one block per rank, each block's step once per optimizer step, on the stale boundary."""

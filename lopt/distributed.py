@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from .config import launch_env
 from .errors import UsageError
+from .sharding import is_sharded
 
 # Gradients are summed in flat buckets of up to this many bytes: few collectives, bounded extra memory.
 BUCKET_BYTES = 64 * 2**20
@@ -104,12 +105,13 @@ class World:
 
         A rank that ran no micro-batch (or none that reached ``p``) adds zeros. Rank 0 always runs the
         step's first micro-batch, which reaches every trainable parameter, so afterwards each has a
-        gradient on every rank, as it has in one process."""
+        gradient on every rank, as it has in one process. Sharded parameters (``--shard``) are skipped: their
+        backward has summed their gradients already (``lopt.sharding``)."""
         if self.size == 1:
             return
         grads = []
         for p in params:
-            if not p.requires_grad:
+            if not p.requires_grad or is_sharded(p):
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -33,8 +33,11 @@ def eos_ids(hf_model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def greedy_answers(hf_model, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: int,
-                   batch_size: int) -> list[list[int]]:
-    """Each prompt's greedy continuation, up to and including its first end-of-sequence token."""
+                   batch_size: int, synced: bool = False) -> list[list[int]]:
+    """Each prompt's greedy continuation, up to and including its first end-of-sequence token.
+
+    ``synced``: the model is sharded across the ranks (``lopt.sharding``), which all generate the same
+    answers; each keeps running forwards until every rank is done, since each forward gathers weights."""
     from transformers import GenerationConfig
 
     eos, pad = eos_ids(hf_model, tokenizer), pad_id(tokenizer)
@@ -48,7 +51,8 @@ def greedy_answers(hf_model, tokenizer, prompt_ids: Sequence[list[int]], max_new
         # Left padding: every prompt ends where generation starts.
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in part], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device=device)
-        out = hf_model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen_config)
+        out = hf_model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen_config,
+                                 synced_gpus=synced)
         for row in out[:, width:].tolist():
             cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
             answers.append(row[:cut])
@@ -57,7 +61,7 @@ def greedy_answers(hf_model, tokenizer, prompt_ids: Sequence[list[int]], max_new
 
 @torch.no_grad()
 def task_score(hf_model, tokenizer, held_out: tuple[Sequence[Example], Sequence[EvalExample]], batch_size: int,
-               max_generated: int) -> dict:
+               max_generated: int, synced: bool = False) -> dict:
     """Held-out loss and answer-token accuracy (teacher-forced, token-weighted) over every example, and
     the exact match of greedy answers (whitespace-stripped) on the first ``max_generated`` prompts."""
     full, prompts = held_out
@@ -78,7 +82,7 @@ def task_score(hf_model, tokenizer, held_out: tuple[Sequence[Example], Sequence[
     prompts = list(prompts[:max_generated])
     longest = max((len(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) for p in prompts), default=1)
     answer_ids = greedy_answers(hf_model, tokenizer, [p.prompt_ids for p in prompts], min(256, longest + 8),
-                                batch_size)
+                                batch_size, synced)
     eos = eos_ids(hf_model, tokenizer)
     generated = [tokenizer.decode(ids[:-1] if ids and ids[-1] in eos else ids, skip_special_tokens=True)
                  for ids in answer_ids]

@@ -25,6 +25,7 @@ import lopt_kernels
 
 from .config import OPTIMIZERS
 from .errors import UsageError
+from .sharding import local
 
 
 class AdamW(torch.optim.Optimizer):
@@ -51,16 +52,18 @@ class AdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                # A sharded parameter (--shard) is updated through its shard; its state is the shard's.
+                param, grad = local(p), local(p.grad)
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
-                    if self.state_dtype == torch.float32 and p.dtype != torch.float32:
-                        state["master"] = p.float()
+                    state["exp_avg"] = torch.zeros_like(param, dtype=self.state_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=self.state_dtype)
+                    if self.state_dtype == torch.float32 and param.dtype != torch.float32:
+                        state["master"] = param.float()
                 state["step"] += 1
                 beta1, beta2 = group["betas"]
-                lopt_kernels.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("master"),
+                lopt_kernels.adamw_step(param, grad, state["exp_avg"], state["exp_avg_sq"], state.get("master"),
                                         lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                         weight_decay=group["weight_decay"], step=state["step"])
         return loss

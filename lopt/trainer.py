@@ -12,7 +12,9 @@ Under torchrun (``lopt.distributed``) each rank runs its share of every step's m
 ranks sum their gradients before each clip and step: the same steps, schedule and data order as one
 process. Rank 0 alone logs, evaluates and writes; every rank holds the full state. With ``--pipeline``
 (``lopt.pipeline``) rank r instead runs block r of every micro-batch and steps only that block; rank 0
-gathers the blocks before it evaluates or writes.
+gathers the blocks before it evaluates or writes. With ``--shard`` (``lopt.sharding``) the ranks hold 1/N of
+the weights, gradients and optimizer state each; they evaluate together and gather each tensor for rank 0 to
+write.
 
 Precision: fp32 on the CPU. On CUDA the parameters are bf16 and there is no autocast: the weights,
 activations and gradients are half the size (the point of a memory-saving trainer), the fused
@@ -80,6 +82,7 @@ from .model import LoPTModel
 from .optim import build_optimizer
 from .pipeline import Pipeline
 from .plotting import plot_losses
+from . import sharding
 from .run_dir import TMP_PREFIX, RunDir, checkpoint_name, checkpoint_step, checkpoints, read_saved_config
 from .retention import RetentionProbe, before_after_lines
 
@@ -120,13 +123,15 @@ def _train(config: TrainConfig, world: World, run_dir: RunDir, device, dtype) ->
     # Rank 0 owns the output directory: it checks it, and picks the checkpoint every rank resumes from.
     # Each `together` block ends with the ranks agreeing that it worked, or stopping with one message.
     resume_path = resume_state = tokenizer = model_config = None
+    # --shard: a checkpoint is read to the host, whole, and each rank moves only its shards to the device
+    state_device = torch.device("cpu") if config.shard else device
     with world.together("checking the run directory and the model"):
         if world.is_main:
             run_dir.check(config)  # refuses before anything is loaded or touched
             if config.resume:
                 _note_changed_settings(run_dir.path, config)
                 # a damaged one fails before the model loads
-                resume_path, resume_state = read_latest(checkpoints(run_dir.path), device)
+                resume_path, resume_state = read_latest(checkpoints(run_dir.path), state_device)
             # Cheap checks first: the model's config and tokenizer (a GGUF is converted here, once for all
             # ranks), then the data, then the weights.
             tokenizer, model_config = _load_tokenizer_and_config(config)
@@ -137,7 +142,7 @@ def _train(config: TrainConfig, world: World, run_dir: RunDir, device, dtype) ->
             if not world.is_main:
                 tokenizer, model_config = _load_tokenizer_and_config(config)
                 if config.resume:  # every rank holds the full state: the same checkpoint, read whole
-                    resume_state = read_checkpoint(resume_path, device)
+                    resume_state = read_checkpoint(resume_path, state_device)
             _seed_everything(config.seed)
             examples, held_out = _load_data(config, tokenizer, notes=world.is_main)
             model = _wrap(_load_weights(config, model_config, device, dtype), config)
@@ -146,7 +151,7 @@ def _train(config: TrainConfig, world: World, run_dir: RunDir, device, dtype) ->
                 if config.overwrite:
                     run_dir.clear()
             trainer = Trainer(config, model, tokenizer, examples, held_out, run_dir, device, world)
-            if world.is_main:
+            if world.is_main or config.shard:  # sharded, the ranks evaluate together: each needs the reference
                 trainer.measure_before()
             if config.resume:
                 trainer.load_checkpoint(resume_path, resume_state)
@@ -155,6 +160,8 @@ def _train(config: TrainConfig, world: World, run_dir: RunDir, device, dtype) ->
                                    dataclasses.replace(config, resume=False, overwrite=False).to_json() + "\n")
         del resume_state
         world.broadcast_parameters(model)
+        if config.shard:  # every rank holds rank 0's whole model now: keep a shard of it
+            trainer.shard()
         try:
             return trainer.run()
         except PeerLost as error:
@@ -206,6 +213,8 @@ class Trainer:
         self.stop_requested = False
         self.stop_signal: int | None = None
         self._lower_grads_finite = True
+        self.sharded = False  # --shard: set once the model is split (Trainer.shard)
+        self._saved_optimizers: list[dict] | None = None  # --shard: a resumed run's, loaded as shards after the split
         self._pbar = None
         self.probe: RetentionProbe | None = None  # set with the before-training measures (measure_before)
         self.before: dict = {}
@@ -239,13 +248,29 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
 
+    def shard(self):
+        """--shard: split the model across the ranks and build the optimizers over the shards; a resumed run's
+        optimizer state (one-process shaped) is loaded as each rank's slice."""
+        sharding.shard_model(self.model, self.world, self.device)
+        self.optimizers, self.block_params = self._build_optimizers()
+        for optimizer, saved in zip(self.optimizers, self._saved_optimizers or []):
+            load_optimizer_state(optimizer, sharding.shard_optimizer_state(optimizer, saved))
+        self._saved_optimizers = None
+        self.sharded = True
+
+    def _clip(self, params) -> torch.Tensor:
+        """Scale ``params``' gradients to a norm of at most ``--max-grad-norm``; returns the norm before."""
+        if self.sharded:
+            return sharding.clip_grad_norm(params, self.config.max_grad_norm, self.world)
+        return torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+
     def _on_boundary(self, b: int):
         """Per-block steps: clip and step lower block b now; its gradients are freed before block b+1 runs.
         Under torchrun the ranks first sum this block's gradients, so every rank steps it alike."""
         params = self.block_params[b]
         self.world.sum_grads(params, f"summing block {b}'s gradients at step {self.step + 1}")
         if self.config.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            norm = self._clip(params)
             if not torch.isfinite(norm):
                 self._lower_grads_finite = False
                 self.optimizers[b].zero_grad(set_to_none=True)
@@ -286,6 +311,8 @@ class Trainer:
             batches = [_to_device(collate(part, self.pad_id, pack_to), self.device) for part in parts]
             return self.pipeline.step(batches, tokens, positions)
         mine = range(world.rank, len(parts), world.size)
+        if self.sharded:  # every rank enters each unit's collectives as often: a rank one short repeats one at weight 0
+            mine = range(world.rank, -(-len(parts) // world.size) * world.size, world.size)
         if cfg.schedule == "sequential":  # every micro-batch through block 0, its step, then block 1, ...
             batches = [_to_device(collate(parts[i], self.pad_id, pack_to), self.device) for i in mine]
             out = self.model.sequential_step(batches, on_block_done=on_boundary, boundary=cfg.boundary,
@@ -293,9 +320,14 @@ class Trainer:
             task_sum, aux_sum = out.task_loss.float(), out.aux_loss.float()  # weighted by the step's totals
         else:  # each micro-batch through every block in turn
             for i in mine:
+                filler = i >= len(parts)
+                i %= len(parts)
                 batch = _to_device(collate(parts[i], self.pad_id, pack_to), self.device)
-                out = self.model.train_step(batch, total_tokens=total_tokens, total_positions=total_positions,
-                                            on_boundary=on_boundary, boundary=cfg.boundary)
+                out = self.model.train_step(batch, loss_scale=0.0 if filler else 1.0, total_tokens=total_tokens,
+                                            total_positions=total_positions, on_boundary=on_boundary,
+                                            boundary=cfg.boundary)
+                if filler:
+                    continue
                 if tokens[i]:  # a micro-batch without labels still trains the lower blocks, but has no task loss
                     task_sum = task_sum + out.task_loss.float() * (tokens[i] / total_tokens)
                 aux_sum = aux_sum + out.aux_loss.float() * (positions[i] / total_positions)
@@ -311,14 +343,17 @@ class Trainer:
             params = [p for p in self.model.parameters() if p.requires_grad]
         world.sum_grads(params, f"summing the gradients of step {self.step + 1}")  # before the clip: its norm is global
         if cfg.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).float()
+            grad_norm = self._clip(params).float()
         else:
             grad_norm = torch.zeros((), device=self.device)
         last = self.optimizers[-1]  # the only one, or (per-block steps) the upper block's
         self._step_block(len(self.optimizers) - 1)
-        losses = world.sum(torch.stack([task_sum, aux_sum]), f"summing the losses of step {self.step + 1}")
+        # Summed with the losses: whether the update left any rank's tensors non-finite (its shards, when sharded).
+        not_finite = 1.0 - self._all_finite()
+        summed = world.sum(torch.stack([task_sum, aux_sum, not_finite]), f"summing the losses of step {self.step + 1}")
         # The step's one read of the device: its losses, and whether the update left everything finite.
-        task, aux, norm, updated_finite = torch.cat([losses, torch.stack([grad_norm, self._all_finite()])]).tolist()
+        task, aux, not_finite, norm = torch.cat([summed, grad_norm.reshape(1)]).tolist()
+        updated_finite = not_finite == 0
         loss = task + self.model.lambda_aux * aux
         if not (math.isfinite(loss) and math.isfinite(norm) and self._lower_grads_finite):
             raise self._diverged(f"non-finite loss at step {self.step + 1} (task {task:.4g}, aux {aux:.4g})",
@@ -334,7 +369,7 @@ class Trainer:
     def _all_finite(self) -> torch.Tensor:
         """1.0 if every parameter and optimizer state tensor is finite, else 0.0: a device scalar, no sync.
         One fused norm per dtype (a non-finite element, or a norm that overflows, is not finite)."""
-        tensors = list(self.model.parameters())
+        tensors = [sharding.local(p) for p in self.model.parameters()]
         for optimizer in self.optimizers:
             for state in optimizer.state.values():
                 tensors.extend(v for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
@@ -399,13 +434,13 @@ class Trainer:
                                 and self.held_out is not None)
                 if eval_due and self.pipeline is not None:  # rank 0 evaluates the whole model
                     self.pipeline.gather_weights()
-                do_eval = eval_due and self.world.is_main
+                do_eval = eval_due and (self.world.is_main or self.sharded)  # sharded: the ranks evaluate together
+                eval_row = self._eval_row() if do_eval else {}
                 log = self.step % cfg.log_every == 0 or self.step == self.total_steps or do_eval
                 if log and self.world.is_main:
                     elapsed = time.perf_counter() - window_start
                     row = self._log(result, window_tokens / max(elapsed, 1e-9))
-                    if do_eval:
-                        row.update(self._eval_row())
+                    row.update(eval_row)
                     self._write_metrics(row)
                     window_start, window_tokens = time.perf_counter(), 0
                 self._pbar.update(1)
@@ -419,6 +454,10 @@ class Trainer:
             self._restore_signal_handlers(previous_handlers)
             self._pbar.close()
         checkpoint = self.save_checkpoint()  # with --pipeline every rank sends rank 0 its block here
+        final_weights = result = None
+        if self.sharded and not interrupted:  # the model is whole only across the ranks: they finish together
+            final_weights = sharding.full_state(self.model.model, keep=self.world.is_main)
+            result = self.final_evaluation()
         self.world.close()  # the steps are done; what follows is rank 0's alone
         self._confirm_checkpoint()  # no next step to try it on; the update check passed
         summary = dict(
@@ -439,8 +478,9 @@ class Trainer:
         self._plot()
         if interrupted:
             return summary
-        summary["final_dir"] = str(self.save_final())
-        result = self.final_evaluation()
+        summary["final_dir"] = str(self.save_final(final_weights))
+        if not self.sharded:
+            result = self.final_evaluation()
         if result is not None:
             summary["eval"] = result
             self.run_dir.write_text("eval.json", json.dumps(result, indent=2) + "\n")
@@ -477,7 +517,8 @@ class Trainer:
         data = "embedded SFT set" if cfg.data is None else cfg.data
         dtype = next(model.parameters()).dtype
         where = f"resuming at step {self.step}" if self.step else "starting"
-        mode = "pipeline: block r on rank r" if cfg.pipeline else "data parallel"
+        mode = ("pipeline: block r on rank r" if cfg.pipeline else "sharded data parallel" if cfg.shard
+                else "data parallel")
         ranks = f" x {self.world.size} ranks ({mode})" if self.world.size > 1 else ""
         self._say(
             f"{where}: {source} ({n_params / 1e6:.1f}M parameters, blocks {model.block_ranges}) on "
@@ -522,15 +563,20 @@ class Trainer:
         """Model, decoders, optimizers, RNG states and data position, written whole (``lopt.checkpoint``).
         The older checkpoints stay until this one's weights have given a finite loss. Rank 0 alone writes
         (every rank holds the same full state, so a checkpoint resumes on any number of ranks): None elsewhere."""
+        saved = next((c for c in (self.unconfirmed_checkpoint, self.last_checkpoint)
+                      if c is not None and checkpoint_step(c) == self.step), None)
+        if self.world.broadcast_object(saved is not None):  # this step is saved (a resume that stopped at once)
+            return saved if self.world.is_main else None
         # --pipeline: rank 0 holds only its own block's state; every rank sends it its block first.
+        # --shard: every rank gathers each tensor in turn, and rank 0 keeps it.
         gathered_optimizers = self.pipeline.gather_state() if self.pipeline is not None else None
+        if self.sharded:
+            gathered_model = sharding.full_state(self.model, keep=self.world.is_main)
+            gathered_optimizers = [sharding.full_optimizer_state(o, keep=self.world.is_main) for o in self.optimizers]
         if not self.world.is_main:
             return None
-        for saved in (self.unconfirmed_checkpoint, self.last_checkpoint):
-            if saved is not None and checkpoint_step(saved) == self.step:
-                return saved  # this step is saved (e.g. a resume that stopped before its first step)
         state = dict(
-            model=self.model.state_dict(),
+            model=gathered_model if self.sharded else self.model.state_dict(),
             optimizers=gathered_optimizers or self._optimizer_states(),
             step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
             rng=rng_state(self.device),
@@ -570,8 +616,11 @@ class Trainer:
                 saved_optimizers = regroup_optimizer_states(saved_optimizers, self.model, self.optimizers)
             except UsageError as error:
                 raise UsageError(f"{path}: {error}") from None
-        for optimizer, saved in zip(self.optimizers, saved_optimizers):
-            load_optimizer_state(optimizer, saved)
+        if self.config.shard:  # loaded as shards once the model is split (Trainer.shard)
+            self._saved_optimizers = saved_optimizers
+        else:
+            for optimizer, saved in zip(self.optimizers, saved_optimizers):
+                load_optimizer_state(optimizer, saved)
         if self.offload is not None:  # the loaded state and weights go where the offload keeps them
             self.offload.page_out()
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
@@ -597,13 +646,14 @@ class Trainer:
             self._say(f"{path.name} is already at step {self.step} of {self.total_steps}; raise --max-steps or "
                       "--epochs to train further")
 
-    def save_final(self) -> Path:
-        """The plain Hugging Face checkpoint (decoders dropped) with its tokenizer, swapped in atomically."""
+    def save_final(self, weights: dict | None = None) -> Path:
+        """The plain Hugging Face checkpoint (decoders dropped) with its tokenizer, swapped in atomically.
+        ``weights``: the causal LM's state dict, gathered whole (``--shard``), instead of its own."""
         final = self.out / "final"
         self.run_dir.record("final")
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}final-", dir=self.out))
         try:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, **({} if weights is None else dict(state_dict=weights)))
             self.tokenizer.save_pretrained(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -639,7 +689,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """Held-out task loss (token-weighted), answer-token accuracy and exact match of greedy answers."""
         result = dict(step=self.step, **task_score(self.model.model, self.tokenizer, self.held_out,
-                                                   self.config.batch_size, self.config.eval_max_examples))
+                                                   self.config.batch_size, self.config.eval_max_examples,
+                                                   synced=self.sharded))
         self._say(f"held-out at step {self.step}: loss {result['loss']:.4f}, answer-token accuracy "
                   f"{result['token_accuracy']:.1%}, exact match {result['correct']}/{result['num_generated']}")
         return result

@@ -42,6 +42,8 @@ runs when kernels are off.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -440,9 +442,22 @@ def lm_head_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
             f"lm_head is a {type(module).__name__} carrying an adapter ({', '.join(adapter)}): the fused loss "
             "needs a plain nn.Linear; merge the adapter into the weight or turn the fused loss off"
         )
-    if type(module) is not nn.Linear:
+    if _own_class(module) is not nn.Linear:
         raise ValueError(
             f"lm_head is a {type(module).__name__}, not a plain nn.Linear: the fused loss cannot use its "
             "weight directly; turn the fused loss off for this model"
         )
+    if type(module.weight).__name__ == "DTensor":
+        raise ValueError("lm_head's weight is sharded (a DTensor): the fused loss needs it gathered, as its "
+                         "FSDP unit does only inside its own forward")
     return module.weight, module.bias
+
+
+def _own_class(module: nn.Module) -> type:
+    """The module's class, seen through FSDP2: ``fully_shard`` swaps in a subclass of ``FSDPModule`` and the
+    class that adds only hooks (which gather the weights before the forward and scatter the gradients)."""
+    cls = type(module)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing was sharded
+    if fsdp is not None and len(cls.__bases__) == 2 and cls.__bases__[0] is fsdp.FSDPModule:
+        return cls.__bases__[1]
+    return cls

@@ -1,0 +1,97 @@
+"""``--shard`` (``lopt.sharding``): 2 ranks on the CPU with gloo, each holding half of every decoder layer,
+the embedding and the head (FSDP2), give the one-process run.
+
+The ranks are forked as in ``tests/test_distributed.py`` (its helpers); references are one-process runs in
+this process. Tiny model, a few steps each.
+"""
+
+import pytest
+import torch
+
+from lopt.checkpoint import read_checkpoint
+from lopt.config import TrainConfig
+from lopt.configs import build_model, tiny_config
+from lopt.errors import UsageError
+from lopt.tokenizer import byte_tokenizer
+from lopt.trainer import train
+from test_distributed import Ranks, argv, assert_same_run, data, flags, metrics, run_ranks  # noqa: F401 (data: fixture)
+
+
+def test_two_sharded_ranks_give_the_one_process_run(tmp_path, tiny_model_dir, data):
+    """--grad-accum 3 over 2 ranks: in every step rank 1 runs one micro-batch and a zero-weight copy (every
+    rank must enter each unit's all-gathers and reduce-scatters as often), and in each epoch's short last
+    step a copy only. Evaluation mid-run and at the end runs on both ranks (each forward gathers weights);
+    rank 0 alone writes, and the checkpoint and final/ hold whole tensors."""
+    fields = flags(tiny_model_dir, data, tmp_path / "ranks", shard=True, save_every=2, eval_data=data,
+                   eval_every=2, eval_max_examples=2, max_grad_norm=0.05)
+    ranks = run_ranks(fields, tmp_path)
+    train(TrainConfig(**dict(fields, shard=False, output_dir=str(tmp_path / "one"))))
+    out = tmp_path / "ranks"
+    assert_same_run(out, tmp_path / "one", tiny_model_dir)  # the clip is active: its norm is global
+    assert [("eval_loss" in r) for r in metrics(out)] == [False, True, False, False]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    one_eval = (tmp_path / "one" / "eval.json").read_text()
+    assert (out / "eval.json").read_text().count('"exact_match"') == one_eval.count('"exact_match"') == 2
+    # The checkpoint holds whole tensors, one-process shaped: the model's and the optimizer state's.
+    saved, reference = (read_checkpoint(d / "checkpoint-000004", torch.device("cpu")) for d in (out, tmp_path / "one"))
+    assert {k: v.shape for k, v in saved["model"].items()} == {k: v.shape for k, v in reference["model"].items()}
+    for mine, theirs in zip(saved["optimizers"], reference["optimizers"]):
+        assert mine["state"].keys() == theirs["state"].keys()
+        for index, state in theirs["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    assert mine["state"][index][key].shape == value.shape, (index, key)
+                    torch.testing.assert_close(mine["state"][index][key], value, rtol=1e-3, atol=1e-6)
+    assert "2 ranks (sharded data parallel)" in ranks.output(0)
+
+
+def test_sharded_early_lower_step_reduces_each_block_at_its_boundary(tmp_path, tiny_model_dir, data):
+    """--early-lower-step, 3 blocks: each lower block's reduce-scatter ends with its local backward, and the
+    block is clipped and stepped there, sharded. The same as one process with the step in one micro-batch."""
+    fields = flags(tiny_model_dir, data, tmp_path / "ranks", shard=True, batch_size=3, grad_accum=2, num_blocks=3,
+                   early_lower_step=True, max_grad_norm=0.05)
+    run_ranks(fields, tmp_path)
+    train(TrainConfig(**dict(fields, shard=False, output_dir=str(tmp_path / "one"), batch_size=6, grad_accum=1)))
+    assert_same_run(tmp_path / "ranks", tmp_path / "one", tiny_model_dir)
+
+
+def test_sharded_checkpoints_resume_anywhere(tmp_path, tiny_model_dir, data):
+    """A sharded run's checkpoint is one process's: 2 sharded ranks' step 3 resumed by one process, and one
+    process's resumed by 2 sharded ranks (the optimizer state loaded as each rank's slices), each give the
+    straight 6 steps."""
+    constant = dict(warmup_steps=0, min_lr_ratio=1.0, grad_accum=2)
+    straight = flags(tiny_model_dir, data, tmp_path / "straight", max_steps=6, **constant)
+    train(TrainConfig(**straight))
+
+    run_ranks(dict(straight, output_dir=str(tmp_path / "two-then-one"), max_steps=3, shard=True), tmp_path)
+    train(TrainConfig(**dict(straight, output_dir=str(tmp_path / "two-then-one"), resume=True)))
+    assert_same_run(tmp_path / "two-then-one", tmp_path / "straight", tiny_model_dir)
+
+    train(TrainConfig(**dict(straight, output_dir=str(tmp_path / "one-then-two"), max_steps=3)))
+    run_ranks(dict(straight, output_dir=str(tmp_path / "one-then-two"), resume=True, shard=True), tmp_path)
+    assert_same_run(tmp_path / "one-then-two", tmp_path / "straight", tiny_model_dir)
+
+
+def test_shard_refuses_what_it_cannot_run(tmp_path, monkeypatch, data):
+    with pytest.raises(UsageError, match="--shard splits the model across torchrun's processes"):
+        TrainConfig(shard=True).validate()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for extra, message in ((dict(schedule="sequential"), "--shard with --schedule sequential is not supported"),
+                           (dict(offload="optimizer", schedule="sequential"), "--shard with --schedule sequential"),
+                           (dict(optimizer="adamw-8bit"), "adamw-8bit is not supported"),
+                           (dict(gpu_mem=24.0), "--recipe and --gpu-mem plan one process")):
+        with pytest.raises(UsageError, match=message):
+            TrainConfig(shard=True, **extra).validate()
+    TrainConfig(shard=True, early_lower_step=True, grad_accum=2).validate()
+    monkeypatch.delenv("WORLD_SIZE")
+    # One block keeps a tied head tied to the embeddings: the two cannot be separate units.
+    tied = tmp_path / "tied-model"
+    tokenizer = byte_tokenizer()
+    config = tiny_config("llama", vocab_size=264, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    build_model(config, seed=1).save_pretrained(tied)
+    tokenizer.save_pretrained(tied)
+    ranks = Ranks(argv(flags(str(tied), data, tmp_path / "tied", shard=True, num_blocks=1)), tmp_path)
+    codes = ranks.wait()
+    assert codes[0] == 2, ranks.output()
+    assert "--shard with --num-blocks 1 on a model whose head shares the embedding matrix" in ranks.output(0)
