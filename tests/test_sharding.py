@@ -5,6 +5,10 @@ The ranks are forked as in ``tests/test_distributed.py`` (its helpers); referenc
 this process. Tiny model, a few steps each.
 """
 
+import os
+import traceback
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,9 +16,108 @@ from lopt.checkpoint import read_checkpoint
 from lopt.config import TrainConfig
 from lopt.configs import build_model, tiny_config
 from lopt.errors import UsageError
+from lopt.model import LoPTModel
 from lopt.tokenizer import byte_tokenizer
 from lopt.trainer import train
-from test_distributed import Ranks, argv, assert_same_run, data, flags, metrics, run_ranks  # noqa: F401 (data: fixture)
+from test_distributed import (  # noqa: F401 (data: fixture)
+    Ranks, argv, assert_same_run, data, flags, free_port, metrics, run_ranks,
+)
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def family_model(family: str) -> LoPTModel:
+    """A 5-layer model of ``family`` (odd sizes: vocab 101 and the head's rows do not split evenly over 2
+    ranks), in 3 blocks."""
+    extra = dict(sliding_window=6) if family == "mistral" else {}
+    config = tiny_config(family, hidden_size=48, num_hidden_layers=5, vocab_size=101, **extra)
+    return LoPTModel(build_model(config, seed=0), num_blocks=3, kernels=False)
+
+
+def family_batches() -> list[dict]:
+    """4 micro-batches of 2 rows of 13 tokens, one row of each padded after 9, one with packed documents."""
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for i in range(4):
+        ids = torch.randint(0, 101, (2, 13), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        batch["labels"][0, :3] = -100  # a prompt
+        if i == 3:
+            batch["document_ids"] = torch.tensor([[0] * 5 + [1] * 8, [0] * 13])
+        batches.append(batch)
+    return batches
+
+
+def step_totals(engine: LoPTModel, batches) -> tuple[int, int]:
+    parts = [engine._unpack(b) for b in batches]
+    return (sum(int((labels != -100).sum()) for _, _, labels, _ in parts),
+            sum(int(mask.sum()) for _, mask, _, _ in parts))
+
+
+def sharded_gradients(rank: int, size: int, port: int, out: Path):
+    """One rank: each family's model sharded, this rank's micro-batches; rank 0 saves the whole gradients."""
+    import torch.distributed as dist
+
+    from lopt import sharding
+    from lopt.distributed import World
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    world = World(rank, size)
+    world.timeout_s = 60
+    result = {}
+    for family in FAMILIES:
+        engine = family_model(family)
+        batches = family_batches()
+        total_tokens, total_positions = step_totals(engine, batches)
+        sharding.shard_model(engine, world, torch.device("cpu"))
+        for batch in batches[rank::size]:
+            engine.train_step(batch, total_tokens=total_tokens, total_positions=total_positions)
+        world.sum_grads(list(engine.parameters()), "summing the decoders' gradients")
+        grads = {name: sharding.full(p.grad) for name, p in engine.named_parameters()}
+        result[family] = dict(grads=grads, sharded=sorted(n for n, p in engine.named_parameters()
+                                                          if sharding.is_sharded(p)))
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+def test_sharded_gradients_equal_one_process_in_every_family(tmp_path):
+    """The engine's step under FSDP2 (every layer, the embedding and norm+head sharded over 2 ranks, the
+    decoders whole): each rank's half of the micro-batches, the sum in backward, equals one process's
+    gradients over all of them, for every parameter, in each family (Mistral with a sliding window)."""
+    out = tmp_path / "grads.pt"
+    port = free_port()
+    pids = []
+    for rank in range(2):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                sharded_gradients(rank, 2, port, out)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids] == [0, 0]
+    result = torch.load(out, weights_only=False)
+    for family in FAMILIES:
+        engine = family_model(family)
+        batches = family_batches()
+        total_tokens, total_positions = step_totals(engine, batches)
+        for batch in batches:
+            engine.train_step(batch, total_tokens=total_tokens, total_positions=total_positions)
+        got = result[family]["grads"]
+        assert got.keys() == dict(engine.named_parameters()).keys()
+        for name, p in engine.named_parameters():
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7, msg=f"{family} {name}")
+        sharded = result[family]["sharded"]
+        assert all(not n.startswith("aux_decoders") for n in sharded)
+        assert len(sharded) == sum(1 for n, _ in engine.named_parameters() if not n.startswith("aux_decoders"))
 
 
 def test_two_sharded_ranks_give_the_one_process_run(tmp_path, tiny_model_dir, data):
