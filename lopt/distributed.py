@@ -212,11 +212,30 @@ class World:
         try:
             return op(*args, **kwargs)
         except RuntimeError as error:  # gloo's and nccl's errors (DistError and its kind are RuntimeErrors)
-            lines = str(error).strip().splitlines() or [type(error).__name__]
-            # gloo's first line: "[.../pair.cc:534] Read error ...: Connection reset by peer. This is typically ..."
-            detail = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0]
-            raise PeerLost(f"rank {self.rank}: {what} failed: another rank exited or did not answer within "
-                           f"--dist-timeout {self.timeout_s:g}s ({detail})") from None
+            raise self._peer_lost(what, error) from None
+
+    @contextlib.contextmanager
+    def guard(self, what: str):
+        """Collectives that others start (FSDP's, in the forward and backward of a sharded model): a transport
+        failure among them becomes ``PeerLost``, as in ``_collective``; any other error stays what it is."""
+        try:
+            yield
+        except RuntimeError as error:
+            if self.size == 1 or not (isinstance(error, dist.DistError) or _TRANSPORT_FAILURE.search(str(error))):
+                raise
+            raise self._peer_lost(what, error) from None
+
+    def _peer_lost(self, what: str, error: RuntimeError) -> PeerLost:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        # gloo's first line: "[.../pair.cc:534] Read error ...: Connection reset by peer. This is typically ..."
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0]
+        return PeerLost(f"rank {self.rank}: {what} failed: another rank exited or did not answer within "
+                        f"--dist-timeout {self.timeout_s:g}s ({detail})")
+
+
+# What gloo and nccl say when a peer is gone or silent (their errors are not always DistErrors).
+_TRANSPORT_FAILURE = re.compile(r"Connection (reset|closed)|Broken pipe|gloo/transport|pair\.cc|NCCL error|"
+                                r"[Tt]imed out|Timeout waiting")
 
 
 def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:

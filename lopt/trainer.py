@@ -162,8 +162,11 @@ def _train(config: TrainConfig, world: World, run_dir: RunDir, device, dtype) ->
         world.broadcast_parameters(model)
         if config.shard:  # every rank holds rank 0's whole model now: keep a shard of it
             trainer.shard()
+        # --shard: FSDP's own all-gathers and reduce-scatters, in every forward and backward, may lose a peer too.
+        sharded_collectives = world.guard("a sharded step's gathers and sums") if config.shard else contextlib.nullcontext()
         try:
-            return trainer.run()
+            with sharded_collectives:
+                return trainer.run()
         except PeerLost as error:
             raise PeerLost(f"{error}; {trainer.checkpoint_note()}") from None
         except Exception as error:  # a partial write is already removed; the checkpoints on disk are whole

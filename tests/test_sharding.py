@@ -6,6 +6,8 @@ this process. Tiny model, a few steps each.
 """
 
 import os
+import signal
+import time
 import traceback
 from pathlib import Path
 
@@ -13,10 +15,12 @@ import pytest
 import torch
 
 from lopt.checkpoint import read_checkpoint
+from lopt.cli import EXIT_USAGE
 from lopt.config import TrainConfig
 from lopt.configs import build_model, tiny_config
 from lopt.errors import UsageError
 from lopt.model import LoPTModel
+from lopt.run_dir import checkpoints
 from lopt.tokenizer import byte_tokenizer
 from lopt.trainer import train
 from test_distributed import (  # noqa: F401 (data: fixture)
@@ -198,3 +202,26 @@ def test_shard_refuses_what_it_cannot_run(tmp_path, monkeypatch, data):
     codes = ranks.wait()
     assert codes[0] == 2, ranks.output()
     assert "--shard with --num-blocks 1 on a model whose head shares the embedding matrix" in ranks.output(0)
+
+
+def test_a_killed_sharded_rank_ends_the_job_with_one_line_and_a_usable_checkpoint(tmp_path, tiny_model_dir, data):
+    """Rank 1 killed mid-run: rank 0's next all-gather or reduce-scatter (FSDP's, inside a forward or
+    backward) or sum fails at once; it exits 2 with one line naming the last complete checkpoint, which
+    one process resumes."""
+    out = tmp_path / "run"
+    fields = flags(tiny_model_dir, data, out, max_steps=10_000, save_every=1, dist_timeout=60, shard=True)
+    ranks = Ranks(argv(fields), tmp_path)
+    deadline = time.monotonic() + 60
+    while not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2):
+        assert time.monotonic() < deadline and ranks.poll() == [None, None], ranks.output()
+        time.sleep(0.05)
+    os.kill(ranks.pids[1], signal.SIGKILL)
+    assert ranks.wait(timeout=30) == [EXIT_USAGE, -signal.SIGKILL], ranks.output()
+    lines = [line for line in ranks.output(0).splitlines() if line.startswith("lopt: error:")]
+    assert len(lines) == 1 and "Traceback" not in ranks.output(0), ranks.output(0)
+    assert lines[0].startswith("lopt: error: rank 0: ") and "failed: another rank exited" in lines[0], lines[0]
+    newest = checkpoints(out)[-1]
+    assert f"the last complete checkpoint is {newest}" in lines[0]
+    step = read_checkpoint(newest, torch.device("cpu"))["step"]
+    summary = train(TrainConfig(**dict(fields, shard=False, resume=True, max_steps=step + 1)))
+    assert summary["status"] == "completed" and summary["steps"] == step + 1
