@@ -107,8 +107,14 @@ class World:
         step's first micro-batch, which reaches every trainable parameter, so afterwards each has a
         gradient on every rank, as it has in one process. Sharded parameters (``--shard``) are skipped: their
         backward has summed their gradients already (``lopt.sharding``)."""
+        self.start_sum_grads(params, what)()
+
+    def start_sum_grads(self, params: Iterable[torch.nn.Parameter], what: str) -> Callable[[], None]:
+        """``sum_grads`` started in the background: returns the wait that finishes it (the gradients are
+        summed only after it). Nothing may change the gradients until then. Every rank starts the same sums in
+        the same order, so the buckets pair up."""
         if self.size == 1:
-            return
+            return lambda: None
         grads = []
         for p in params:
             if not p.requires_grad or is_sharded(p):
@@ -116,11 +122,18 @@ class World:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
+        started = []
         for bucket in _buckets(grads):
             flat = torch.cat([g.reshape(-1) for g in bucket])
-            self._collective(what, dist.all_reduce, flat)
-            for g, summed in zip(bucket, flat.split([g.numel() for g in bucket])):
-                g.copy_(summed.view_as(g))
+            started.append((bucket, flat, self._collective(what, dist.all_reduce, flat, async_op=True)))
+
+        def wait():
+            for bucket, flat, work in started:
+                self._wait(work, what, flat)
+                for g, summed in zip(bucket, flat.split([g.numel() for g in bucket])):
+                    g.copy_(summed.view_as(g))
+
+        return wait
 
     def sum(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
         """``tensor`` summed over the ranks (in place)."""

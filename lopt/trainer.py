@@ -316,35 +316,51 @@ class Trainer:
         mine = range(world.rank, len(parts), world.size)
         if self.sharded:  # every rank enters each unit's collectives as often: a rank one short repeats one at weight 0
             mine = range(world.rank, -(-len(parts) // world.size) * world.size, world.size)
+        lower = []  # data parallel, one optimizer: each lower block's parameters, summed as soon as they are final
         if cfg.schedule == "sequential":  # every micro-batch through block 0, its step, then block 1, ...
             batches = [_to_device(collate(parts[i], self.pad_id, pack_to), self.device) for i in mine]
             out = self.model.sequential_step(batches, on_block_done=on_boundary, boundary=cfg.boundary,
                                              total_tokens=total_tokens, total_positions=total_positions)
             task_sum, aux_sum = out.task_loss.float(), out.aux_loss.float()  # weighted by the step's totals
         else:  # each micro-batch through every block in turn
-            for i in mine:
+            # Data parallel, one optimizer: a lower block's gradients are final once this rank's last micro-batch
+            # has passed its boundary, so their sum starts there and runs while the blocks above compute.
+            overlap = world.size > 1 and on_boundary is None and not self.sharded and self.model.num_blocks > 1
+            lower = self.model.block_param_groups(0.0)[:-1] if overlap else []
+            started = []  # the waits of the sums started
+
+            def start_sum(b: int):
+                params = [p for group in lower[b] for p in group["params"]]
+                started.append(world.start_sum_grads(params, f"summing block {b}'s gradients at step {self.step + 1}"))
+
+            for j, i in enumerate(mine):
                 filler = i >= len(parts)
                 i %= len(parts)
                 batch = _to_device(collate(parts[i], self.pad_id, pack_to), self.device)
+                last = j == len(mine) - 1
                 out = self.model.train_step(batch, loss_scale=0.0 if filler else 1.0, total_tokens=total_tokens,
-                                            total_positions=total_positions, on_boundary=on_boundary,
-                                            boundary=cfg.boundary)
+                                            total_positions=total_positions, boundary=cfg.boundary,
+                                            on_boundary=start_sum if overlap and last else on_boundary)
                 if filler:
                     continue
                 if tokens[i]:  # a micro-batch without labels still trains the lower blocks, but has no task loss
                     task_sum = task_sum + out.task_loss.float() * (tokens[i] / total_tokens)
                 aux_sum = aux_sum + out.aux_loss.float() * (positions[i] / total_positions)
             # A rank left without a micro-batch (in an epoch's short last step) still joins each block's sum.
-            if not mine and on_boundary is not None:
+            if not mine and (on_boundary is not None or overlap):
                 for b in range(self.model.num_blocks - 1):
-                    on_boundary(b)
+                    (start_sum if overlap else on_boundary)(b)
+            for finish in started:
+                finish()
 
         # Clip what is left to step: everything, or (per-block steps) the upper block alone.
         if self.block_params is not None:
             params = self.block_params[-1]
         else:
             params = [p for p in self.model.parameters() if p.requires_grad]
-        world.sum_grads(params, f"summing the gradients of step {self.step + 1}")  # before the clip: its norm is global
+        summed = {id(p) for groups in lower for g in groups for p in g["params"]}
+        world.sum_grads([p for p in params if id(p) not in summed],  # before the clip: its norm is global
+                        f"summing the gradients of step {self.step + 1}")
         if cfg.max_grad_norm > 0:
             grad_norm = self._clip(params).float()
         else:
