@@ -39,7 +39,6 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import signal

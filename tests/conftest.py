@@ -55,3 +55,9 @@ def write_qa_file(path, n_rows: int) -> str:
     rows = [{"question": f"Q{i}: " + "abc" * (i % 5), "answer": "x" * (1 + (i * 7) % 11)} for i in range(n_rows)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """15 question/answer rows: with 6 examples a step, each epoch ends in a short step (3 examples)."""
+    return write_qa_file(tmp_path_factory.mktemp("data") / "qa.jsonl", 15)

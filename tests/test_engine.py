@@ -11,22 +11,7 @@ import lopt
 from lopt.configs import build_model, tiny_config
 from benchmarks.e2e.bytecount import SavedActivationPeak
 from lopt.model import split_layers
-
-FAMILIES = {"llama": False, "qwen2": True, "qwen3": False, "mistral": False}  # family -> tied embeddings
-
-
-def padded_batch(vocab_size, batch_size=3, seq_len=19, seed=0):
-    """Right-padded rows of different lengths, with the first few (prompt) tokens masked from the labels."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
-    lengths = [seq_len, seq_len - 5, seq_len - 11][:batch_size]
-    attention_mask = torch.zeros(batch_size, seq_len, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        attention_mask[row, :n] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    labels[:, :4] = -100  # the prompt
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-
+from engine_helpers import FAMILIES, grads, padded_batch, rel_err
 
 def naive_objective(m: lopt.LoPTModel, batch):
     """task + lambda * mean_b(aux_b) through the Hugging Face model's own forward.
@@ -62,14 +47,6 @@ def naive_objective(m: lopt.LoPTModel, batch):
         aux.append(err[mask].mean())
     aux_loss = torch.stack(aux).mean() if aux else torch.zeros(())
     return out.loss + m.lambda_aux * aux_loss, out.loss, aux_loss
-
-
-def grads(module):
-    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
 def test_split_layers_earlier_blocks_take_remainder():

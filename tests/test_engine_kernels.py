@@ -9,7 +9,7 @@ import torch
 import lopt
 import lopt_kernels
 from lopt.configs import build_model, tiny_config
-from test_engine import grads, padded_batch, rel_err
+from engine_helpers import grads, padded_batch, rel_err
 
 pytestmark = pytest.mark.skipif(
     lopt_kernels.current_backend("cpu") != "triton" and not torch.cuda.is_available(),

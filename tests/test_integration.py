@@ -11,7 +11,7 @@ import lopt
 from lopt.configs import build_model, tiny_config
 from lopt.integration import DECODERS_FILE, engine_of
 from benchmarks.e2e.bytecount import SavedActivationPeak
-from test_engine import FAMILIES, padded_batch
+from engine_helpers import FAMILIES, padded_batch
 
 BLOCKS = 2
 

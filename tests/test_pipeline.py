@@ -18,7 +18,7 @@ from lopt.config import TrainConfig
 from lopt.errors import UsageError
 from lopt.run_dir import checkpoints
 from lopt.trainer import train
-from test_distributed import Ranks, argv, assert_same_run, data, flags, metrics, run_ranks  # noqa: F401 (data: fixture)
+from ranks import Ranks, argv, assert_same_run, flags, metrics, run_ranks
 
 
 def test_two_stages_give_the_one_process_run_and_only_rank_0_writes(tmp_path, tiny_model_dir, data):

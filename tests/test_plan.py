@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
 
-from benchmarks.e2e.bytecount import ByteCounter, saved_tensor_bytes, tensors_of
+from benchmarks.e2e.bytecount import ByteCounter, saved_tensor_bytes, tensors_of, unique_bytes
 from benchmarks.schedule_memory import measure_windows
 from lopt import LoPTModel
 from lopt.configs import build_model, shipped_config, tiny_config
@@ -557,3 +558,201 @@ def test_plan_cli_prints_host_memory_and_transfer_time(capsys):
 
 def test_gib_units():
     assert usable_bytes(24) == int(24 * GiB * 0.9) - int(0.6 * GiB)
+
+
+# ---------------------------------------------------------------------------------------------- data parallel, sharded
+
+SHARD_CASES = [(2, "adamw", torch.bfloat16), (4, "adamw", torch.bfloat16), (4, "adamw-bf16", torch.bfloat16),
+               (2, "adamw", torch.float32)]
+
+
+def _shardable_model(dtype, num_blocks=3):
+    """Odd sizes: the vocabulary (777), the MLP width (138) and the k/v rows (36) do not split evenly over 4."""
+    config = tiny_config("llama", hidden_size=72, num_hidden_layers=4, vocab_size=777, intermediate_size=138)
+    return config, LoPTModel(build_model(config, dtype=dtype), num_blocks=num_blocks, kernels=False,
+                             boundary_memory="torch")
+
+
+def _units(lm):
+    """The parameters ``lopt train --shard`` shards: the embeddings, each decoder layer, the norm and the head."""
+    hf = lm.model
+    return [p for unit in (hf.model.embed_tokens, *hf.model.layers, hf.model.norm, hf.lm_head)
+            for p in unit.parameters()]
+
+
+def _counted_resident(lm, ranks, state_per_value):
+    """One rank's parameter bytes and the values its optimizer keeps state for, from ``lm``'s tensors: of each
+    unit's parameter ``ceil(rows / ranks)`` rows, the aux decoders' whole."""
+    sharded = {id(p) for p in _units(lm)}
+    values = sum(-(-p.shape[0] // ranks) * p[0].numel() if id(p) in sharded else p.numel() for p in lm.parameters())
+    size = next(lm.parameters()).element_size()
+    return values * size, values * state_per_value
+
+
+def _state_per_value(lm, optimizer):
+    """Optimizer state bytes per parameter value, measured on the whole model after one step."""
+    params = list(lm.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = build_optimizer(optimizer, lm.param_groups(1e-3))
+    opt.step()
+    state = sum(v.untyped_storage().nbytes() for st in opt.state.values() for v in st.values()
+                if torch.is_tensor(v) and v.dim() > 0)
+    for p in params:
+        p.grad = None
+    return state / sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("ranks,optimizer,dtype", SHARD_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_sharded_resident_bytes_match_the_shards_of_the_real_tensors(ranks, optimizer, dtype):
+    """A rank's parameters, gradients and optimizer state under --shard against the model's own tensors."""
+    config, lm = _shardable_model(dtype)
+    params, state = _counted_resident(lm, ranks, _state_per_value(lm, optimizer))
+    est = estimate_memory(config, seq_len=32, batch_size=2, num_blocks=3, optimizer=optimizer, dtype=dtype,
+                          kernels=False, ranks=ranks, shard=True)
+    assert est.parameters == pytest.approx(params, rel=ACT_TOL)
+    assert est.gradients == pytest.approx(params, rel=ACT_TOL)  # the gradients are sharded as their parameters
+    assert est.optimizer_state == pytest.approx(state, rel=ACT_TOL)
+    assert est.persistent + est.gradients == pytest.approx(2 * params + state, rel=ACT_TOL)
+    whole = sum(p.numel() * p.element_size() for p in lm.parameters())
+    assert params < whole / ranks * 1.1  # the decoders are whole, the padding is a row per tensor
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_shard_count_is_what_fsdp2_keeps_on_a_rank(ranks):
+    """The count above is what FSDP2 holds: the model cut as ``lopt train --shard`` cuts it (``fully_shard`` per
+    unit, the norm and head as one), one LoPT step and one optimizer step, on a fake process group of ``ranks``
+    in this process (its collectives do nothing; the shards, gradients and states are real tensors)."""
+    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    config, lm = _shardable_model(torch.bfloat16)
+    params, state = _counted_resident(lm, ranks, _state_per_value(lm, "adamw"))
+    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=0, world_size=ranks)
+    try:
+        mesh = init_device_mesh("cpu", (ranks,))
+        hf = lm.model
+        for unit in (hf.model.embed_tokens, *hf.model.layers):
+            fully_shard(unit, mesh=mesh)
+        fully_shard([hf.model.norm, hf.lm_head], mesh=mesh, reshard_after_forward=False)
+        fully_shard(hf, mesh=mesh)
+        hf._get_fsdp_state()._lazy_init()  # the root's first forward would; the engine calls the units
+        opt = build_optimizer("adamw", lm.param_groups(1e-3))
+        lm.train_step({"input_ids": torch.randint(0, 777, (2, 32), generator=torch.Generator().manual_seed(0))})
+
+        def local(tensors):
+            return unique_bytes(t.to_local() if hasattr(t, "to_local") else t for t in tensors)
+
+        held = local(lm.parameters())
+        grads = local(p.grad for p in lm.parameters())
+        opt.step()
+        states = local(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+    finally:
+        dist.destroy_process_group()
+    assert (held, grads, states) == (params, params, state)
+    est = estimate_memory(config, seq_len=32, batch_size=2, num_blocks=3, optimizer="adamw", kernels=False,
+                          ranks=ranks, shard=True)
+    assert (est.parameters, est.gradients, est.optimizer_state) == (held, grads, states)
+
+
+def test_sharding_keeps_the_activations_and_shrinks_the_peak():
+    """Activations are a rank's micro-batch's, as in one process; more ranks, smaller peak."""
+    config = shipped_config("llama-3.2-1b")
+    one = estimate_memory(config, seq_len=2048, batch_size=2)
+    two, four = (estimate_memory(config, seq_len=2048, batch_size=2, ranks=n, shard=True) for n in (2, 4))
+    for est in (two, four):
+        assert est.activations_per_block == one.activations_per_block and est.head_peak == one.head_peak
+        assert est.breakdown["gathered"] > 0  # full weights of the units in flight
+    assert one.peak > two.peak > four.peak
+    assert four.persistent < one.persistent / 3.5
+
+
+def test_plain_data_parallel_shares_the_micro_batches_and_holds_everything():
+    config = shipped_config("qwen2.5-0.5b")
+    one = plan(config, 24, 2048, tokens_per_step=65536, batch_sizes=(8,))
+    four = plan(config, 24, 2048, tokens_per_step=65536, batch_sizes=(8,), nproc=4)
+    assert four.tokens_per_step == one.tokens_per_step == 65536  # what was asked, shared out among the ranks
+    assert (four.grad_accum, four.rank_micro_batches) == (4, 1)
+    single = estimate_memory(config, seq_len=2048, batch_size=8, recompute=four.recompute, optimizer=four.optimizer,
+                             early_lower_step=four.early_lower_step)
+    est = four.estimate
+    # a rank's step is one process's step over its one micro-batch, and the gradient sum before the update
+    assert {n: v for n, v in est.phases.items() if not n.startswith("gradient sum")} == single.phases
+    assert est.persistent == single.persistent
+    buckets = est.phases["gradient sum before optimizer step"] - single.phases["optimizer step"]
+    assert 0 < buckets <= 2 * config.vocab_size * config.hidden_size * 2  # two buckets, the embedding's the largest
+    assert four.command().startswith("torchrun --nproc-per-node 4 -m lopt train --model CHECKPOINT ")
+    assert "--shard" not in four.command() and "4 ranks, plain data parallel" in four.describe()
+    eight = plan(config, 24, 2048, tokens_per_step=65536, batch_sizes=(8,), nproc=8)
+    assert "only 4 of the 8 ranks get a micro-batch" in eight.describe()
+
+
+def test_sharded_plan_prints_one_ranks_peak_and_a_torchrun_command(capsys):
+    parser = add_plan_arguments(argparse.ArgumentParser())
+    args = ["--model", "llama-3.1-8b-instruct", "--gpu-mem", "80", "--seq-len", "2048", "--nproc", "8", "--shard"]
+    assert run_plan(parser.parse_args(args)) == 0
+    out = capsys.readouterr().out
+    command = next(line for line in out.splitlines() if line.startswith("torchrun"))
+    assert command.startswith("torchrun --nproc-per-node 8 -m lopt train --model CHECKPOINT --seq-len 2048 ")
+    assert command.endswith(" --shard")
+    for needle in ("8 ranks, sharded (FSDP2)", "peak of memory_allocated on each rank", "all-gathered weights",
+                   "this rank's 1/8 of parameters + optimizer state", "150 GB/s between ranks", "collectives"):
+        assert needle in out, needle
+    assert run_plan(parser.parse_args(args + ["--json"])) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["command"] == command and data["nproc"] == 8 and data["shard"]
+    assert data["tokens_per_step"] == 16384 and data["rank_micro_batches"] == 1
+    config = shipped_config("llama-3.1-8b-instruct")
+    expected = plan(config, 80, 2048, nproc=8, shard=True)
+    assert data["estimate"]["peak"] == expected.estimate.peak <= usable_bytes(80)
+    assert expected.optimizer == "adamw"  # one process's fp32 state for 8B (90 GiB) does not fit the card:
+    assert not plan(config, 80, 2048, optimizers=("adamw",), offloads=("none",)).fits
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--shard"], "--shard splits the state over the ranks: it needs --nproc N with N >= 2, got --nproc 1"),
+    (["--nproc", "0"], "--nproc must be an integer from 1 to 65536, got 0"),
+    (["--nproc", "2", "--shard", "--schedule", "sequential"], "does not run with --schedule sequential"),
+    (["--nproc", "2", "--shard", "--offload", "optimizer"], "does not run with --offload optimizer"),
+    (["--nproc", "2", "--shard", "--optimizer", "adamw-8bit"], "does not run with --optimizer adamw-8bit"),
+    (["--nproc", "2", "--shard", "--stream-state"], "does not run with --stream-state"),
+    (["--nproc", "2", "--link-bandwidth", "0"], "--link-bandwidth must be a finite number > 0"),
+    (["--nproc", "2", "--shard", "--num-blocks", "1", "--model", "qwen2.5-0.5b"], "whose head is its embedding"),
+])
+def test_plan_refuses_data_parallel_flags_it_cannot_plan(flags, message):
+    from lopt.errors import UsageError
+
+    parser = add_plan_arguments(argparse.ArgumentParser())
+    with pytest.raises(UsageError, match=re.escape(message)) as refused:
+        run_plan(parser.parse_args(["--model", "tiny", "--gpu-mem", "8", *flags]))
+    assert "\n" not in str(refused.value)
+
+
+def test_estimate_refuses_what_the_sharded_trainer_does_not_run():
+    config = tiny_config("llama", hidden_size=64, num_hidden_layers=4)
+    for kwargs, message in ((dict(ranks=1), "ranks must be"), (dict(schedule="sequential"), "--schedule sequential"),
+                            (dict(optimizer="adamw-8bit"), "--optimizer adamw-8bit")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            estimate_memory(config, seq_len=16, batch_size=1, shard=True, **{"ranks": 2, **kwargs})
+    with pytest.raises(ValueError, match="nproc >= 2"):
+        plan(config, 8, 16, shard=True)
+
+
+def test_step_time_counts_the_collectives():
+    """Sharded: per micro-batch each unit's weights all-gathered twice and its gradients reduce-scattered once,
+    overlapped with the compute; plain: one all-reduce of the gradients after the backward."""
+    config = shipped_config("llama-3.2-1b")
+    shape = model_shape(config)
+    ranks, micro, tokens = 4, 2, 2 * 2048
+    est = estimate_memory(config, seq_len=2048, batch_size=1, grad_accum=micro, ranks=ranks, shard=True)
+    units = (shape.total_params(2) - shape.decoder_params) * 2  # bf16, whole
+    assert est.link == pytest.approx(micro * 3 * units * (ranks - 1) / ranks, rel=ACT_TOL)  # ring: (R-1)/R each
+    fast, slow = step_time(shape, est, tokens), step_time(shape, est, tokens, link_gb_s=1.0)
+    assert fast.link == pytest.approx(est.link / 150e9) and fast.step == pytest.approx(max(fast.compute, fast.link))
+    assert slow.step == pytest.approx(slow.link) and slow.link > slow.compute
+    plain = estimate_memory(config, seq_len=2048, batch_size=1, grad_accum=micro, ranks=ranks)
+    assert plain.link == pytest.approx(2 * plain.gradients * (ranks - 1) / ranks)
+    timed = step_time(shape, plain, tokens)
+    assert timed.step == pytest.approx(timed.compute + timed.link)

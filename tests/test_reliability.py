@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import lopt.trainer  # noqa: F401  (the module, for the optimizer swap below)
 from lopt.cli import EXIT_USAGE, main
 from lopt.config import TrainConfig
-from lopt.errors import NonFiniteLossError, UsageError
+from lopt.errors import NonFiniteLossError
 from lopt.optim import AdamW
 from lopt.trainer import Trainer, train
 

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from benchmarks.retention import one, report
 from benchmarks.retention.run import study
 

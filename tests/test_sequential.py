@@ -13,7 +13,7 @@ import torch
 import lopt
 from lopt.configs import build_model, tiny_config
 from lopt_kernels import linear_cross_entropy_reference
-from test_engine import grads, padded_batch
+from engine_helpers import grads, padded_batch
 
 LR, LAMBDA = 3e-3, 10.0
 

@@ -23,9 +23,7 @@ from lopt.model import LoPTModel
 from lopt.run_dir import checkpoints
 from lopt.tokenizer import byte_tokenizer
 from lopt.trainer import train
-from test_distributed import (  # noqa: F401 (data: fixture)
-    Ranks, argv, assert_same_run, data, flags, free_port, metrics, run_ranks,
-)
+from ranks import Ranks, argv, assert_same_run, flags, free_port, metrics, run_ranks
 
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
