@@ -1,14 +1,16 @@
-"""Tokens/s of ``lopt train`` on this machine's CPU: one process, a 2-stage ``--pipeline``, 2-rank data parallel.
+"""Tokens/s of ``lopt train`` on this machine's CPU: one process, a 2-stage ``--pipeline``, 2-rank data parallel
+(whole and ``--shard``-ed).
 
 ``python -m benchmarks.pipeline_cpu`` runs, for each model, the same fixed number of optimizer steps (same data,
-batch, accumulation and schedule; ``--num-blocks 2``; no clipping, so all three train the same steps) as
+batch, accumulation and schedule; ``--num-blocks 2``; no clipping, so all four train the same steps) as
 
 - (a) one process, 1 thread: ``python -m lopt train ...``
 - (b) a 2-stage pipeline, 2 processes of 1 thread: ``torchrun --nproc-per-node 2 -m lopt train --pipeline ...``
 - (c) 2-rank data parallel, 2 processes of 1 thread: ``torchrun --nproc-per-node 2 -m lopt train ...``
+- (d) the same, sharded (FSDP2, ``lopt.sharding``): ``torchrun --nproc-per-node 2 -m lopt train --shard ...``
 
-each configuration ``--repeats`` times, interleaved (a, b, c, a, b, c, ...), so that a change in the machine's
-load hits all three alike. Every example has the same length, so every step has the same tokens, and a run's
+each configuration ``--repeats`` times, interleaved (a, b, c, d, a, b, c, d, ...), so that a change in the machine's
+load hits all four alike. Every example has the same length, so every step has the same tokens, and a run's
 tokens/s is the harmonic mean of rank 0's per-step figures in ``metrics.jsonl`` after ``--warmup`` steps
 (process start, loading and the final writes are outside it). The load average and the busiest other processes
 are recorded beside each run: other jobs share these cores. Writes
@@ -38,6 +40,7 @@ CONFIGS = {
     "a": "one process, 1 thread",
     "b": "2-stage pipeline, 2 processes x 1 thread",
     "c": "2-rank data parallel, 2 processes x 1 thread",
+    "d": "2-rank sharded data parallel (--shard), 2 processes x 1 thread",
 }
 WIDE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
 
@@ -87,7 +90,8 @@ def run_one(config: str, model: str, data: str, out: Path, args) -> dict:
              "--max-steps", str(args.steps), "--num-blocks", "2", "--max-grad-norm", "0", "--lr", "1e-3",
              "--no-retention", "--save-every", "0", "--log-every", "1", "--output-dir", str(out), "--overwrite"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command = {"a": [sys.executable, *train], "b": [*torchrun, *train, "--pipeline"], "c": [*torchrun, *train]}[config]
+    command = {"a": [sys.executable, *train], "b": [*torchrun, *train, "--pipeline"], "c": [*torchrun, *train],
+               "d": [*torchrun, *train, "--shard"]}[config]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO),
                TOKENIZERS_PARALLELISM="false")
     before = load_snapshot()
@@ -151,13 +155,15 @@ def main(argv: list[str] | None = None) -> int:
                           f"{run['final_loss']:.6f}, load {run['load_before']['loadavg'][0]}", flush=True)
             by_config = {c: [r["tokens_per_s"] for r in runs if r["config"] == c] for c in CONFIGS}
             per_repeat = [dict(b_over_a=ratio(by_config["b"][i], by_config["a"][i]),
-                               b_over_c=ratio(by_config["b"][i], by_config["c"][i])) for i in range(args.repeats)]
+                               b_over_c=ratio(by_config["b"][i], by_config["c"][i]),
+                               d_over_c=ratio(by_config["d"][i], by_config["c"][i])) for i in range(args.repeats)]
             means = {c: statistics.mean(v) for c, v in by_config.items()}
             results["models"][name] = dict(example_tokens=example_tokens, tokens_per_step=tokens_per_step,
                                            runs=runs, per_repeat=per_repeat,
                                            mean_tokens_per_s={c: round(v, 1) for c, v in means.items()},
                                            b_over_a=ratio(means["b"], means["a"]),
-                                           b_over_c=ratio(means["b"], means["c"]))
+                                           b_over_c=ratio(means["b"], means["c"]),
+                                           d_over_c=ratio(means["d"], means["c"]))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     output.with_suffix(".md").write_text(markdown(results))
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [
-        f"# `lopt train` on the CPU: one process, 2-stage pipeline, 2-rank data parallel ({results['date']})",
+        f"# `lopt train` on the CPU: one process, 2-stage pipeline, 2-rank data parallel, whole and sharded "
+        f"({results['date']})",
         "",
         f"`python -m benchmarks.pipeline_cpu`: {s['steps']} steps of {s['grad_accum']} micro-batches of "
         f"{s['batch_size']} examples (all of one length), `--num-blocks 2`, no clipping; tokens/s over steps "
@@ -176,8 +183,8 @@ def markdown(results: dict) -> str:
         f"{results['machine']['cpus']} CPU cores, 1 thread per process.",
         "",
         "| model | tokens/step | " + " | ".join(f"({c}) {d}" for c, d in results["configs"].items())
-        + " | b/a | b/c |",
-        "|---|---|---|---|---|---|---|",
+        + " | b/a | b/c | d/c |",
+        "|---|---|" + "---|" * len(results["configs"]) + "---|---|---|",
     ]
     for name, m in results["models"].items():
         cells = []
@@ -186,9 +193,11 @@ def markdown(results: dict) -> str:
             cells.append(" / ".join(f"{x:,.0f}" for x in runs))
         ba = " / ".join(f"{r['b_over_a']:.2f}" for r in m["per_repeat"])
         bc = " / ".join(f"{r['b_over_c']:.2f}" for r in m["per_repeat"])
+        dc = " / ".join(f"{r['d_over_c']:.2f}" for r in m["per_repeat"])
         lines.append(f"| {name} | {m['tokens_per_step']:,} | " + " | ".join(cells)
-                     + f" | {ba} (means: {m['b_over_a']:.2f}) | {bc} (means: {m['b_over_c']:.2f}) |")
-    lines += ["", "Each cell: tokens/s of each run, in the order run. Final losses (the three train the same steps):"]
+                     + f" | {ba} (means: {m['b_over_a']:.2f}) | {bc} (means: {m['b_over_c']:.2f}) "
+                     f"| {dc} (means: {m['d_over_c']:.2f}) |")
+    lines += ["", "Each cell: tokens/s of each run, in the order run. Final losses (all four train the same steps):"]
     for name, m in results["models"].items():
         losses = ", ".join(f"{r['config']}{r['repeat'] + 1} {r['final_loss']:.6f}" for r in m["runs"])
         lines.append(f"- {name}: {losses}")
