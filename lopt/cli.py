@@ -20,7 +20,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import TrainConfig, launch_env
+from .config import EVAL_MAX_EXAMPLES, MAX_BATCH, MAX_COUNT, MAX_SEQ_LEN, TrainConfig, check_int, launch_env
 from .errors import UsageError
 
 EXIT_USAGE = 2
@@ -129,8 +129,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=128, help="truncate examples, and chunk the general text, to "
                         "this many tokens (default: 128)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
-    parser.add_argument("--eval-max-examples", type=int, default=200, help="held-out examples whose answers are "
-                        "generated for exact match (default: 200)")
+    parser.add_argument("--eval-max-examples", type=int, default=EVAL_MAX_EXAMPLES, help="held-out examples whose "
+                        f"answers are generated for exact match (default: {EVAL_MAX_EXAMPLES})")
     parser.add_argument("--output", metavar="FILE", help="also write the measures to this JSON file")
 
 
@@ -199,6 +199,14 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .loading import load_model, resolve_model
 
+    # Every flag is checked before anything loads (the bounds are lopt train's).
+    check_int("--seq-len", args.seq_len, 2, MAX_SEQ_LEN)
+    check_int("--batch-size", args.batch_size, 1, MAX_BATCH)
+    check_int("--eval-max-examples", args.eval_max_examples, 0, MAX_COUNT)
+    if args.output is not None:
+        output = Path(args.output)
+        if output.is_dir() or not output.parent.is_dir():
+            raise UsageError(f"--output {args.output}: give a file in an existing directory")
     for spec in (args.model, args.reference):
         if spec is not None:
             resolve_model(spec)  # a bad path fails before anything loads

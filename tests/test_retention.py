@@ -3,6 +3,7 @@ perturbation, the text NLL is the hand-computed one."""
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -151,3 +152,20 @@ def test_lopt_eval_measures_any_model_against_a_reference(tmp_path, tiny_model_d
     assert same["num_examples"] == 3 and moved_result["general_nll"] != same["general_nll"]
     assert f"KL from the reference: {moved_result['kl']:.4f}" in out
     assert f"general-text NLL: {same['general_nll']:.4f}" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seq-len", "1"], "--seq-len must be an integer from 2"),
+    (["--batch-size", "0"], "--batch-size must be an integer from 1"),
+    (["--eval-max-examples", "-1"], "--eval-max-examples must be an integer from 0"),
+    (["--output", "{tmp}/no-such-dir/out.json"], "--output .*: give a file in an existing directory"),
+    (["--output", "{tmp}"], "--output .*: give a file in an existing directory"),
+])
+def test_lopt_eval_refuses_bad_flags_before_loading(tmp_path, capsys, flags, message):
+    """One line, exit 2, and no model loaded (the --model path does not even exist)."""
+    from lopt.cli import main
+
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert main(["eval", "--model", str(tmp_path / "absent"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
