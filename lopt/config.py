@@ -23,6 +23,8 @@ RECIPES = {"8gb": 8.0, "12gb": 12.0, "16gb": 16.0, "24gb": 24.0}  # card memory 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp32")
 BOUNDARIES = ("stale", "fresh")  # see LoPTModel.train_step
+# Data parallel sums gradients in flat buckets of up to this many bytes (lopt.distributed; lopt.memory_model counts them).
+GRAD_BUCKET_BYTES = 64 * 2**20
 SCHEDULES = ("interleaved", "sequential")  # LoPTModel.train_step per micro-batch, or LoPTModel.sequential_step
 OFFLOAD = ("none", "optimizer", "params")  # what waits in host memory between its block's turns (lopt.offload)
 

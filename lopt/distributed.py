@@ -31,12 +31,13 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from .config import GRAD_BUCKET_BYTES as BUCKET_BYTES
 from .config import launch_env
 from .errors import UsageError
 from .sharding import is_sharded
 
-# Gradients are summed in flat buckets of up to this many bytes: few collectives, bounded extra memory.
-BUCKET_BYTES = 64 * 2**20
+# Gradients are summed in flat buckets of up to BUCKET_BYTES (one tensor may be more): few collectives.
+# ``sum_grads`` sums one bucket at a time, so it holds one bucket's copy; ``start_sum_grads`` starts them all.
 
 
 class PeerLost(UsageError):
@@ -106,15 +107,34 @@ class World:
         A rank that ran no micro-batch (or none that reached ``p``) adds zeros. Rank 0 always runs the
         step's first micro-batch, which reaches every trainable parameter, so afterwards each has a
         gradient on every rank, as it has in one process. Sharded parameters (``--shard``) are skipped: their
-        backward has summed their gradients already (``lopt.sharding``)."""
-        self.start_sum_grads(params, what)()
+        backward has summed their gradients already (``lopt.sharding``). One bucket at a time: the extra memory
+        is one bucket's copy."""
+        if self.size == 1:
+            return
+        for bucket in _buckets(self._grads_to_sum(params)):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            self._collective(what, dist.all_reduce, flat)
+            _unflatten(flat, bucket)
 
     def start_sum_grads(self, params: Iterable[torch.nn.Parameter], what: str) -> Callable[[], None]:
         """``sum_grads`` started in the background: returns the wait that finishes it (the gradients are
         summed only after it). Nothing may change the gradients until then. Every rank starts the same sums in
-        the same order, so the buckets pair up."""
+        the same order, so the buckets pair up. Until the wait, a copy of all these gradients is in flight."""
         if self.size == 1:
             return lambda: None
+        started = []
+        for bucket in _buckets(self._grads_to_sum(params)):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            started.append((bucket, flat, self._collective(what, dist.all_reduce, flat, async_op=True)))
+
+        def wait():
+            while started:  # each copy is freed as soon as it is back
+                bucket, flat, work = started.pop(0)
+                _unflatten(self._wait(work, what, flat), bucket)
+
+        return wait
+
+    def _grads_to_sum(self, params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
         grads = []
         for p in params:
             if not p.requires_grad or is_sharded(p):
@@ -122,18 +142,7 @@ class World:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        started = []
-        for bucket in _buckets(grads):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            started.append((bucket, flat, self._collective(what, dist.all_reduce, flat, async_op=True)))
-
-        def wait():
-            for bucket, flat, work in started:
-                self._wait(work, what, flat)
-                for g, summed in zip(bucket, flat.split([g.numel() for g in bucket])):
-                    g.copy_(summed.view_as(g))
-
-        return wait
+        return grads
 
     def sum(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
         """``tensor`` summed over the ranks (in place)."""
@@ -249,6 +258,11 @@ class World:
 # What gloo and nccl say when a peer is gone or silent (their errors are not always DistErrors).
 _TRANSPORT_FAILURE = re.compile(r"Connection (reset|closed)|Broken pipe|gloo/transport|pair\.cc|NCCL error|"
                                 r"[Tt]imed out|Timeout waiting")
+
+
+def _unflatten(flat: torch.Tensor, bucket: list[torch.Tensor]):
+    for g, summed in zip(bucket, flat.split([g.numel() for g in bucket])):
+        g.copy_(summed.view_as(g))
 
 
 def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -173,13 +173,13 @@ def _decoder_forward(self, input_ids=None, attention_mask=None, position_ids=Non
     document_ids = None
     if position_ids is not None and attention_mask is None:  # packed rows: positions restart per example
         document_ids = (position_ids == 0).cumsum(dim=-1).expand(hidden.shape[:2])
-    layer_inputs = engine._layer_inputs(hidden.shape[:2], hidden.device, attention_mask, document_ids, position_ids)
+    layer_inputs = engine.layer_inputs(hidden.shape[:2], hidden.device, attention_mask, document_ids, position_ids)
     positions = attention_mask.bool() if attention_mask is not None else None
     scale = getattr(engine, "aux_scale", 1.0 / engine.gradient_accumulation_steps)
     hidden, aux_losses = engine.lower_blocks(hidden, layer_inputs, positions, aux_weight=scale)
     if engine.aux_losses_since_log is not None:
         engine.aux_losses_since_log.append(torch.stack(aux_losses).mean())
-    hidden = self.norm(engine._run_block(engine.num_blocks - 1, hidden, layer_inputs))
+    hidden = self.norm(engine.run_block(engine.num_blocks - 1, hidden, layer_inputs))
     return BaseModelOutputWithPast(last_hidden_state=hidden)
 
 

@@ -106,6 +106,35 @@ parameter's at a time. The estimate reports the host bytes (every block's state,
 every block's weights) and the bytes moved per step (each up and back once; with one block under
 ``params`` its weights only go back).
 
+Data parallel (``ranks`` processes under torchrun, ``lopt.distributed``): rank r runs micro-batches r, r+N,
+... of the step, so the estimate is one rank's with ``grad_accum`` its own micro-batches; every rank holds
+everything. The ranks sum the gradients in flat buckets. With one optimizer (interleaved, no early step,
+k >= 2) a lower block's sum starts at its boundary on the rank's last micro-batch, all its buckets at once
+(``World.start_sum_grads``), and runs while the blocks above compute, so each later block's phases hold the
+copies of the blocks below; the rest is summed before the step one bucket at a time (``World.sum_grads``: a
+phase ``gradient sum before ...`` holding one bucket's copy), as is each block's sum before its own step. The step's all-reduce moves ``2 (R-1)/R`` of the gradients per rank (``link``, ring).
+
+Sharded (``shard``: FSDP2 ``fully_shard`` over ``R = ranks``, as ``lopt.sharding`` cuts the model): each
+decoder layer, the input embeddings, and the final norm with the lm_head are a unit each. A rank keeps of
+every unit's parameter, its gradient and its optimizer state ``ceil(rows/R)`` rows (``shard_values``:
+``torch.chunk``'s first chunk; FSDP2 pads the shorter ones to it); the aux decoders stay whole on every rank,
+with their gradients and state. On top, what FSDP2 (``torch.distributed.fsdp._fully_shard``, read for torch
+2.14) gathers, per unit, as the engine calls the units one by one:
+
+- a unit's forward: its full weights and its all-gather buffer, both freed when its forward ends (two
+  layers; counted beside the whole block's activations, a bound);
+- the norm + head unit: ``lm_head``'s forward never runs (the loss reads its weight), so FSDP2 never
+  finishes that grouped unit's forward: it stays gathered until its backward ends and its all-gather buffer
+  until the next micro-batch's embedding forward: through the last block's backward and the optimizer step;
+- a layer's backward: its weights, the unit it prefetches (the layer below in the same block, the
+  embeddings below layer 0: each block's backward is a backward of its own, which ends FSDP2's
+  bookkeeping), and the full gradients of the unit before it, whose reduce-scatter input lives until the
+  next reduce-scatter (FSDP2's default of one in flight); the embeddings' backward holds their weights and
+  full gradient while layer 0's reduce-scatter runs. A layer's fresh gradients are full-size, as unsharded.
+
+Each micro-batch all-gathers every unit twice and reduce-scatters its gradients once: ``3 M (R-1)`` times a
+rank's shard bytes (``link``). The gradient-sum buckets of the (tiny) aux decoders are not counted.
+
 All sizes are exact byte counts of tensors; the CUDA caching allocator rounds blocks up (512 B) and
 fragments, which ``lopt.plan`` covers with a safety margin. ``tests/test_plan.py`` checks the activation,
 parameter, gradient and optimizer terms and the whole step's peak against bytes counted on the CPU.
@@ -125,7 +154,7 @@ from lopt_kernels.adamw import STEP_CHUNK_ELEMENTS
 from lopt_kernels.linear_cross_entropy import logits_block_elements
 from lopt_kernels.recon_loss import tokens_per_chunk
 
-from .config import OFFLOAD, OPTIMIZERS, RECOMPUTE, SCHEDULES
+from .config import GRAD_BUCKET_BYTES, OFFLOAD, OPTIMIZERS, RECOMPUTE, SCHEDULES
 from .model import split_layers
 
 GiB = 1 << 30
@@ -152,10 +181,14 @@ class ModelShape:
     qk_norm: bool
     embed_params: int
     layer_params: tuple[int, ...]  # per decoder layer
-    largest_layer_tensor: int
     final_norm_params: int
     head_params: int  # the lm_head as its own matrix (LoPT unties it from the embeddings for k >= 2)
     tied: bool  # the checkpoint ties lm_head to the embeddings
+    # (rows, values) of each parameter, in the module's order: what FSDP2 shards along dim 0 (``shard_values``)
+    embed_tensors: tuple[tuple[int, int], ...]
+    layer_tensors: tuple[tuple[tuple[int, int], ...], ...]  # per decoder layer
+    final_norm_tensors: tuple[tuple[int, int], ...]
+    head_tensors: tuple[tuple[int, int], ...]
     name: str = ""
 
     @property
@@ -198,7 +231,6 @@ def _shape_from_json(config_json: str, name: str) -> ModelShape:
     decoder = model.model
     layers = decoder.layers
     layer_params = tuple(sum(p.numel() for p in layer.parameters()) for layer in layers)
-    largest_layer_tensor = max(p.numel() for layer in layers for p in layer.parameters())
     head = model.lm_head.weight
     tied = head is decoder.embed_tokens.weight
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -215,12 +247,26 @@ def _shape_from_json(config_json: str, name: str) -> ModelShape:
         qk_norm=hasattr(layers[0].self_attn, "q_norm"),
         embed_params=sum(p.numel() for p in decoder.embed_tokens.parameters()),
         layer_params=layer_params,
-        largest_layer_tensor=largest_layer_tensor,
         final_norm_params=sum(p.numel() for p in decoder.norm.parameters()),
         head_params=sum(p.numel() for p in model.lm_head.parameters()),
         tied=tied,
+        embed_tensors=_rows_and_values(decoder.embed_tokens),
+        layer_tensors=tuple(_rows_and_values(layer) for layer in layers),
+        final_norm_tensors=_rows_and_values(decoder.norm),
+        head_tensors=_rows_and_values(model.lm_head),
         name=name,
     )
+
+
+def _rows_and_values(module) -> tuple[tuple[int, int], ...]:
+    return tuple((p.shape[0] if p.dim() else 1, p.numel()) for p in module.parameters())
+
+
+def shard_values(tensors, ranks: int) -> list[int]:
+    """Values of each ``(rows, values)`` tensor that one rank holds when FSDP2 (``fully_shard``) splits it along
+    dim 0 over ``ranks``: ``ceil(rows / ranks)`` rows, ``torch.chunk``'s first chunk, to which FSDP2 pads the
+    shorter ones (every rank's storage has that size). ``ranks=1``: the whole tensors."""
+    return [math.ceil(rows / ranks) * (values // rows) for rows, values in tensors]
 
 
 def model_shape(config) -> ModelShape:
@@ -343,8 +389,21 @@ def optimizer_step_temp_bytes(optimizer: str, largest_tensor: int, largest_group
 
 # ---------------------------------------------------------------------------------------------- the estimate
 
+
+def shard_conflict(*, schedule: str = "interleaved", offload: str = "none", optimizer: str = "adamw") -> str | None:
+    """The setting, as its flag, that ``lopt train --shard`` (FSDP2) does not combine with; None when it takes
+    them all. Its owner is this function: ``estimate_memory``, ``lopt.plan`` and its flags' checks ask it."""
+    if schedule == "sequential":
+        return "--schedule sequential"
+    if offload != "none":
+        return f"--offload {offload}"
+    if optimizer == "adamw-8bit":
+        return "--optimizer adamw-8bit"
+    return None
+
+
 PARTS = ("parameters", "optimizer_state", "gradients", "activations", "recompute", "workspace", "boundary",
-         "head", "decoders", "optimizer_step")
+         "head", "decoders", "optimizer_step", "gathered", "unsharded_grads", "collective")
 PART_LABELS = {
     "parameters": "parameters",
     "optimizer_state": "optimizer state",
@@ -356,6 +415,9 @@ PART_LABELS = {
     "head": "head / logits",
     "decoders": "aux decoder",
     "optimizer_step": "optimizer temporaries",
+    "gathered": "all-gathered weights",
+    "unsharded_grads": "full grads to reduce-scatter",
+    "collective": "gradients being summed",
 }
 
 
@@ -363,8 +425,10 @@ PART_LABELS = {
 class MemoryEstimate:
     """Predicted bytes of one training step. ``breakdown`` sums to ``peak`` (the parts live at the peak).
 
-    ``peak`` and ``phases`` are bytes on the device; ``host`` what the offload keeps in host memory and
-    ``transfer`` the bytes it moves between them per optimizer step (both directions)."""
+    ``peak`` and ``phases`` are bytes on the device (of one rank); ``host`` what the offload keeps in host
+    memory and ``transfer`` the bytes it moves between them per optimizer step (both directions); ``link`` the
+    bytes one rank sends (and receives) in the step's collectives, as ring algorithms move them. Under
+    ``shard`` the parameters, gradients and optimizer state are this rank's shards."""
 
     peak: int
     persistent: int
@@ -383,6 +447,7 @@ class MemoryEstimate:
     transfer: int = 0
     transfer_exposed: int = 0  # of ``transfer``: what the compute waits for (block 0's weights under params)
     stash: int = 0  # sequential: the largest stash of boundary activations (all micro-batches)
+    link: int = 0  # data parallel: bytes one rank sends per step in the all-gathers, reduce-scatters, all-reduces
     activation_peak: int = 0  # the most activations, head and decoder transients and workspace live at once
     per_block: list[dict] = field(default_factory=list)  # each block's parameters, optimizer_state, step_temp bytes
     settings: dict = field(default_factory=dict)
@@ -408,6 +473,8 @@ class MemoryEstimate:
         lines.append(f"  {'predicted peak':<{width}}  {self.peak / GiB:8.3f} GiB   (during: {self.peak_phase})")
         kept = {"none": "parameters + optimizer state", "optimizer": "parameters",
                 "params": "the last block's parameters"}[offload]
+        if self.settings.get("shard"):
+            kept = f"this rank's 1/{self.settings['ranks']} of {kept}; the aux decoders whole"
         lines.append(f"  {'  persistent':<{width}}  {self.persistent / GiB:8.3f} GiB   ({kept})")
         lines.append(f"  {'  transient':<{width}}  {self.transient / GiB:8.3f} GiB")
         if offload != "none":
@@ -446,6 +513,8 @@ def estimate_memory(
     schedule: str = "interleaved",
     offload: str = "none",
     stream_state: bool = False,
+    ranks: int = 1,
+    shard: bool = False,
 ) -> MemoryEstimate:
     """Predict the memory of one optimizer step of LoPT training (see the module docstring).
 
@@ -457,7 +526,9 @@ def estimate_memory(
     micro-batch (``interleaved``) or ``sequential_step`` with one optimizer per block stepped as the
     block finishes; ``offload`` (sequential only): what ``lopt.offload.BlockOffload`` keeps on the host;
     ``stream_state``: the offloaded state streams through each block's step one parameter at a time.
-    Returns bytes.
+    ``ranks``: data-parallel processes (torchrun), of which this estimate is one; ``grad_accum`` is then the
+    micro-batches this rank runs in a step. ``shard``: FSDP2 ``fully_shard`` over the ``ranks`` (this rank's
+    shards; see the module docstring). Returns bytes (per rank).
     """
     shape = model_shape(config)
     s = dtype_bytes(dtype)
@@ -479,6 +550,14 @@ def estimate_memory(
     if early_lower_step and sequential:
         raise ValueError("the sequential schedule steps every block as it finishes: early_lower_step is for the "
                          "interleaved one")
+    if ranks < 1 or (shard and ranks < 2):
+        raise ValueError(f"ranks must be >= 1, and >= 2 to shard, got {ranks}")
+    conflict = shard_conflict(schedule=schedule, offload=offload, optimizer=optimizer) if shard else None
+    if conflict:
+        raise ValueError(f"shard (lopt train --shard) does not run with {conflict}")
+    if shard and not shape.own_head(num_blocks):
+        raise ValueError("shard with one block of a model whose head is its embedding matrix: lopt train refuses it "
+                         "(the two would be one unit, gathered for the whole step)")
     k = num_blocks
     M = grad_accum
     N = batch_size * seq_len
@@ -486,51 +565,53 @@ def estimate_memory(
     ranges = split_layers(shape.layers, k)
     last = k - 1
 
-    # ---- parameters, gradients, optimizer state
+    # ---- parameters, gradients, optimizer state: this rank's shards of each FSDP2 unit under ``shard`` (the
+    # aux decoders stay whole on every rank), every tensor whole otherwise
+    shards = ranks if shard else 1
     dec_tensors = shape.decoder_tensors()
-    layer_numels = list(shape.layer_params)
-    n_params = shape.total_params(k)
+    own_head = shape.own_head(k)  # a tied head (k = 1) is the embeddings' matrix
+    embed_held = shard_values(shape.embed_tensors, shards)
+    layer_held = [shard_values(tensors, shards) for tensors in shape.layer_tensors]
+    upper_held = shard_values((shape.head_tensors if own_head else ()) + shape.final_norm_tensors, shards)
+    head_numel = sum(shard_values(shape.head_tensors, shards))  # the lm_head's matrix, tied or not
+    embed_numel = sum(embed_held)
+    layer_numels = [sum(sizes) for sizes in layer_held]
+    largest_layer = max(n for sizes in layer_held for n in sizes)
+    n_params = embed_numel + sum(layer_numels) + sum(upper_held) + (k - 1) * shape.decoder_params
     params = n_params * s
     grad_layer = [n * s for n in layer_numels]
-    grad_embed = shape.embed_params * s
+    grad_embed = embed_numel * s
     grad_dec = shape.decoder_params * s
-    head_params = shape.head_params if shape.own_head(k) else 0  # a tied head is the embeddings' matrix
-    grad_upper_fixed = (head_params + shape.final_norm_params) * s
+    grad_upper_fixed = sum(upper_held) * s
     grads_all = n_params * s
-    # 8-bit state needs the tensor sizes: layers' big matrices are >= 4096 values, their norms are not
-    norm_values = 2 * h + (2 * shape.head_dim if shape.qk_norm else 0)
 
-    def layer_sizes(n):
-        return [n - norm_values, h, h] + ([shape.head_dim, shape.head_dim] if shape.qk_norm else [])
-
-    # what each block owns (as LoPTModel.block_param_groups splits it): layers, its decoder, block 0 the
-    # embeddings, the last block the final norm and head
+    # what each block owns (as LoPTModel.block_param_groups splits it), tensor by tensor (8-bit state depends
+    # on the sizes): layers, its decoder, block 0 the embeddings, the last block the final norm and head
     block_sizes = []
     for b, (start, end) in enumerate(ranges):
-        sizes_b = [n for i in range(start, end) for n in layer_sizes(layer_numels[i])]
-        sizes_b += dec_tensors if b < last else [head_params, shape.final_norm_params]
-        sizes_b += [shape.embed_params] if b == 0 else []
+        sizes_b = [n for i in range(start, end) for n in layer_held[i]]
+        sizes_b += dec_tensors if b < last else upper_held
+        sizes_b += embed_held if b == 0 else []
         block_sizes.append(sizes_b)
     block_numel = [sum(sizes_b) for sizes_b in block_sizes]
     weights = [n * s for n in block_numel]
     block_state = [optimizer_state_bytes(optimizer, sizes_b, s) for sizes_b in block_sizes]
     opt_state = sum(block_state)
-    largest_tensor = max(shape.embed_params, shape.head_params, shape.largest_layer_tensor)
+    largest_tensor = max(embed_numel, head_numel, largest_layer)
     lower_numel = sum(block_numel[:last])
     upper_numel = n_params - lower_numel
     opt_temp_all = optimizer_step_temp_bytes(optimizer, largest_tensor, max(lower_numel, upper_numel), s,
-                                             foreach=foreach, fused=fused_optimizer,
-                                             previous_tensor=shape.largest_layer_tensor)
+                                             foreach=foreach, fused=fused_optimizer, previous_tensor=largest_layer)
 
     def block_step_temp(b: int) -> int:
         """Temporaries of block b's own optimizer step (early_lower_step, sequential); a streamed step updates
         one parameter per call, so nothing of the previous one is alive."""
         if b < last:
-            largest = max(shape.largest_layer_tensor, shape.embed_params if b == 0 else 0)
+            largest = max(largest_layer, embed_numel if b == 0 else 0)
         else:
-            largest = max(shape.head_params, shape.largest_layer_tensor, shape.embed_params if k == 1 else 0)
+            largest = max(head_numel, largest_layer, embed_numel if k == 1 else 0)
         group = largest if stream_state else block_numel[b]
-        previous = 0 if stream_state else shape.largest_layer_tensor
+        previous = 0 if stream_state else largest_layer
         return optimizer_step_temp_bytes(optimizer, largest, group, s, foreach=foreach, fused=fused_optimizer,
                                          previous_tensor=previous)
 
@@ -566,12 +647,53 @@ def estimate_memory(
         head_fwd_peak = N * 8 * V
         head_bwd_peak = N * 12 * V
 
+    # ---- FSDP2 (``shard``): a unit's full weights while it computes, its full gradients until their
+    # reduce-scatter; plain data parallel: the buckets of the gradient sum
+    layer_full = [n * s for n in shape.layer_params]
+    embed_full = shape.embed_params * s
+    head_unit_full = (shape.head_params + shape.final_norm_params) * s  # sharded, the head is its own matrix
+    data_parallel = ranks > 1 and not shard
+    # plain data parallel with one optimizer: the lower blocks' sums overlap the blocks above
+    overlapped = data_parallel and not sequential and not early_lower_step and k > 1
+
+    def fsdp(gathered: int = 0, unsharded: int = 0) -> dict[str, int]:
+        return {"gathered": gathered, "unsharded_grads": unsharded} if shard else {}
+
+    def fsdp_layer_backward(b: int, i: int) -> dict[str, int]:
+        """Layer i's backward in block b: its weights, the unit it prefetches (the layer below in its block, the
+        embeddings below layer 0) and the full gradients of the unit before it, still in their reduce-scatter;
+        in the last block also the head's all-gather buffer."""
+        start, end = ranges[b]
+        below = layer_full[i - 1] if i > start else (embed_full if b == 0 else 0)
+        before = layer_full[i + 1] if i + 1 < end else (head_unit_full if b == last else 0)
+        return fsdp(layer_full[i] + below + (head_unit_full if b == last else 0), before)
+
+    def fsdp_block_end(b: int) -> dict[str, int]:
+        """The end of block b's backward: block 0 ends with the embeddings' (their weights gathered, their full
+        gradient) while layer 0's reduce-scatter runs; the last block still holds the head's all-gather buffer."""
+        head_buffer = head_unit_full if b == last else 0
+        return fsdp(head_buffer + embed_full, embed_full + layer_full[0]) if b == 0 else fsdp(head_buffer)
+
     # ---- phases
     phases: dict[str, dict[str, int]] = {}
     everything = {"parameters": params, "optimizer_state": opt_state}
 
     def add(name, base, **parts):
         phases[name] = {**base, **{key: value for key, value in parts.items() if value}}
+
+    def add_step(name, base, summed=None, **parts):
+        """An optimizer step's phase; under plain data parallel the sum of its gradients (``summed`` bytes, by
+        default all it holds) before it is a phase too, with the copy of the bucket in flight (``sum_grads`` sums
+        one at a time: up to GRAD_BUCKET_BYTES, or one larger tensor)."""
+        if data_parallel:
+            summed = parts["gradients"] if summed is None else summed
+            add(f"gradient sum before {name}", base, **{**parts, "optimizer_step": 0},
+                collective=min(summed, max(GRAD_BUCKET_BYTES, largest_tensor * s)))
+        add(name, base, **parts)
+
+    def summing_below(b: int) -> dict[str, int]:
+        """Overlapped sums: the copies of the lower blocks' gradients in flight while block b runs."""
+        return {**everything, "collective": sum(weights[:b])} if overlapped and b > 0 else everything
 
     def held_grads(b: int) -> int:
         """Interleaved: gradients alive when block b starts."""
@@ -598,6 +720,7 @@ def estimate_memory(
                 recompute=recompute_tok * N,
                 workspace=workspace_tok * N,
                 **fixed,
+                **fsdp_layer_backward(b, layer),
             )
             if best is None or sum(total.values()) > sum(best.values()):
                 best = total
@@ -607,29 +730,33 @@ def estimate_memory(
     def lower_block(b, base, held, accum, run_boundary, end_boundary):
         """Lower block b's forward, decoder loss and backward over one micro-batch; ``held``: gradients alive
         before it, ``accum``: the block's own gradients exist already (each new one is added)."""
+        # FSDP2: the running layer's weights and its all-gather buffer
         add(f"block {b} forward", base, gradients=held, boundary=run_boundary, activations=block_acts[b],
-            decoders=dec_fwd_peak)
+            decoders=dec_fwd_peak, **fsdp(2 * max(layer_full[ranges[b][0]: ranges[b][1]])))
         add(f"block {b} decoder backward", base, gradients=held, boundary=run_boundary, activations=block_acts[b],
             decoders=dec_bwd_peak)
         dec_grads = 0 if accum else grad_dec
         add(f"block {b} backward", base, **layers_backward(b, held + dec_grads, {"boundary": run_boundary}, accum))
         block_grads = 0 if accum else sum(grad_layer[ranges[b][0]: ranges[b][1]]) + dec_grads
         embed = 0 if b > 0 else grad_embed  # with accumulation: the fresh one, before it is added
-        add(f"block {b} end", base, gradients=held + block_grads + embed, boundary=end_boundary)
+        add(f"block {b} end", base, gradients=held + block_grads + embed, boundary=end_boundary,
+            **fsdp_block_end(b))
         return block_grads + embed
 
     def last_block(suffix, base, held, accum, run_boundary, end_boundary):
         final_norm = N * norm_tok
+        # FSDP2: the norm + head unit's weights and its all-gather buffer, from the norm's forward on
         add("last block forward + head" + suffix, base, gradients=held, boundary=run_boundary,
-            activations=block_acts[last] + final_norm, head=head_fwd_peak)
+            activations=block_acts[last] + final_norm, head=head_fwd_peak, **fsdp(2 * head_unit_full))
         add("head backward" + suffix, base, gradients=held, boundary=run_boundary,
-            activations=block_acts[last] + final_norm, head=head_bwd_peak)
+            activations=block_acts[last] + final_norm, head=head_bwd_peak, **fsdp(2 * head_unit_full))
         head_grads = 0 if accum else grad_upper_fixed
         add("last block backward" + suffix, base,
             **layers_backward(last, held + head_grads, {"boundary": run_boundary}, accum))
         embed_at_end = grad_embed if (k == 1 and not accum) else 0
         add("last block end" + suffix, base, gradients=held + head_grads
-            + sum(grad_layer[ranges[last][0]:]) * (not accum) + embed_at_end, boundary=end_boundary)
+            + sum(grad_layer[ranges[last][0]:]) * (not accum) + embed_at_end, boundary=end_boundary,
+            **fsdp_block_end(last))
 
     # Blocks after the first start from a detached tensor: their first RMSNorm records no fp32 copy
     # and no rstd (nothing upstream needs its gradient); the fused norm saves its rstd regardless.
@@ -640,23 +767,24 @@ def estimate_memory(
     if not sequential:
         for b in range(k - 1):
             held = held_grads(b)
-            block_grads = lower_block(b, everything, held, grad_accum > 1, boundary, boundary_end)
+            block_grads = lower_block(b, summing_below(b), held, grad_accum > 1, boundary, boundary_end)
             if early_lower_step:
-                largest = max(shape.largest_layer_tensor, shape.embed_params if b == 0 else 0)
+                largest = max(largest_layer, embed_numel if b == 0 else 0)
                 temp = optimizer_step_temp_bytes(optimizer, largest, block_grads // s, s, foreach=foreach,
-                                                 fused=fused_optimizer, previous_tensor=shape.largest_layer_tensor)
-                add(f"block {b} early optimizer step", everything, gradients=block_grads, boundary=boundary_end,
-                    optimizer_step=temp)
-        last_block("", everything, held_grads(last), grad_accum > 1, boundary, boundary_end)
+                                                 fused=fused_optimizer, previous_tensor=largest_layer)
+                add_step(f"block {b} early optimizer step", everything, gradients=block_grads, boundary=boundary_end,
+                         optimizer_step=temp)
+        last_block("", summing_below(last), held_grads(last), grad_accum > 1, boundary, boundary_end)
         remaining = grads_all if not early_lower_step else grads_all - (grad_embed + (k - 1) * grad_dec
                                                                          + sum(grad_layer[: ranges[last][0]]))
         if early_lower_step:
-            last_temp = optimizer_step_temp_bytes(optimizer, max(shape.head_params, shape.largest_layer_tensor),
-                                                  upper_numel, s, foreach=foreach, fused=fused_optimizer,
-                                                  previous_tensor=shape.largest_layer_tensor)
+            last_temp = optimizer_step_temp_bytes(optimizer, max(head_numel, largest_layer), upper_numel, s,
+                                                  foreach=foreach, fused=fused_optimizer, previous_tensor=largest_layer)
         else:
             last_temp = opt_temp_all
-        add("optimizer step", everything, gradients=remaining, optimizer_step=last_temp)
+        add_step("optimizer step", everything, gradients=remaining, optimizer_step=last_temp,
+                 summed=remaining - sum(weights[:last]) * overlapped,  # the lower blocks' are summed already
+                 **fsdp(head_unit_full))  # FSDP2: the head's all-gather buffer, until the next forward
         persistent = params + opt_state
         live_grads = grads_all
     else:
@@ -672,9 +800,9 @@ def estimate_memory(
             return {"parameters": w + (weights_too or 0), "optimizer_state": state}
 
         def largest_in_block(b):
-            own = shape.embed_params if b == 0 else 0
-            own = max(own, shape.head_params if b == last else shape.decoder_tensors()[2])
-            return max(shape.largest_layer_tensor, own)
+            own = embed_numel if b == 0 else 0
+            own = max(own, head_numel if b == last else dec_tensors[2])
+            return max(largest_layer, own)
 
         accum = M > 1
         lower_end = [inputs_mb * M + hidden_mb * (M if b == 0 else 2 * M) for b in range(k - 1)]
@@ -682,8 +810,8 @@ def estimate_memory(
             # the last micro-batch: the earlier ones' gradients and outputs are held, the current output is new
             run = inputs_mb * M + hidden_mb * ((M + 1) if b == 0 else 2 * M)
             lower_block(b, on_device(b), weights[b] if accum else 0, accum, run, lower_end[b])
-            add(f"block {b} step", on_device(b, stepping=True), gradients=weights[b], boundary=lower_end[b],
-                optimizer_step=block_step_temp(b))
+            add_step(f"block {b} step", on_device(b, stepping=True), gradients=weights[b], boundary=lower_end[b],
+                     optimizer_step=block_step_temp(b))
             if offload == "params":  # block b+1's weights arrive during b's step; b's gradients are gone by then
                 add(f"block {b} step -> block {b + 1} weights", on_device(b, weights[b + 1]), boundary=lower_end[b])
         # the last block takes the stash's M inputs one by one (with k = 1 every micro-batch embeds anew)
@@ -696,8 +824,8 @@ def estimate_memory(
             last_block(" (later micro-batches)", on_device(last), weights[last], True, later_run, last_end)
         else:
             last_block("", on_device(last), 0, False, first_run, last_end)
-        add("optimizer step", on_device(last, stepping=True), gradients=weights[last],
-            boundary=M * N * 8, optimizer_step=block_step_temp(last))  # and the input ids
+        add_step("optimizer step", on_device(last, stepping=True), gradients=weights[last],
+                 boundary=M * N * 8, optimizer_step=block_step_temp(last))  # and the input ids
         stash = hidden_mb * M * (2 if k > 2 else 1 if k == 2 else 0)
         live_grads = max(weights)
         persistent = {"none": params + opt_state, "optimizer": params, "params": weights[last]}[offload]
@@ -710,6 +838,10 @@ def estimate_memory(
             if stream_state:  # inside the steps, not behind compute
                 transfer_exposed += 2 * opt_state
 
+    if shard:  # each micro-batch all-gathers every unit twice (forward, backward) and reduce-scatters its gradients
+        link = 3 * M * (ranks - 1) * (n_params - (k - 1) * shape.decoder_params) * s
+    else:  # one all-reduce of every gradient per step
+        link = 2 * (ranks - 1) * grads_all // ranks
     totals = {name: sum(parts.values()) for name, parts in phases.items()}
     peak_phase = max(totals, key=totals.get)
     transient_parts = ("activations", "recompute", "workspace", "head", "decoders")
@@ -732,11 +864,12 @@ def estimate_memory(
         transfer=transfer,
         transfer_exposed=transfer_exposed,
         stash=stash,
+        link=link,
         activation_peak=activation_peak,
         per_block=[dict(parameters=weights[b], optimizer_state=block_state[b], step_temp=block_step_temp(b))
                    for b in range(k)],
         settings=dict(seq_len=seq_len, batch_size=batch_size, num_blocks=k, recompute=recompute,
                       optimizer=optimizer, kernels=kernels, early_lower_step=early_lower_step,
                       grad_accum=grad_accum, dtype=str(dtype).replace("torch.", ""), padded=padded,
-                      schedule=schedule, offload=offload, stream_state=stream_state),
+                      schedule=schedule, offload=offload, stream_state=stream_state, ranks=ranks, shard=shard),
     )

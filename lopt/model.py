@@ -210,25 +210,25 @@ class LoPTModel(nn.Module):
         if boundary == "fresh" and on_boundary is None and self.num_blocks > 1:
             raise ValueError("boundary='fresh' recomputes each lower block after its update: pass an on_boundary "
                              "that steps the block's optimizer")
-        input_ids, attention_mask, labels, document_ids = self._unpack(batch)
+        input_ids, attention_mask, labels, document_ids = self.unpack(batch)
         positions = attention_mask.bool() if attention_mask is not None else None
         num_tokens = (labels != IGNORE_INDEX).sum()
         if positions is not None:
             num_positions = positions.sum()
         else:
             num_positions = torch.tensor(input_ids.numel(), device=input_ids.device)
-        task_weight = loss_scale * _share(num_tokens, total_tokens)
-        aux_weight = loss_scale * _share(num_positions, total_positions)
+        task_weight = loss_scale * share(num_tokens, total_tokens)
+        aux_weight = loss_scale * share(num_positions, total_positions)
 
-        layer_inputs = self._layer_inputs(input_ids.shape, input_ids.device, attention_mask, document_ids)
+        layer_inputs = self.layer_inputs(input_ids.shape, input_ids.device, attention_mask, document_ids)
         hidden = self.model.model.embed_tokens(input_ids)
         hidden, aux_losses = self.lower_blocks(hidden, layer_inputs, positions, aux_weight=aux_weight,
                                                on_boundary=on_boundary, boundary=boundary, input_ids=input_ids)
 
         # Last block: task loss only. Its activations (or, with recompute, only the layer inputs) live
         # until this backward, so the step's peak is the largest block's, not the sum over blocks.
-        block_output = self._run_block(self.num_blocks - 1, hidden, layer_inputs)
-        task_loss = self._task_loss(self.model.model.norm(block_output), labels)
+        block_output = self.run_block(self.num_blocks - 1, hidden, layer_inputs)
+        task_loss = self.task_loss(self.model.model.norm(block_output), labels)
         if task_loss.requires_grad:
             (task_loss * task_weight).backward()
         loss, task_loss, aux_loss = self.lopt_loss(task_loss.detach(), aux_losses)
@@ -241,13 +241,13 @@ class LoPTModel(nn.Module):
         gives the same gradients as ``train_step`` but keeps every block's activations alive until the
         end. It is the reference for tests and the ``lopt-paper`` benchmark method.
         """
-        input_ids, attention_mask, labels, document_ids = self._unpack(batch)
+        input_ids, attention_mask, labels, document_ids = self.unpack(batch)
         positions = attention_mask.bool() if attention_mask is not None else None
-        layer_inputs = self._layer_inputs(input_ids.shape, input_ids.device, attention_mask, document_ids)
+        layer_inputs = self.layer_inputs(input_ids.shape, input_ids.device, attention_mask, document_ids)
         hidden = self.model.model.embed_tokens(input_ids)
         hidden, aux_losses = self.lower_blocks(hidden, layer_inputs, positions)
-        block_output = self._run_block(self.num_blocks - 1, hidden, layer_inputs)
-        task_loss = self._task_loss(self.model.model.norm(block_output), labels)
+        block_output = self.run_block(self.num_blocks - 1, hidden, layer_inputs)
+        task_loss = self.task_loss(self.model.model.norm(block_output), labels)
         return self.lopt_loss(task_loss, aux_losses)
 
     def lower_blocks(self, hidden, layer_inputs, positions, *, aux_weight=None, on_boundary=None,
@@ -262,12 +262,12 @@ class LoPTModel(nn.Module):
         aux_losses = []
         for b, decoder in enumerate(self.aux_decoders):
             if aux_weight is None:
-                block_output = self._run_block(b, hidden, layer_inputs)
+                block_output = self.run_block(b, hidden, layer_inputs)
                 aux_losses.append(decoder.recon_loss(block_output, hidden.detach(), positions, fused=self.kernels))
                 hidden = block_output.detach()
                 continue
             block_input = hidden.detach()
-            hidden, aux = self._local_step(b, hidden, layer_inputs, positions, aux_weight)
+            hidden, aux = self.local_step(b, hidden, layer_inputs, positions, aux_weight)
             aux_losses.append(aux)
             if on_boundary is not None:
                 on_boundary(b)
@@ -275,17 +275,17 @@ class LoPTModel(nn.Module):
                 with torch.no_grad():
                     if b == 0:  # block 0 owns the embeddings, which have stepped too
                         block_input = self.model.model.embed_tokens(input_ids)
-                    hidden = self._run_block(b, block_input, layer_inputs)
+                    hidden = self.run_block(b, block_input, layer_inputs)
             del block_input  # not held through the next block's step
         return hidden, aux_losses
 
-    def _local_step(self, b: int, hidden, layer_inputs, positions, aux_weight):
+    def local_step(self, b: int, hidden, layer_inputs, positions, aux_weight):
         """Lower block b: forward, reconstruction loss and its backward (times ``aux_weight * lambda / (k-1)``)
         now. The block's saved activations are freed here, before the next block allocates its own; only
         the detached output crosses the boundary. Returns it and the loss, detached."""
         block_input = hidden.detach()
         with self.boundary.block(keep=[hidden]):
-            block_output = self._run_block(b, hidden, layer_inputs)
+            block_output = self.run_block(b, hidden, layer_inputs)
             aux = self.aux_decoders[b].recon_loss(block_output, block_input, positions, fused=self.kernels)
             if aux.requires_grad:
                 (aux * (aux_weight * self.lambda_aux / (self.num_blocks - 1))).backward()
@@ -316,13 +316,13 @@ class LoPTModel(nn.Module):
         if boundary == "fresh" and on_block_done is None and self.num_blocks > 1:
             raise ValueError("boundary='fresh' recomputes each lower block after its update: pass an on_block_done "
                              "that steps the block's optimizer")
-        parts = [self._unpack(mb) for mb in micro_batches]
+        parts = [self.unpack(mb) for mb in micro_batches]
         tokens = [(labels != IGNORE_INDEX).sum() for _, _, labels, _ in parts]
         positions = [torch.tensor(ids.numel(), device=ids.device) if mask is None else mask.sum()
                      for ids, mask, _, _ in parts]
         total_tokens = sum(tokens) if total_tokens is None else total_tokens
         total_positions = sum(positions) if total_positions is None else total_positions
-        layer_inputs = [self._layer_inputs(ids.shape, ids.device, mask, docs) for ids, mask, _, docs in parts]
+        layer_inputs = [self.layer_inputs(ids.shape, ids.device, mask, docs) for ids, mask, _, docs in parts]
         masks = [None if mask is None else mask.bool() for _, mask, _, _ in parts]
 
         stash = [None] * len(parts)  # each micro-batch's input to the current block (None: the embeddings)
@@ -331,15 +331,15 @@ class LoPTModel(nn.Module):
             inputs, stash, aux_b = stash, [None] * len(parts), 0.0
             for i, (input_ids, *_) in enumerate(parts):
                 hidden = self.model.model.embed_tokens(input_ids) if b == 0 else inputs[i]
-                weight = _share(positions[i], total_positions)
-                stash[i], aux = self._local_step(b, hidden, layer_inputs[i], masks[i], loss_scale * weight)
+                weight = share(positions[i], total_positions)
+                stash[i], aux = self.local_step(b, hidden, layer_inputs[i], masks[i], loss_scale * weight)
                 aux_b = aux_b + aux * weight
             aux_loss = aux_loss + aux_b / (self.num_blocks - 1)
             if on_block_done is not None:
                 on_block_done(b)
             if boundary == "fresh":
                 with torch.no_grad():
-                    stash = [self._run_block(b, self.model.model.embed_tokens(ids) if b == 0 else inputs[i],
+                    stash = [self.run_block(b, self.model.model.embed_tokens(ids) if b == 0 else inputs[i],
                                              layer_inputs[i]) for i, (ids, *_) in enumerate(parts)]
             del inputs  # block b's inputs are not held through block b+1
 
@@ -347,9 +347,9 @@ class LoPTModel(nn.Module):
         for i, (input_ids, _, labels, _) in enumerate(parts):
             hidden = self.model.model.embed_tokens(input_ids) if self.num_blocks == 1 else stash[i]
             stash[i] = None
-            block_output = self._run_block(self.num_blocks - 1, hidden, layer_inputs[i])
-            task = self._task_loss(self.model.model.norm(block_output), labels)
-            weight = _share(tokens[i], total_tokens)
+            block_output = self.run_block(self.num_blocks - 1, hidden, layer_inputs[i])
+            task = self.task_loss(self.model.model.norm(block_output), labels)
+            weight = share(tokens[i], total_tokens)
             if task.requires_grad:
                 (task * (loss_scale * weight)).backward()
             task_loss = task_loss + task.detach() * weight
@@ -363,9 +363,12 @@ class LoPTModel(nn.Module):
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else torch.zeros_like(task_loss)
         return task_loss + self.lambda_aux * aux_loss, task_loss, aux_loss
 
-    # ------------------------------------------------------------------ pieces of the step
+    # ------------------------------------------------------------------ the pieces of a step, one block at a time
+    # (public: lopt.pipeline runs one block of each micro-batch through them, lopt.integration the model's forward)
 
-    def _unpack(self, batch):
+    def unpack(self, batch):
+        """``(input_ids, attention_mask, labels, document_ids)`` of a batch, the labels shifted (position t's is
+        token t+1) and ignored (-100) past each row's end and across packed examples' borders."""
         if "input_ids" not in batch:
             raise ValueError("batch needs 'input_ids'")
         input_ids = batch["input_ids"]
@@ -380,7 +383,7 @@ class LoPTModel(nn.Module):
             labels[:, :-1].masked_fill_(document_ids[:, 1:] != document_ids[:, :-1], IGNORE_INDEX)
         return input_ids, attention_mask, labels, document_ids
 
-    def _layer_inputs(self, shape, device, attention_mask, document_ids=None, position_ids=None) -> dict:
+    def layer_inputs(self, shape, device, attention_mask, document_ids=None, position_ids=None) -> dict:
         """What every decoder layer takes besides the hidden states: positions, rotary cos/sin, mask.
 
         Positions count from 0 in each row, restart where a packed example starts (``document_ids``), or
@@ -425,7 +428,8 @@ class LoPTModel(nn.Module):
         # A fully masked query row (padding) would give NaN under -inf; the dtype's min keeps it finite.
         return torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
-    def _run_block(self, b: int, hidden, layer_inputs):
+    def run_block(self, b: int, hidden, layer_inputs):
+        """Block b's layers on ``hidden``; ``layer_inputs`` from ``layer_inputs``. No loss, no backward."""
         start, end = self.block_ranges[b]
         if torch.is_grad_enabled() and not hidden.requires_grad and _checkpoints(self.model.model.layers[start]):
             # A reentrant checkpoint (Hugging Face's, with use_reentrant=True) gives a layer's weights gradients
@@ -441,7 +445,7 @@ class LoPTModel(nn.Module):
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
-    def _task_loss(self, normed_hidden, labels):
+    def task_loss(self, normed_hidden, labels):
         """Mean cross-entropy over the label tokens. A plain linear head goes through the fused
         linear_cross_entropy (or its reference); any other head (a LoRA adapter, a quantised linear) runs as
         a module, so what it adds to the weight is never skipped, at the price of materialised logits."""
@@ -533,8 +537,9 @@ def _layer_type(config, index: int) -> str:
     return layer_types[index] if layer_types else "full_attention"
 
 
-def _share(part: torch.Tensor, total) -> torch.Tensor | float:
-    """part / total as a weight, or 1 when there is no total (a single micro-batch)."""
+def share(part: torch.Tensor, total) -> torch.Tensor | float:
+    """part / total as a weight, or 1 when there is no total (a single micro-batch): a micro-batch's weight in its
+    step (label tokens for the task loss, positions for the reconstruction loss)."""
     if total is None:
         return 1.0
     return part / torch.as_tensor(total, device=part.device).clamp(min=1)

@@ -39,7 +39,7 @@ from collections import deque
 import torch
 
 # The engine's weight of a micro-batch (part / total), the one train_step uses: the gradients must match it.
-from .model import IGNORE_INDEX, _share
+from .model import IGNORE_INDEX, share
 
 # Sends a rank may have in flight: each holds its boundary tensor until the next rank has it. Two let a rank
 # run a micro-batch ahead of the next without its memory growing with --grad-accum.
@@ -68,28 +68,28 @@ class Pipeline:
             if b != self.rank:
                 other.state.clear()
 
-        parts = [model._unpack(batch) for batch in batches]  # input ids, attention mask, shifted labels, documents
+        parts = [model.unpack(batch) for batch in batches]  # input ids, attention mask, shifted labels, documents
         receive = self._post_receive(parts, 0, step) if not self.first else None
         sends = deque()
         task_sum = aux_sum = torch.zeros((), device=trainer.device)
         for i, (input_ids, attention_mask, labels, document_ids) in enumerate(parts):
-            layer_inputs = model._layer_inputs(input_ids.shape, input_ids.device, attention_mask, document_ids)
+            layer_inputs = model.layer_inputs(input_ids.shape, input_ids.device, attention_mask, document_ids)
             if self.first:
                 hidden = model.model.model.embed_tokens(input_ids)
             else:
                 hidden = receive()
                 receive = self._post_receive(parts, i + 1, step) if i + 1 < len(parts) else None
             if self.last:  # the task loss, weighted by the micro-batch's share of the step's label tokens
-                block_output = model._run_block(self.rank, hidden, layer_inputs)
-                task = model._task_loss(model.model.model.norm(block_output), labels)
+                block_output = model.run_block(self.rank, hidden, layer_inputs)
+                task = model.task_loss(model.model.model.norm(block_output), labels)
                 if task.requires_grad:
-                    (task * _share((labels != IGNORE_INDEX).sum(), total_tokens)).backward()
+                    (task * share((labels != IGNORE_INDEX).sum(), total_tokens)).backward()
                 if tokens[i]:  # a micro-batch without labels has no task loss
                     task_sum = task_sum + task.detach().float() * (tokens[i] / total_tokens)
                 continue
             mask = attention_mask.bool() if attention_mask is not None else None
             count = mask.sum() if mask is not None else torch.tensor(input_ids.numel(), device=input_ids.device)
-            output, aux = model._local_step(self.rank, hidden, layer_inputs, mask, _share(count, total_positions))
+            output, aux = model.local_step(self.rank, hidden, layer_inputs, mask, share(count, total_positions))
             aux_sum = aux_sum + aux.float() * (positions[i] / total_positions)
             if len(sends) == SENDS_IN_FLIGHT:
                 sends.popleft()()

@@ -4,7 +4,10 @@
 step, the schedule and what is offloaded to the host, pricing each setting with
 ``lopt.memory_model.estimate_memory``; ``lopt plan`` prints the result and ``lopt train --recipe``
 applies it (``apply_recipe``). Offloading is priced in time too (``step_time``): the bytes it moves
-over PCIe against the step's compute, at an assumed bandwidth and FLOP rate that the flags override.
+over PCIe against the step's compute, at an assumed bandwidth and FLOP rate that the flags override;
+so are the collectives of data parallel over ``nproc`` ranks (``torchrun``, sharded with ``shard``), at an
+assumed link bandwidth. With ranks the step's sequences stay what is asked: its micro-batches are shared
+out among the ranks, and the memory is one rank's.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ from .config import (
 from .configs import SHIPPED_CONFIGS_DIR, shipped_config, shipped_config_names
 from .errors import UsageError
 from .loading import TINY, load_config, resolve_model
-from .memory_model import GiB, MemoryEstimate, ModelShape, dtype_bytes, estimate_memory, model_shape
+from .memory_model import GiB, MemoryEstimate, ModelShape, dtype_bytes, estimate_memory, model_shape, shard_conflict
 
 # What the plan keeps free: a fraction for the caching allocator's rounding and fragmentation, and
 # what the CUDA context and libraries take on a real card outside PyTorch's allocator.
 SAFETY_FRACTION = 0.10
 MAX_RATE = 1e6  # GB/s or TFLOP/s: past this a value is a typo
+MAX_RANKS = 1 << 16  # torchrun processes: past this a value is a typo
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)
 # Relative speed the plan assumes, to rank the settings that fit (see ``plan``).
 RECOMPUTE_SPEED = {"none": 1.0, "selective": 0.85, "full": 0.75}
@@ -57,6 +61,9 @@ SCHEDULE_PREFERENCE = {"interleaved": 1.0, "sequential": 0.99}
 # matrix products; the step's compute is the usual 6 x parameters x tokens (forward 2, backward 4).
 PCIE_GB_S = 25.0
 TFLOPS = 150.0
+# ... and for the collectives of data parallel (``lopt plan --link-bandwidth``): the bus bandwidth
+# (nccl-tests' busbw) of GPUs within one NVLink node; PCIe-only cards reach about a tenth of it.
+LINK_GB_S = 150.0
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -117,13 +124,14 @@ def usable_bytes(gpu_mem_gb: float, *, safety: float = SAFETY_FRACTION, context_
 
 
 def relative_speed(seq_len: int, batch_size: int, recompute: str, optimizer: str, early_lower_step: bool,
-                   schedule: str = "interleaved", transfer_factor: float = 1.0) -> float:
+                   schedule: str = "interleaved", transfer_factor: float = 1.0, ranks_busy: float = 1.0) -> float:
     """The plan's ranking of settings: larger micro-batches fill the GPU better, recomputation costs a
     forward of what it recomputes, and the exact optimizer is preferred where the others would gain little;
-    ``transfer_factor``: compute time over step time when offloading (``step_time``)."""
+    ``transfer_factor``: compute time over step time when offloading or talking to other ranks
+    (``step_time``); ``ranks_busy``: the share of the ranks' time in which they have a micro-batch to run."""
     tokens = seq_len * batch_size
     speed = tokens / (tokens + TOKENS_HALF_SPEED) * RECOMPUTE_SPEED[recompute] * OPTIMIZER_PREFERENCE[optimizer]
-    speed *= SCHEDULE_PREFERENCE[schedule] * transfer_factor
+    speed *= SCHEDULE_PREFERENCE[schedule] * transfer_factor * ranks_busy
     return speed * (EARLY_STEP_PREFERENCE if early_lower_step else 1.0)
 
 
@@ -134,6 +142,7 @@ class StepTime:
     compute: float  # FLOPs / rate
     transfer: float  # host <-> device bytes / bandwidth, both directions
     step: float  # block by block, the longer of its compute and its transfers, plus what the compute waits for
+    link: float = 0.0  # data parallel: this rank's collectives, its bytes sent / the link bandwidth
 
     @property
     def compute_fraction(self) -> float:
@@ -157,11 +166,13 @@ def step_flops(shape: ModelShape, num_blocks: int, recompute: str, tokens: int) 
 
 
 def step_time(shape: ModelShape, estimate: MemoryEstimate, tokens: int, *, pcie_gb_s: float = PCIE_GB_S,
-              tflops: float = TFLOPS) -> StepTime:
-    """The step's compute against its transfers. Offloading overlaps each block's transfers with its compute
-    (``lopt.offload``), so a block takes the longer of the two; what the compute waits for is added: block
-    0's weights under ``params``, all the state with ``stream_state``. A lower bound in practice: kernels
-    reach the FLOP rate only on large products."""
+              tflops: float = TFLOPS, link_gb_s: float = LINK_GB_S) -> StepTime:
+    """The step's compute (``tokens``: this rank's) against its transfers. Offloading overlaps each block's
+    transfers with its compute (``lopt.offload``), so a block takes the longer of the two; what the compute
+    waits for is added: block 0's weights under ``params``, all the state with ``stream_state``. Under data
+    parallel the gradient all-reduce is added (a bound: with one optimizer the lower blocks' sums overlap the
+    blocks above); FSDP2 overlaps its all-gathers and reduce-scatters with the compute, so a sharded step takes
+    the longer of the two. A lower bound in practice: kernels reach the FLOP rate only on large products."""
     settings = estimate.settings
     flops = step_flops(shape, settings["num_blocks"], settings["recompute"], tokens)
     rate, bandwidth = tflops * 1e12, pcie_gb_s * 1e9
@@ -175,7 +186,9 @@ def step_time(shape: ModelShape, estimate: MemoryEstimate, tokens: int, *, pcie_
     if offload == "params":  # block 0's upload is waited for; with one block, its weights only go back
         moved[0] += -estimate.per_block[0]["parameters"] if several else estimate.per_block[0]["parameters"]
     step = sum(max(f / rate, m / bandwidth) for f, m in zip(flops, moved)) + estimate.transfer_exposed / bandwidth
-    return StepTime(compute=compute, transfer=estimate.transfer / bandwidth, step=step)
+    link = estimate.link / (link_gb_s * 1e9)
+    step = max(step, link) if settings.get("shard") else step + link
+    return StepTime(compute=compute, transfer=estimate.transfer / bandwidth, step=step, link=link)
 
 
 @dataclass
@@ -203,13 +216,28 @@ class Plan:
     time: StepTime | None = None
     pcie_gb_s: float = PCIE_GB_S
     tflops: float = TFLOPS
+    nproc: int = 1  # data-parallel ranks (torchrun processes); the estimate is one rank's
+    shard: bool = False  # FSDP2 over the ranks (``lopt train --shard``)
+    link_gb_s: float = LINK_GB_S
     alternatives: list[dict] = field(default_factory=list)
     train_model: str | None = None  # what to give `lopt train --model`; None: the plan's model has no weights
     fitting_num_blocks: int | None = None  # nothing fits: the fewest blocks with which something does (``run_plan``)
 
     @property
     def tokens_per_step(self) -> int:
+        """Of all ranks together: ``--grad-accum`` counts the step's micro-batches, which the ranks share."""
         return self.seq_len * self.batch_size * self.grad_accum
+
+    @property
+    def rank_micro_batches(self) -> int:
+        """Micro-batches the busiest rank runs per step (rank r runs r, r+N, ... of them)."""
+        return math.ceil(self.grad_accum / self.nproc)
+
+    def command(self) -> str:
+        """The suggested ``lopt train`` command line, under ``torchrun`` (one node) for more than one rank."""
+        launcher = f"torchrun --nproc-per-node {self.nproc} -m lopt train" if self.nproc > 1 else "lopt train"
+        model = self.train_model if self.train_model is not None else "CHECKPOINT"
+        return f"{launcher} --model {model} {self.train_flags()}"
 
     def train_flags(self) -> str:
         flags = (f"--seq-len {self.seq_len} --num-blocks {self.num_blocks} --batch-size {self.batch_size} "
@@ -220,13 +248,17 @@ class Plan:
             flags += f" --offload {self.offload}"
         if self.stream_state:
             flags += " --stream-state"
-        return flags + (" --early-lower-step" if self.early_lower_step else "")
+        if self.early_lower_step:
+            flags += " --early-lower-step"
+        return flags + (" --shard" if self.shard else "")
 
     def as_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("estimate", "time")}
         out["estimate"] = self.estimate.as_dict()
         out["time"] = dataclasses.asdict(self.time) if self.time is not None else None
         out["tokens_per_step"] = self.tokens_per_step
+        out["rank_micro_batches"] = self.rank_micro_batches
+        out["command"] = self.command()
         return out
 
     def time_lines(self) -> list[str]:
@@ -235,14 +267,21 @@ class Plan:
         if t is None:
             return []
         link = f", {self.pcie_gb_s:g} GB/s host<->device" if self.offload != "none" else ""
-        lines = [f"time of a step (estimate: {self.tflops:g} TFLOP/s{link}; --tflops / --pcie-bandwidth change them; "
-                 "6 x parameters x tokens FLOPs):", f"  compute {t.compute:.2f} s"]
+        link += f", {self.link_gb_s:g} GB/s between ranks" if self.nproc > 1 else ""
+        lines = [f"time of a step (estimate: {self.tflops:g} TFLOP/s{link}; --tflops / --pcie-bandwidth / "
+                 "--link-bandwidth change them; 6 x parameters x tokens FLOPs):",
+                 f"  compute {t.compute:.2f} s" + (" per rank" if self.nproc > 1 else "")]
         if self.offload != "none":
             lines[-1] += (f", transfers {t.transfer:.2f} s ({est.transfer / 1e9:.1f} GB moved), "
                           f"overlapped block by block: about {t.step:.2f} s per step "
                           f"({t.compute_fraction:.0%} of it compute)")
             lines.append(f"  host memory needed: {est.host / GiB:.2f} GiB pinned "
                          f"({'optimizer state' if self.offload == 'optimizer' else 'weights + optimizer state'})")
+        if self.nproc > 1:
+            what = ("all-gathers and reduce-scatters, overlapped with the compute" if self.shard else
+                    "the gradient all-reduce, added to the compute")
+            lines.append(f"  collectives {t.link:.2f} s ({est.link / 1e9:.1f} GB sent per rank: {what}): about "
+                         f"{t.step:.2f} s per step ({t.compute_fraction:.0%} of it compute)")
         return lines + [""]
 
     def describe(self) -> str:
@@ -260,12 +299,14 @@ class Plan:
             f"plan       {status}",
             f"  micro-batch {self.batch_size} x grad-accum {self.grad_accum} = {self.batch_size * self.grad_accum} "
             f"sequences of {self.seq_len} = {self.tokens_per_step:,} tokens per optimizer step",
+            *self.ranks_lines(),
             f"  recompute {self.recompute}, optimizer {self.optimizer}, early lower-block step "
             f"{'on' if self.early_lower_step else 'off'}, kernels {'on' if self.kernels else 'off'}",
             f"  schedule {self.schedule}, offload {self.offload}"
             + (", optimizer state streamed through each block's step" if self.stream_state else ""),
             "",
-            "predicted memory of a step (peak of memory_allocated on the device; the parts live at the peak):",
+            f"predicted memory of a step (peak of memory_allocated on {'each rank' if self.nproc > 1 else 'the device'}"
+            "; the parts live at the peak):",
             est.table(),
             "",
         ]
@@ -284,13 +325,29 @@ class Plan:
                              f"{alt['schedule']:<11}  {alt['offload']:<9}  "
                              f"{alt['peak'] / GiB:>8.2f}  {alt['speed']:>5.2f}")
             lines.append("")
-        if self.train_model is not None:
-            lines.append(f"lopt train --model {self.train_model} {self.train_flags()}")
-        else:
-            lines.append(f"lopt train --model CHECKPOINT {self.train_flags()}")
+        lines.append(self.command())
+        if self.train_model is None:
             lines.append(f"  (CHECKPOINT: a local Hugging Face directory or .gguf file of {self.model}; the plan "
                          "used its shape, which has no weights)")
         return "\n".join(lines)
+
+    def ranks_lines(self) -> list[str]:
+        """How the step is shared out among the ranks, and what each holds."""
+        if self.nproc == 1:
+            return []
+        share = (f"each runs {'' if self.shard else 'at most '}{self.rank_micro_batches} of the step's "
+                 f"{self.grad_accum} micro-batches")
+        if self.shard:
+            held = (f"sharded (FSDP2): each holds 1/{self.nproc} of the parameters, gradients and optimizer state "
+                    "(the aux decoders whole)\n  and gathers a unit's full weights while the unit runs")
+        else:
+            held = "plain data parallel: each holds all the parameters, gradients and optimizer state"
+        lines = [f"  {self.nproc} ranks, {held}; {share}"]
+        if self.grad_accum < self.nproc:
+            idle = " (the others run a copy at weight 0)" if self.shard else ""
+            lines.append(f"  only {self.grad_accum} of the {self.nproc} ranks get a micro-batch{idle}: a larger "
+                         "--tokens-per-step (or a smaller --batch-size) uses them all")
+        return lines
 
 
 def plan(
@@ -312,6 +369,9 @@ def plan(
     stream_states: tuple[bool, ...] | None = None,
     pcie_gb_s: float = PCIE_GB_S,
     tflops: float = TFLOPS,
+    nproc: int = 1,
+    shard: bool = False,
+    link_gb_s: float = LINK_GB_S,
     safety: float = SAFETY_FRACTION,
     context_bytes: int = CUDA_CONTEXT_BYTES,
     name: str | None = None,
@@ -328,7 +388,15 @@ def plan(
     offloads is taken only when none without offload fits, one that streams only when none that
     prefetches fits, and its speed counts the transfers (``step_time`` at ``pcie_gb_s`` and ``tflops``).
     ``num_blocks``, ``kernels`` and ``dtype`` are given. Nothing fits: the setting with the smallest peak, ``fits=False``.
+
+    ``nproc`` ranks (torchrun) share the step's ``grad_accum`` micro-batches (rank r runs r, r+N, ...), so the
+    step keeps its sequences; the peak is the busiest rank's, which runs ``ceil(grad_accum / nproc)`` of them
+    (the early lower-block step needs one), and a rank without a micro-batch counts against the speed.
+    ``shard``: FSDP2 over the ranks, without the settings ``shard_conflict`` names; the speed counts the
+    collectives at ``link_gb_s``.
     """
+    if shard and nproc < 2:
+        raise ValueError(f"shard splits the state across ranks: it needs nproc >= 2, got {nproc}")
     shape = model_shape(config)
     if examples_per_step is None:
         examples_per_step = max(1, round(tokens_per_step / seq_len))
@@ -344,31 +412,37 @@ def plan(
     layouts = [(schedule, offload, stream) for schedule in schedules for offload in offloads
                for stream in stream_states
                if (schedule == "sequential" or offload == "none") and (offload != "none" or not stream)]
-    if not layouts:
-        raise ValueError("offload needs the sequential schedule")
+    if shard:
+        layouts = [lay for lay in layouts if not shard_conflict(schedule=lay[0], offload=lay[1])]
+        optimizers = tuple(o for o in optimizers if not shard_conflict(optimizer=o))
+    if not layouts or not optimizers:
+        raise ValueError("no setting to search: offload needs the sequential schedule, and shard neither of them "
+                         "nor adamw-8bit")
     candidates = []
     for optimizer in optimizers:
         for recompute in recompute_modes:
             for batch_size in batch_sizes:
                 grad_accum = max(1, math.ceil(examples_per_step / batch_size))
+                rank_accum = math.ceil(grad_accum / nproc)  # the busiest rank's micro-batches
+                busy = grad_accum / (nproc * rank_accum)
                 for schedule, offload, stream in layouts:
-                    early_choices = (False, True) if (grad_accum == 1 and num_blocks > 1 and allow_early_lower_step
+                    early_choices = (False, True) if (rank_accum == 1 and num_blocks > 1 and allow_early_lower_step
                                                       and schedule == "interleaved") else (False,)
                     for early in early_choices:
                         est = estimate_memory(
                             shape, seq_len=seq_len, batch_size=batch_size, num_blocks=num_blocks,
                             recompute=recompute, optimizer=optimizer, kernels=kernels, early_lower_step=early,
-                            grad_accum=grad_accum, dtype=dtype, schedule=schedule, offload=offload,
-                            stream_state=stream,
+                            grad_accum=rank_accum, dtype=dtype, schedule=schedule, offload=offload,
+                            stream_state=stream, ranks=nproc, shard=shard,
                         )
-                        time = step_time(shape, est, seq_len * batch_size * grad_accum, pcie_gb_s=pcie_gb_s,
-                                         tflops=tflops)
+                        time = step_time(shape, est, seq_len * batch_size * rank_accum, pcie_gb_s=pcie_gb_s,
+                                         tflops=tflops, link_gb_s=link_gb_s)
                         candidates.append(dict(
                             batch_size=batch_size, grad_accum=grad_accum, recompute=recompute, optimizer=optimizer,
                             early_lower_step=early, schedule=schedule, offload=offload, stream_state=stream,
                             peak=est.peak, estimate=est,
                             time=time, speed=relative_speed(seq_len, batch_size, recompute, optimizer, early,
-                                                            schedule, time.compute_fraction),
+                                                            schedule, time.compute_fraction, busy),
                         ))
     fitting = sorted((c for c in candidates if c["peak"] <= budget),
                      key=lambda c: (c["offload"] != "none", c["stream_state"], -c["speed"], c["peak"]))
@@ -381,7 +455,8 @@ def plan(
     return Plan(
         model=name or shape.name or "model", gpu_mem_gb=gpu_mem_gb, seq_len=seq_len, num_blocks=num_blocks,
         kernels=kernels, dtype=dtype_name, fits=fits, budget=budget, num_params=shape.total_params(num_blocks),
-        pcie_gb_s=pcie_gb_s, tflops=tflops, alternatives=alternatives, **{key: best[key] for key in chosen},
+        pcie_gb_s=pcie_gb_s, tflops=tflops, nproc=nproc, shard=shard, link_gb_s=link_gb_s, alternatives=alternatives,
+        **{key: best[key] for key in chosen},
     )
 
 
@@ -422,6 +497,15 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help=f"host<->device bandwidth the transfer estimate assumes, GB/s (default {PCIE_GB_S:g})")
     parser.add_argument("--tflops", type=float, default=TFLOPS,
                         help=f"compute rate the step-time estimate assumes, TFLOP/s (default {TFLOPS:g}, dense bf16)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="plan one rank of `torchrun --nproc-per-node N -m lopt train`: the ranks share the step's "
+                             "micro-batches (default 1, one process)")
+    parser.add_argument("--shard", action="store_true",
+                        help="with --nproc N >= 2: shard the parameters, gradients and optimizer state over the ranks "
+                             "(FSDP2, `lopt train --shard`); the plan gives one rank's memory")
+    parser.add_argument("--link-bandwidth", type=float, default=LINK_GB_S, metavar="GB_S",
+                        help="bus bandwidth of the collectives between ranks that the step-time estimate assumes, GB/s "
+                             f"(default {LINK_GB_S:g}, NVLink within a node; PCIe-only cards reach about a tenth)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
@@ -437,6 +521,17 @@ def check_plan_args(args: argparse.Namespace):
         check_int("--batch-size", args.batch_size, 1, MAX_BATCH)
     check_number("--pcie-bandwidth", args.pcie_bandwidth, 0, MAX_RATE, low_open=True)
     check_number("--tflops", args.tflops, 0, MAX_RATE, low_open=True)
+    check_number("--link-bandwidth", args.link_bandwidth, 0, MAX_RATE, low_open=True)
+    check_int("--nproc", args.nproc, 1, MAX_RANKS)
+    if args.shard:
+        if args.nproc < 2:
+            raise UsageError(f"--shard splits the state over the ranks: it needs --nproc N with N >= 2, "
+                             f"got --nproc {args.nproc}")
+        conflict = "--stream-state" if args.stream_state else shard_conflict(
+            schedule=args.schedule or "interleaved", offload=args.offload or "none",
+            optimizer=args.optimizer or "adamw")
+        if conflict:
+            raise UsageError(f"lopt train --shard does not run with {conflict}: drop one of them")
     if args.stream_state and args.offload == "none":
         raise UsageError("--stream-state streams offloaded state: it needs --offload optimizer or params")
     if args.offload not in (None, "none") and args.schedule == "interleaved":
@@ -447,6 +542,9 @@ def run_plan(args: argparse.Namespace) -> int:
     """``lopt plan``: print the plan; exit status 0 when it fits, 1 when nothing fits."""
     check_plan_args(args)
     config = load_model_config(args.model)
+    if args.shard and args.num_blocks == 1 and model_shape(config).tied:
+        raise UsageError(f"--shard with --num-blocks 1 on {args.model}, whose head is its embedding matrix, is not "
+                         "supported by lopt train: use --num-blocks 2 or more (which unties the head), or drop --shard")
     gpu_mem = args.gpu_mem if args.gpu_mem is not None else RECIPES[args.recipe]
     offloading = args.offload not in (None, "none") or args.stream_state
     schedule = "sequential" if args.schedule is None and offloading else args.schedule
@@ -458,7 +556,8 @@ def run_plan(args: argparse.Namespace) -> int:
         batch_sizes=(args.batch_size,) if args.batch_size else None,
         schedules=(schedule,) if schedule else None, offloads=offloads,
         stream_states=(True,) if args.stream_state else None,
-        pcie_gb_s=args.pcie_bandwidth, tflops=args.tflops, name=args.model,
+        pcie_gb_s=args.pcie_bandwidth, tflops=args.tflops, nproc=args.nproc, shard=args.shard,
+        link_gb_s=args.link_bandwidth, name=args.model,
     )
     result = plan(config, gpu_mem, args.seq_len, num_blocks=args.num_blocks, **search)
     if not result.fits:

@@ -349,8 +349,8 @@ class Trainer:
             if not mine and (on_boundary is not None or overlap):
                 for b in range(self.model.num_blocks - 1):
                     (start_sum if overlap else on_boundary)(b)
-            for finish in started:
-                finish()
+            while started:  # the copies go as each sum is back, before the clip and the step
+                started.pop(0)()
 
         # Clip what is left to step: everything, or (per-block steps) the upper block alone.
         if self.block_params is not None:

@@ -289,7 +289,7 @@ def test_a_packed_row_equals_its_examples_padded_into_rows(family):
     )
 
     # RoPE only sees position differences inside an example, so restart positions as HF packing does:
-    positions = m._layer_inputs(packed["input_ids"].shape, "cpu", None, packed["document_ids"])["position_ids"]
+    positions = m.layer_inputs(packed["input_ids"].shape, "cpu", None, packed["document_ids"])["position_ids"]
     assert positions.tolist() == [list(range(7)) + list(range(12))]
 
     out_padded = m.train_step(padded)

@@ -97,7 +97,7 @@ def reference_fresh_step(m, micro, optimizers):
 
     def run(b, hidden, mb):
         seq = hidden.shape[1]
-        return m._run_block(b, hidden, m._layer_inputs((hidden.shape[0], seq), "cpu", mb["attention_mask"]))
+        return m.run_block(b, hidden, m.layer_inputs((hidden.shape[0], seq), "cpu", mb["attention_mask"]))
 
     inputs = [None] * len(micro)
     for b, decoder in enumerate(m.aux_decoders):

@@ -54,7 +54,7 @@ def family_batches() -> list[dict]:
 
 
 def step_totals(engine: LoPTModel, batches) -> tuple[int, int]:
-    parts = [engine._unpack(b) for b in batches]
+    parts = [engine.unpack(b) for b in batches]
     return (sum(int((labels != -100).sum()) for _, _, labels, _ in parts),
             sum(int(mask.sum()) for _, mask, _, _ in parts))
 
