@@ -69,6 +69,7 @@ def apply(
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
     engine = LoPTModel(hf_model, num_blocks=num_blocks, lambda_aux=lambda_aux, recompute=recompute, kernels=kernels)
     engine.gradient_accumulation_steps = gradient_accumulation_steps
+    engine.data_parallel_ranks = 1  # LoPTCallback: the torchrun ranks that DDP averages over
     engine.aux_losses_since_log = None  # a list once LoPTCallback logs them
     hf_model.add_module(DECODERS, engine.aux_decoders)
     # Plain attributes (the engine holds the model, not the reverse) and bound methods, so a deepcopy of
@@ -143,7 +144,8 @@ def _weigh_local_loss(module, args, kwargs):
     labels, num_items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
     if labels is not None and num_items is not None:  # the task loss is sum(CE) / num_items
         tokens = (labels[..., 1:] != IGNORE_INDEX).sum()
-        engine.aux_scale = tokens / torch.as_tensor(num_items, device=tokens.device).clamp(min=1)
+        share = tokens / torch.as_tensor(num_items, device=tokens.device).clamp(min=1)
+        engine.aux_scale = share * engine.data_parallel_ranks  # DDP averages what the ranks' shares sum
     else:  # the trainer divides the task loss by the accumulation count
         engine.aux_scale = 1.0 / engine.gradient_accumulation_steps
 
@@ -223,6 +225,19 @@ def load_decoders(model: nn.Module, directory: str | os.PathLike) -> bool:
     return True
 
 
+def _check_data_parallel(args) -> None:
+    """The Trainer under torchrun (DDP): the lower blocks' gradients, made in their backward inside the forward,
+    are not in the graph of the loss, so DDP must be told to look for unused parameters (it then averages their
+    gradients as they stand); the Trainer turns that off when gradient checkpointing is on."""
+    find_unused = args.ddp_find_unused_parameters
+    if find_unused is None:
+        find_unused = not (args.gradient_checkpointing or getattr(args, "activation_checkpointing", False))
+    if not find_unused:
+        raise ValueError("LoPT under DDP needs TrainingArguments(ddp_find_unused_parameters=True): the lower "
+                         "blocks learn in their own backward, during the forward, which DDP sees as unused "
+                         "parameters and sums only when told to look for them")
+
+
 class LoPTCallback(TrainerCallback):
     """For the Hugging Face Trainer and TRL: logs ``aux_loss``, takes the accumulation count from the
     trainer's args, and keeps the decoders in checkpoints (saved beside them, loaded on resume)."""
@@ -234,6 +249,11 @@ class LoPTCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.engine.gradient_accumulation_steps = args.gradient_accumulation_steps
+        if args.world_size > 1:
+            _check_data_parallel(args)
+        # Under DDP the Trainer counts num_items_in_batch over all ranks and multiplies the loss by their number,
+        # since DDP averages the gradients: the reconstruction loss, weighted by that count, needs the same.
+        self.engine.data_parallel_ranks = args.world_size if args.average_tokens_across_devices else 1
         if state.global_step > 0:  # resumed: the Trainer names its checkpoints checkpoint-<step>
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if not load_decoders(self.model, checkpoint):
