@@ -805,10 +805,12 @@ def estimate_memory(
             return max(largest_layer, own)
 
         accum = M > 1
-        lower_end = [inputs_mb * M + hidden_mb * (M if b == 0 else 2 * M) for b in range(k - 1)]
+        # The stash (the stale boundary): block b's M outputs, and the input it is on; each input of b > 0 is
+        # dropped once used (the fresh boundary keeps them for its recompute: M - 1 more, not modelled).
+        lower_end = [inputs_mb * M + hidden_mb * (M if b == 0 else M + 1) for b in range(k - 1)]
         for b in range(k - 1):
             # the last micro-batch: the earlier ones' gradients and outputs are held, the current output is new
-            run = inputs_mb * M + hidden_mb * ((M + 1) if b == 0 else 2 * M)
+            run = inputs_mb * M + hidden_mb * (M + 1)
             lower_block(b, on_device(b), weights[b] if accum else 0, accum, run, lower_end[b])
             add_step(f"block {b} step", on_device(b, stepping=True), gradients=weights[b], boundary=lower_end[b],
                      optimizer_step=block_step_temp(b))
@@ -826,7 +828,7 @@ def estimate_memory(
             last_block("", on_device(last), 0, False, first_run, last_end)
         add_step("optimizer step", on_device(last, stepping=True), gradients=weights[last],
                  boundary=M * N * 8, optimizer_step=block_step_temp(last))  # and the input ids
-        stash = hidden_mb * M * (2 if k > 2 else 1 if k == 2 else 0)
+        stash = hidden_mb * (M + 1 if k > 2 else M if k == 2 else 0)
         live_grads = max(weights)
         persistent = {"none": params + opt_state, "optimizer": params, "params": weights[last]}[offload]
         if offload != "none":

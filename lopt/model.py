@@ -300,7 +300,8 @@ class LoPTModel(nn.Module):
         Block b runs every micro-batch (forward, its loss, backward) before block b+1 starts, and
         ``on_block_done(b)`` (lower blocks) can step block b and free its gradients there: only one block's
         gradients need to exist at a time, with any number of micro-batches. The price is the stash: each
-        micro-batch's detached boundary activations, kept until the next block has used them.
+        micro-batch's detached boundary activations, kept until the next block has used them (M + 1 of them at
+        once with the stale boundary; the fresh one keeps a block's M inputs until its outputs are recomputed).
 
         ``boundary="stale"``: each block sees the weights and inputs ``train_step`` would, so the gradients
         equal ``train_step``'s over the same micro-batches with their totals. ``"fresh"``: after block b's
@@ -334,6 +335,8 @@ class LoPTModel(nn.Module):
                 weight = share(positions[i], total_positions)
                 stash[i], aux = self.local_step(b, hidden, layer_inputs[i], masks[i], loss_scale * weight)
                 aux_b = aux_b + aux * weight
+                if boundary == "stale" and b > 0:  # used: fresh recomputes from it after the step, stale is done
+                    inputs[i] = None
             aux_loss = aux_loss + aux_b / (self.num_blocks - 1)
             if on_block_done is not None:
                 on_block_done(b)
