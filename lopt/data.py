@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # a label the losses skip (prompt, padding): PyTorch's cross_entropy default
 
 # (format name, required columns, optional columns), tried in this order.
 ROW_FORMATS = (

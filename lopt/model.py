@@ -24,8 +24,7 @@ from lopt_kernels.boundary import BoundaryMemory
 from .config import BOUNDARIES
 from .config import RECOMPUTE as RECOMPUTE_MODES
 from .configs import SUPPORTED_FAMILIES
-
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX
 
 
 class StepOutput(NamedTuple):
