@@ -45,14 +45,26 @@ def write_checkpoint(out: Path, step: int, state: dict) -> Path:
             f.flush()
             os.fsync(f.fileno())  # the rename below must not outlive the data it names
         info = {k: state[k] for k in ("step", "epoch", "step_in_epoch")}
-        (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2) + "\n")
+        with open(tmp / "trainer_state.json", "w") as f:
+            f.write(json.dumps(info, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         if final.exists():
             remove(final)
         os.replace(tmp, final)
+        _fsync_dir(out)  # the rename itself survives a power cut
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def disk_full(error: BaseException) -> bool:
