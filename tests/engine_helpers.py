@@ -24,3 +24,21 @@ def grads(module):
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+class Rows(torch.utils.data.Dataset):
+    """Fixed-length rows for the Trainer. Prompts masked alike (3 tokens), so every micro-batch has the same
+    share of label tokens; or, with ``varied_prompts``, 2 to 6, so the token weighting matters."""
+
+    def __init__(self, vocab_size, n=16, seq_len=12, varied_prompts=False):
+        g = torch.Generator().manual_seed(0)
+        self.input_ids = torch.randint(0, vocab_size, (n, seq_len), generator=g)
+        self.varied_prompts = varied_prompts
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, i):
+        labels = self.input_ids[i].clone()
+        labels[: 2 + i % 5 if self.varied_prompts else 3] = -100
+        return dict(input_ids=self.input_ids[i], attention_mask=torch.ones_like(labels), labels=labels)

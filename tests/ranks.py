@@ -129,3 +129,34 @@ def run_ranks(fields: dict, log_dir: Path, n: int = 2) -> Ranks:
     ranks = Ranks(argv(fields), log_dir, n)
     assert ranks.wait() == [0] * n, ranks.output()
     return ranks
+
+
+def fork_ranks(run, n: int = 2) -> list[int]:
+    """``run(rank, n, port)`` in ``n`` forked processes (they meet at ``127.0.0.1:port``); their exit codes."""
+    port = free_port()
+    pids = []
+    for rank in range(n):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                run(rank, n, port)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+
+
+def kill_rank_1_after(fields: dict, log_dir: Path, steps: int = 2) -> Ranks:
+    """Start ``fields``' run on 2 ranks, and kill rank 1 (SIGKILL) once ``steps`` rows are logged."""
+    out = Path(fields["output_dir"])
+    ranks = Ranks(argv(fields), log_dir)
+    deadline = time.monotonic() + 60
+    while not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= steps):
+        assert time.monotonic() < deadline and ranks.poll() == [None, None], ranks.output()
+        time.sleep(0.05)
+    os.kill(ranks.pids[1], signal.SIGKILL)
+    return ranks

@@ -24,7 +24,7 @@ from lopt.config import TrainConfig
 from lopt.errors import UsageError
 from lopt.run_dir import checkpoints
 from lopt.trainer import train
-from ranks import Ranks, argv, assert_same_run, flags, metrics, run_ranks
+from ranks import argv, assert_same_run, flags, kill_rank_1_after, metrics, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------- the tests
@@ -97,12 +97,7 @@ def test_a_killed_rank_ends_the_job_with_one_clear_line_and_a_usable_checkpoint(
     and it exits 2 naming itself, the lost peer and the last complete checkpoint, which resumes."""
     out = tmp_path / "run"
     fields = flags(tiny_model_dir, data, out, max_steps=10_000, save_every=1, dist_timeout=60)
-    ranks = Ranks(argv(fields), tmp_path)
-    deadline = time.monotonic() + 60
-    while not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2):
-        assert time.monotonic() < deadline and ranks.poll() == [None, None], ranks.output()
-        time.sleep(0.05)
-    os.kill(ranks.pids[1], signal.SIGKILL)
+    ranks = kill_rank_1_after(fields, tmp_path)
     killed = time.monotonic()
     codes = ranks.wait(timeout=30)
     assert codes == [EXIT_USAGE, -signal.SIGKILL], ranks.output()

@@ -11,7 +11,7 @@ import lopt
 from lopt.configs import build_model, tiny_config
 from lopt.integration import DECODERS_FILE, engine_of
 from benchmarks.e2e.bytecount import SavedActivationPeak
-from engine_helpers import FAMILIES, padded_batch
+from engine_helpers import FAMILIES, Rows, padded_batch
 
 BLOCKS = 2
 
@@ -194,22 +194,6 @@ def test_torch_compile_gives_the_same_gradients():
 
 
 # ---------------------------------------------------------------- the Hugging Face Trainer
-
-
-class Rows(torch.utils.data.Dataset):
-    """Fixed-length rows, prompts masked alike, so every micro-batch has the same share of label tokens."""
-
-    def __init__(self, vocab_size, n=16, seq_len=12):
-        g = torch.Generator().manual_seed(0)
-        self.input_ids = torch.randint(0, vocab_size, (n, seq_len), generator=g)
-
-    def __len__(self):
-        return len(self.input_ids)
-
-    def __getitem__(self, i):
-        labels = self.input_ids[i].clone()
-        labels[:3] = -100
-        return dict(input_ids=self.input_ids[i], attention_mask=torch.ones_like(labels), labels=labels)
 
 
 class RecordSteps(TrainerCallback):

@@ -8,7 +8,6 @@ set what torchrun sets; the Trainer's accelerate joins them.
 """
 
 import os
-import traceback
 from types import SimpleNamespace
 
 import pytest
@@ -17,23 +16,8 @@ from transformers import Trainer, TrainingArguments
 
 import lopt
 from lopt.configs import build_model, tiny_config
-from ranks import free_port
-
-
-class Rows(torch.utils.data.Dataset):
-    """Rows of unequal label counts (prompts of 2-6 tokens masked), so the token weighting matters."""
-
-    def __init__(self, vocab_size, n=32, seq_len=12):
-        g = torch.Generator().manual_seed(0)
-        self.input_ids = torch.randint(0, vocab_size, (n, seq_len), generator=g)
-
-    def __len__(self):
-        return len(self.input_ids)
-
-    def __getitem__(self, i):
-        labels = self.input_ids[i].clone()
-        labels[: 2 + i % 5] = -100
-        return dict(input_ids=self.input_ids[i], attention_mask=torch.ones_like(labels), labels=labels)
+from engine_helpers import Rows
+from ranks import fork_ranks
 
 
 class InOrder(Trainer):
@@ -51,32 +35,21 @@ def trained_weights(out, gradient_accumulation_steps: int, **extra) -> dict:
                              gradient_accumulation_steps=gradient_accumulation_steps, report_to=[], use_cpu=True,
                              max_grad_norm=0.0, save_strategy="no", seed=0, dataloader_num_workers=0,
                              lr_scheduler_type="constant", disable_tqdm=True, **extra)
-    trainer = InOrder(model=hf, args=args, train_dataset=Rows(hf.config.vocab_size),
+    trainer = InOrder(model=hf, args=args, train_dataset=Rows(hf.config.vocab_size, n=32, varied_prompts=True),
                       callbacks=[lopt.LoPTCallback(hf)])
     trainer.train()
     return {n: p.detach().clone() for n, p in hf.named_parameters()}
 
 
 def on_two_ranks(out, **extra) -> list[int]:
-    """``trained_weights`` with 2 micro-batches per rank and step on 2 forked ranks; rank 0 saves them."""
-    port = free_port()
-    pids = []
-    for rank in range(2):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-                weights = trained_weights(out / f"rank{rank}", 2, **extra)
-                torch.save(weights, out / f"weights{rank}.pt")
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    """``trained_weights`` with 2 micro-batches per rank and step on 2 forked ranks, each saving its weights."""
+
+    def rank_run(rank, size, port):
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(size),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.save(trained_weights(out / f"rank{rank}", 2, **extra), out / f"weights{rank}.pt")
+
+    return fork_ranks(rank_run)
 
 
 def test_trainer_under_ddp_gives_the_one_process_weights(tmp_path):

@@ -5,10 +5,7 @@ The ranks are forked as in ``tests/test_distributed.py`` (its helpers); referenc
 this process. Tiny model, a few steps each.
 """
 
-import os
 import signal
-import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,7 @@ from lopt.model import LoPTModel
 from lopt.run_dir import checkpoints
 from lopt.tokenizer import byte_tokenizer
 from lopt.trainer import train
-from ranks import Ranks, argv, assert_same_run, flags, free_port, metrics, run_ranks
+from ranks import Ranks, argv, assert_same_run, flags, fork_ranks, kill_rank_1_after, metrics, run_ranks
 
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -91,21 +88,7 @@ def test_sharded_gradients_equal_one_process_in_every_family(tmp_path):
     decoders whole): each rank's half of the micro-batches, the sum in backward, equals one process's
     gradients over all of them, for every parameter, in each family (Mistral with a sliding window)."""
     out = tmp_path / "grads.pt"
-    port = free_port()
-    pids = []
-    for rank in range(2):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                sharded_gradients(rank, 2, port, out)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids] == [0, 0]
+    assert fork_ranks(lambda rank, size, port: sharded_gradients(rank, size, port, out)) == [0, 0]
     result = torch.load(out, weights_only=False)
     for family in FAMILIES:
         engine = family_model(family)
@@ -208,12 +191,7 @@ def test_a_killed_sharded_rank_ends_the_job_with_one_line_and_a_usable_checkpoin
     one process resumes."""
     out = tmp_path / "run"
     fields = flags(tiny_model_dir, data, out, max_steps=10_000, save_every=1, dist_timeout=60, shard=True)
-    ranks = Ranks(argv(fields), tmp_path)
-    deadline = time.monotonic() + 60
-    while not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2):
-        assert time.monotonic() < deadline and ranks.poll() == [None, None], ranks.output()
-        time.sleep(0.05)
-    os.kill(ranks.pids[1], signal.SIGKILL)
+    ranks = kill_rank_1_after(fields, tmp_path)
     assert ranks.wait(timeout=30) == [EXIT_USAGE, -signal.SIGKILL], ranks.output()
     lines = [line for line in ranks.output(0).splitlines() if line.startswith("lopt: error:")]
     assert len(lines) == 1 and "Traceback" not in ranks.output(0), ranks.output(0)
