@@ -87,7 +87,8 @@ from .retention import RetentionProbe, before_after_lines
 
 # Settings a resumed run may change without changing its trajectory (the step count sets the schedule).
 RUN_CONTROL_FIELDS = {"resume", "overwrite", "output_dir", "log_every", "save_every", "eval_every",
-                      "eval_max_examples", "device", "dist_timeout", "offload", "stream_state"}  # offload: same numbers
+                      "eval_max_examples", "device", "dist_timeout", "offload", "stream_state",
+                      "shard"}  # offload, shard: the same numbers
 # Under torchrun a signal this soon after the first is the same one, passed on by torchrun.
 REPEAT_SIGNAL_S = 1.0
 
