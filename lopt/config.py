@@ -225,7 +225,8 @@ class TrainConfig:
         "stops with an error (rank 0's evaluations and checkpoints happen while the others wait)",
         type=int, group="run", metavar="SECONDS")
     pipeline: bool = _flag(
-        False, "torchrun with as many processes as --num-blocks: rank r trains block r (lopt.pipeline); each "
+        False, "torchrun with as many processes as --num-blocks (or a multiple: copies of the pipeline that share "
+        "each step's micro-batches): rank r trains block r (lopt.pipeline); each "
         "micro-batch's boundary activations go forward to the next rank and nothing comes back, the micro-batches "
         "stream through the ranks, and each block is clipped and stepped on its own rank (the stale boundary: the "
         "one-process step's result)", type=bool, group="run")
@@ -348,12 +349,9 @@ class TrainConfig:
         if ranks == 1 or self.num_blocks < 2:
             raise UsageError("--pipeline puts one block on each process: start it with torchrun --nproc-per-node K "
                              "and --num-blocks K (K >= 2), or leave it out (--no-pipeline)")
-        if ranks != self.num_blocks:
-            if ranks % self.num_blocks == 0:
-                raise UsageError(f"--pipeline with data parallel ({ranks} ranks for {self.num_blocks} blocks) is not "
-                                 f"supported yet: start {self.num_blocks} ranks with --pipeline, or {ranks} without it")
-            raise UsageError(f"--pipeline runs one block per rank: --num-blocks must equal the {ranks} ranks, "
-                             f"got {self.num_blocks}")
+        if ranks % self.num_blocks:
+            raise UsageError(f"--pipeline runs one block per rank, in copies of --num-blocks ranks: the {ranks} ranks "
+                             f"must be a multiple of --num-blocks, got {self.num_blocks}")
         if self.schedule == "sequential":
             raise UsageError("--pipeline steps each block once per step on its own rank, as --schedule sequential "
                              "does in one process: drop --schedule sequential")

@@ -101,19 +101,19 @@ class World:
 
     # ----------------------------------------------------------------------------- collectives
 
-    def sum_grads(self, params: Iterable[torch.nn.Parameter], what: str):
+    def sum_grads(self, params: Iterable[torch.nn.Parameter], what: str, group=None):
         """Sum ``p.grad`` over the ranks, in place, for every trainable ``p``.
 
         A rank that ran no micro-batch (or none that reached ``p``) adds zeros. Rank 0 always runs the
         step's first micro-batch, which reaches every trainable parameter, so afterwards each has a
         gradient on every rank, as it has in one process. Sharded parameters (``--shard``) are skipped: their
         backward has summed their gradients already (``lopt.sharding``). One bucket at a time: the extra memory
-        is one bucket's copy."""
+        is one bucket's copy. ``group``: over those ranks only (``lopt.pipeline``'s copies of a block)."""
         if self.size == 1:
             return
         for bucket in _buckets(self._grads_to_sum(params)):
             flat = torch.cat([g.reshape(-1) for g in bucket])
-            self._collective(what, dist.all_reduce, flat)
+            self._collective(what, dist.all_reduce, flat, group=group)
             _unflatten(flat, bucket)
 
     def start_sum_grads(self, params: Iterable[torch.nn.Parameter], what: str) -> Callable[[], None]:

@@ -18,6 +18,11 @@ it computes the current one, so rank r works on micro-batch i while rank r+1 wor
 per step, to sum the step's losses (every rank checks them), so each step fills and drains the pipeline: with
 M micro-batches and K stages a rank is idle (K-1)/(M+K-1) of the step.
 
+Copies (data parallel x pipeline): with D x K ranks there are D pipelines of K stages; rank r is stage r % K of
+copy r // K. Copy d runs micro-batches d, d + D, ... of each step, weighted by the whole step's token counts,
+and before its clip each rank sums its block's gradients with the same block's ranks in the other copies (one
+process group per block), so every copy steps alike. Rank 0 gathers the blocks from the first copy.
+
 Clipping is per block (``--max-grad-norm`` applies to each block's gradients on its own), as
 ``--early-lower-step`` and ``--schedule sequential`` do in one process: the global norm would need every rank's
 gradients before any rank could step. With clipping the run therefore equals one process with ``--schedule
@@ -37,6 +42,7 @@ import math
 from collections import deque
 
 import torch
+import torch.distributed as dist
 
 # The engine's weight of a micro-batch (part / total), the one train_step uses: the gradients must match it.
 from .model import IGNORE_INDEX, share
@@ -51,9 +57,15 @@ class Pipeline:
 
     def __init__(self, trainer):
         self.trainer = trainer
-        self.rank, self.stages = trainer.world.rank, trainer.world.size
-        self.first, self.last = self.rank == 0, self.rank == self.stages - 1
-        assert self.stages == trainer.model.num_blocks and trainer.block_params is not None  # TrainConfig.validate
+        world = trainer.world
+        # K stages, D = ranks / K copies of the pipeline: rank r is stage r % K of copy r // K, and trains block
+        # r % K; copy d runs micro-batches d, d + D, ... of each step (data parallel across the copies).
+        self.stages = trainer.model.num_blocks
+        self.copies = world.size // self.stages
+        self.rank, self.stage, self.copy = world.rank, world.rank % self.stages, world.rank // self.stages
+        self.first, self.last = self.stage == 0, self.stage == self.stages - 1
+        assert self.stages * self.copies == world.size and trainer.block_params is not None  # TrainConfig.validate
+        self._same_block = None  # with copies: the ranks that train this rank's block (made at the first step)
 
     # ----------------------------------------------------------------------------- one optimizer step
 
@@ -63,12 +75,14 @@ class Pipeline:
         trainer, world, model = self.trainer, self.trainer.world, self.trainer.model
         cfg, step = trainer.config, trainer.step + 1
         total_tokens, total_positions = sum(tokens), sum(positions)
-        optimizer, params = trainer.optimizers[self.rank], trainer.block_params[self.rank]
+        optimizer, params = trainer.optimizers[self.stage], trainer.block_params[self.stage]
         for b, other in enumerate(trainer.optimizers):  # a resumed rank read every block's state: it keeps its own
-            if b != self.rank:
+            if b != self.stage:
                 other.state.clear()
 
-        parts = [model.unpack(batch) for batch in batches]  # input ids, attention mask, shifted labels, documents
+        mine = range(self.copy, len(batches), self.copies)  # this copy's micro-batches, weighted by the step's totals
+        tokens, positions = [tokens[i] for i in mine], [positions[i] for i in mine]
+        parts = [model.unpack(batches[i]) for i in mine]  # input ids, attention mask, shifted labels, documents
         receive = self._post_receive(parts, 0, step) if not self.first else None
         sends = deque()
         task_sum = aux_sum = torch.zeros((), device=trainer.device)
@@ -80,7 +94,7 @@ class Pipeline:
                 hidden = receive()
                 receive = self._post_receive(parts, i + 1, step) if i + 1 < len(parts) else None
             if self.last:  # the task loss, weighted by the micro-batch's share of the step's label tokens
-                block_output = model.run_block(self.rank, hidden, layer_inputs)
+                block_output = model.run_block(self.stage, hidden, layer_inputs)
                 task = model.task_loss(model.model.model.norm(block_output), labels)
                 if task.requires_grad:
                     (task * share((labels != IGNORE_INDEX).sum(), total_tokens)).backward()
@@ -89,7 +103,7 @@ class Pipeline:
                 continue
             mask = attention_mask.bool() if attention_mask is not None else None
             count = mask.sum() if mask is not None else torch.tensor(input_ids.numel(), device=input_ids.device)
-            output, aux = model.local_step(self.rank, hidden, layer_inputs, mask, share(count, total_positions))
+            output, aux = model.local_step(self.stage, hidden, layer_inputs, mask, share(count, total_positions))
             aux_sum = aux_sum + aux.float() * (positions[i] / total_positions)
             if len(sends) == SENDS_IN_FLIGHT:
                 sends.popleft()()
@@ -99,7 +113,10 @@ class Pipeline:
         for wait in sends:
             wait()
 
-        # Block by block, as the one-process per-block steps do: this block's norm, clip and update.
+        # Block by block, as the one-process per-block steps do: the copies' sum, this block's norm, clip and update.
+        if self.copies > 1:
+            world.sum_grads(params, f"summing block {self.stage}'s gradients over the copies at step {step}",
+                            group=self._copies_of_this_block())
         if cfg.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).float()
         else:
@@ -114,6 +131,7 @@ class Pipeline:
                            1 - trainer._all_finite()])
         summed = world.sum(own, f"summing the losses of step {step}")
         task, aux, norm, bad_grads, bad_updates = summed.tolist()
+        norm /= self.copies  # each copy's last stage gave the same norm
         loss = task + model.lambda_aux * aux
         if not (math.isfinite(loss) and math.isfinite(norm) and bad_grads == 0):
             raise trainer._diverged(f"non-finite loss at step {step} (task {task:.4g}, aux {aux:.4g})",
@@ -125,6 +143,14 @@ class Pipeline:
         lr = trainer.optimizers[-1].param_groups[0]["lr"]  # the last block's, as one process reports it
         return dict(loss=loss, task_loss=task, aux_loss=aux, grad_norm=norm, lr=lr, tokens=total_positions,
                     label_tokens=total_tokens)
+
+    def _copies_of_this_block(self):
+        """The process group of the ranks that train this rank's block, one per copy. Every rank makes every
+        group, in the same order (``new_group``'s rule), at the first step, when all of them are here."""
+        if self._same_block is None:
+            groups = [dist.new_group([s + d * self.stages for d in range(self.copies)]) for s in range(self.stages)]
+            self._same_block = groups[self.stage]
+        return self._same_block
 
     def _post_receive(self, parts, i: int, step: int):
         """Post the receive of micro-batch ``i``'s boundary from the previous rank; returns its wait."""
@@ -138,13 +164,14 @@ class Pipeline:
     # ----------------------------------------------------------------------------- rank 0's whole model
 
     def gather_weights(self):
-        """Each rank's block weights into rank 0's model (its copies of the other blocks have not moved since the
-        start): before rank 0 evaluates or writes. Every rank calls it at the same point."""
+        """Each block's weights, from the first copy's ranks (0 .. K-1), into rank 0's model (its copies of the
+        other blocks have not moved since the start): before rank 0 evaluates or writes. Every rank calls it at
+        the same point."""
         trainer, world = self.trainer, self.trainer.world
         what = f"gathering the blocks' weights on rank 0 after step {trainer.step}"
         with torch.no_grad():
             for b in range(1, self.stages):
-                if self.first:
+                if self.rank == 0:
                     for p in trainer.block_params[b]:
                         world.recv(p.detach(), b, what)
                 elif self.rank == b:
@@ -155,11 +182,12 @@ class Pipeline:
         """For a checkpoint: each rank's block weights into rank 0's model, and every block's optimizer state dict
         (in block order) on rank 0; None elsewhere. Every rank calls it at the same point."""
         self.gather_weights()
-        own = self.trainer.optimizers[self.rank].state_dict()
-        if not self.first:  # a pickled GPU tensor would come back on this rank's GPU, in rank 0's process
+        own = self.trainer.optimizers[self.stage].state_dict()
+        if self.rank != 0:  # a pickled GPU tensor would come back on this rank's GPU, in rank 0's process
             own = _on_cpu(own)
-        return self.trainer.world.gather_object(own, f"gathering the blocks' optimizer state on rank 0 after step "
-                                                     f"{self.trainer.step}")
+        gathered = self.trainer.world.gather_object(own, f"gathering the blocks' optimizer state on rank 0 after "
+                                                         f"step {self.trainer.step}")
+        return gathered[: self.stages] if gathered is not None else None  # the first copy's (all copies agree)
 
 
 def _on_cpu(obj):

@@ -536,8 +536,10 @@ class Trainer:
         data = "embedded SFT set" if cfg.data is None else cfg.data
         dtype = next(model.parameters()).dtype
         where = f"resuming at step {self.step}" if self.step else "starting"
-        mode = ("pipeline: block r on rank r" if cfg.pipeline else "sharded data parallel" if cfg.shard
-                else "data parallel")
+        copies = self.world.size // model.num_blocks
+        pipeline = f"pipeline: block r % {model.num_blocks} on rank r, {copies} copies" if copies > 1 else \
+            "pipeline: block r on rank r"
+        mode = pipeline if cfg.pipeline else "sharded data parallel" if cfg.shard else "data parallel"
         ranks = f" x {self.world.size} ranks ({mode})" if self.world.size > 1 else ""
         self._say(
             f"{where}: {source} ({n_params / 1e6:.1f}M parameters, blocks {model.block_ranges}) on "

@@ -47,6 +47,18 @@ def test_three_stages_clipped_per_block_give_the_sequential_schedule(tmp_path, t
     assert all(r["grad_norm"] > 0.5 for r in metrics(tmp_path / "one"))
 
 
+def test_two_copies_of_a_two_stage_pipeline_give_the_one_process_run(tmp_path, tiny_model_dir, data):
+    """4 ranks, --num-blocks 2: ranks 0-1 and 2-3 are two pipelines; each runs every other micro-batch of the
+    step (--grad-accum 3: one copy runs one of them, and in each epoch's short last step none), and the ranks
+    of one block sum its gradients before they clip and step it. Clipped per block: the one-process
+    sequential schedule's run. Rank 0 writes, the blocks gathered from the first copy."""
+    fields = flags(tiny_model_dir, data, tmp_path / "copies", max_grad_norm=0.05, save_every=2)
+    ranks = run_ranks(dict(fields, pipeline=True), tmp_path, n=4)
+    train(TrainConfig(**dict(fields, schedule="sequential", output_dir=str(tmp_path / "one"))))
+    assert_same_run(tmp_path / "copies", tmp_path / "one", tiny_model_dir)
+    assert "4 ranks (pipeline: block r % 2 on rank r, 2 copies)" in ranks.output(0)
+
+
 def test_resume_with_and_without_pipeline(tmp_path, tiny_model_dir, data):
     """Rank 0 writes the whole state (every block's weights and optimizer state): a pipeline's step-3 checkpoint
     resumed by one process (one AdamW over the model), and one process's resumed as a pipeline, each give the
@@ -100,12 +112,13 @@ def test_settings_a_pipeline_cannot_run_are_one_line_errors(monkeypatch):
     refused("--pipeline puts one block on each process: start it with torchrun", num_blocks=2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     refused("--pipeline puts one block on each process", num_blocks=1)
-    refused("--num-blocks must equal the 2 ranks, got 3", num_blocks=3)
+    refused("the 2 ranks must be a multiple of --num-blocks, got 3", num_blocks=3)
     refused("drop --schedule sequential", num_blocks=2, schedule="sequential")
     refused("drop --early-lower-step", num_blocks=2, early_lower_step=True)
     refused("--boundary fresh would make each pipeline stage wait", num_blocks=2, boundary="fresh")
     refused("--recipe and --gpu-mem plan one process", num_blocks=2, recipe="8gb")
     refused("--offload optimizer with --pipeline is not supported yet", num_blocks=2, offload="optimizer")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    refused(r"--pipeline with data parallel \(4 ranks for 2 blocks\) is not supported yet", num_blocks=2)
+    refused("the 4 ranks must be a multiple of --num-blocks, got 3", num_blocks=3)
+    TrainConfig(pipeline=True, num_blocks=2).validate()  # two copies of a 2-stage pipeline
     TrainConfig(pipeline=True, num_blocks=4, grad_accum=16).validate()  # any accumulation
