@@ -38,7 +38,6 @@ its optimizer state).
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 import torch
@@ -131,18 +130,9 @@ class Pipeline:
                            1 - trainer._all_finite()])
         summed = world.sum(own, f"summing the losses of step {step}")
         task, aux, norm, bad_grads, bad_updates = summed.tolist()
-        norm /= self.copies  # each copy's last stage gave the same norm
-        loss = task + model.lambda_aux * aux
-        if not (math.isfinite(loss) and math.isfinite(norm) and bad_grads == 0):
-            raise trainer._diverged(f"non-finite loss at step {step} (task {task:.4g}, aux {aux:.4g})",
-                                    weights_were_bad=True)
-        trainer._confirm_checkpoint()  # its weights have just given a finite loss
-        if bad_updates:
-            raise trainer._diverged(f"non-finite weights or optimizer state after the update of step {step}",
-                                    weights_were_bad=False)
-        lr = trainer.optimizers[-1].param_groups[0]["lr"]  # the last block's, as one process reports it
-        return dict(loss=loss, task_loss=task, aux_loss=aux, grad_norm=norm, lr=lr, tokens=total_positions,
-                    label_tokens=total_tokens)
+        return trainer.end_step(task, aux, norm / self.copies,  # each copy's last stage gave the same norm
+                                grads_finite=bad_grads == 0, updated_finite=bad_updates == 0,
+                                tokens=total_positions, label_tokens=total_tokens)
 
     def _copies_of_this_block(self):
         """The process group of the ranks that train this rank's block, one per copy. Every rank makes every

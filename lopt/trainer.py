@@ -365,25 +365,32 @@ class Trainer:
             grad_norm = self._clip(params).float()
         else:
             grad_norm = torch.zeros((), device=self.device)
-        last = self.optimizers[-1]  # the only one, or (per-block steps) the upper block's
-        self._step_block(len(self.optimizers) - 1)
+        self._step_block(len(self.optimizers) - 1)  # the only optimizer, or (per-block steps) the upper block's
         # Summed with the losses: whether the update left any rank's tensors non-finite (its shards, when sharded).
         not_finite = 1.0 - self._all_finite()
         summed = world.sum(torch.stack([task_sum, aux_sum, not_finite]), f"summing the losses of step {self.step + 1}")
         # The step's one read of the device: its losses, and whether the update left everything finite.
         task, aux, not_finite, norm = torch.cat([summed, grad_norm.reshape(1)]).tolist()
-        updated_finite = not_finite == 0
+        return self.end_step(task, aux, norm, grads_finite=self._lower_grads_finite, updated_finite=not_finite == 0,
+                             tokens=total_positions, label_tokens=total_tokens)
+
+    def end_step(self, task: float, aux: float, norm: float, *, grads_finite: bool, updated_finite: bool,
+                 tokens: int, label_tokens: int) -> dict:
+        """The step's verdict from its summed figures (every rank has the same): stop on a non-finite loss or
+        gradient (the checkpoint its weights came from goes) or on a non-finite update (the checkpoint stays);
+        else confirm the newest checkpoint and return the step's metrics. ``lopt.pipeline`` ends its steps here."""
+        step = self.step + 1
         loss = task + self.model.lambda_aux * aux
-        if not (math.isfinite(loss) and math.isfinite(norm) and self._lower_grads_finite):
-            raise self._diverged(f"non-finite loss at step {self.step + 1} (task {task:.4g}, aux {aux:.4g})",
+        if not (math.isfinite(loss) and math.isfinite(norm) and grads_finite):
+            raise self._diverged(f"non-finite loss at step {step} (task {task:.4g}, aux {aux:.4g})",
                                  weights_were_bad=True)
         self._confirm_checkpoint()  # its weights have just given a finite loss
         if not updated_finite:
-            raise self._diverged(f"non-finite weights or optimizer state after the update of step {self.step + 1}",
+            raise self._diverged(f"non-finite weights or optimizer state after the update of step {step}",
                                  weights_were_bad=False)
-        lr = last.param_groups[0]["lr"]
-        return dict(loss=loss, task_loss=task, aux_loss=aux, grad_norm=norm, lr=lr, tokens=total_positions,
-                    label_tokens=total_tokens)
+        lr = self.optimizers[-1].param_groups[0]["lr"]  # the only one, or (per-block steps) the upper block's
+        return dict(loss=loss, task_loss=task, aux_loss=aux, grad_norm=norm, lr=lr, tokens=tokens,
+                    label_tokens=label_tokens)
 
     def _all_finite(self) -> torch.Tensor:
         """1.0 if every parameter and optimizer state tensor is finite, else 0.0: a device scalar, no sync.
