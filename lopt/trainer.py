@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -245,6 +246,12 @@ class Trainer:
         block_params = [[p for g in gs for p in g["params"]] for gs in per_block]
         return [build_optimizer(cfg.optimizer, gs) for gs in per_block], block_params
 
+    @functools.cached_property
+    def _lower_block_params(self) -> list[list[torch.nn.Parameter]]:
+        """Each lower block's trainable parameters (its layers, its decoder; block 0 the embeddings), for the data
+        parallel sums that start at a block's boundary. Computed once, at the first step that needs it."""
+        return [[p for group in groups for p in group["params"]] for groups in self.model.block_param_groups(0.0)[:-1]]
+
     def _set_lr(self):
         factor = lr_factor(self.step, self.warmup_steps, self.total_steps, self.config.min_lr_ratio)
         for optimizer in self.optimizers:
@@ -326,12 +333,11 @@ class Trainer:
             # Data parallel, one optimizer: a lower block's gradients are final once this rank's last micro-batch
             # has passed its boundary, so their sum starts there and runs while the blocks above compute.
             overlap = world.size > 1 and on_boundary is None and not self.sharded and self.model.num_blocks > 1
-            lower = self.model.block_param_groups(0.0)[:-1] if overlap else []
+            lower = self._lower_block_params if overlap else []
             started = []  # the waits of the sums started
 
             def start_sum(b: int):
-                params = [p for group in lower[b] for p in group["params"]]
-                started.append(world.start_sum_grads(params, f"summing block {b}'s gradients at step {self.step + 1}"))
+                started.append(world.start_sum_grads(lower[b], f"summing block {b}'s gradients at step {self.step + 1}"))
 
             for j, i in enumerate(mine):
                 filler = i >= len(parts)
@@ -358,7 +364,7 @@ class Trainer:
             params = self.block_params[-1]
         else:
             params = [p for p in self.model.parameters() if p.requires_grad]
-        summed = {id(p) for groups in lower for g in groups for p in g["params"]}
+        summed = {id(p) for params in lower for p in params}
         world.sum_grads([p for p in params if id(p) not in summed],  # before the clip: its norm is global
                         f"summing the gradients of step {self.step + 1}")
         if cfg.max_grad_norm > 0:

@@ -5,6 +5,7 @@ The ranks are forked as in ``tests/test_distributed.py`` (its helpers); referenc
 this process. Tiny model, a few steps each.
 """
 
+import json
 import signal
 from pathlib import Path
 
@@ -122,6 +123,12 @@ def test_two_sharded_ranks_give_the_one_process_run(tmp_path, tiny_model_dir, da
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     one_eval = (tmp_path / "one" / "eval.json").read_text()
     assert (out / "eval.json").read_text().count('"exact_match"') == one_eval.count('"exact_match"') == 2
+    # The ranks' evaluation of the sharded model is the one process's evaluation of its model.
+    sharded_eval, one_eval = (json.loads(t) for t in ((out / "eval.json").read_text(), one_eval))
+    for result in (sharded_eval, sharded_eval["before"]):
+        expected = one_eval if result is sharded_eval else one_eval["before"]
+        assert result["exact_match"] == expected["exact_match"]
+        assert result["loss"] == pytest.approx(expected["loss"], rel=1e-4)
     # The checkpoint holds whole tensors, one-process shaped: the model's and the optimizer state's.
     saved, reference = (read_checkpoint(d / "checkpoint-000004", torch.device("cpu")) for d in (out, tmp_path / "one"))
     assert {k: v.shape for k, v in saved["model"].items()} == {k: v.shape for k, v in reference["model"].items()}
