@@ -171,7 +171,8 @@ def load_weights(source: ModelSource, config, *, dtype=None, seed: int = 0):
     where, local = checkpoint_location(source), source.kind != "hub"
     try:
         with quiet_hub():
-            return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local)
+            # use_kernels=False: transformers >= 5.25 would fetch kernels from the hub (lopt_kernels are ours)
+            return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local, use_kernels=False)
     except (OSError, ValueError) as error:
         raise UsageError(f"could not load the weights of {source.spec}: {_first_line(error)}") from None
 
@@ -237,7 +238,7 @@ def _convert_gguf(path: Path, target: Path):
     started = time.perf_counter()
     folder, name = str(path.parent), path.name
     try:
-        quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, use_kernels=False)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (OSError, ValueError, KeyError, IndexError) as error:
         raise UsageError(f"could not read {path}: {_first_line(error)}") from None

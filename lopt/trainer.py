@@ -52,6 +52,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import lopt_kernels
+
 from .checkpoint import (
     disk_full,
     load_optimizer_state,
@@ -559,6 +561,7 @@ class Trainer:
             f"{self.device}{ranks} in {str(dtype).removeprefix('torch.')}; {data}: {len(self.examples)} examples, "
             f"{self.total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}; output: {self.out}"
         )
+        self._say(_describe_fused_ops(model))
         if cfg.grad_accum % self.world.size and not cfg.pipeline:
             self._say(f"note: --grad-accum {cfg.grad_accum} does not divide among {self.world.size} ranks: in each "
                       "step some ranks run one micro-batch fewer (and add zero gradients when they have none); a "
@@ -801,6 +804,16 @@ def _device_and_dtype(cfg: TrainConfig, world: World) -> tuple[torch.device, tor
     else:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
     return device, dtype
+
+
+def _describe_fused_ops(model: LoPTModel) -> str:
+    """The start line's word on lopt_kernels' fused ops: which run, and which a patched model left unfused."""
+    if not model.kernels:
+        return "fused ops: none (the model's own PyTorch code; --kernels turns them on)"
+    counts = lopt_kernels.fused_ops(model.model)
+    fused = [f"{op} ({n})" for op, n in counts.items() if n]
+    unfused = [op for op, n in counts.items() if not n]
+    return "fused ops: " + (", ".join(fused) or "none") + (f"; unfused: {', '.join(unfused)}" if unfused else "")
 
 
 def _seed_everything(seed: int):

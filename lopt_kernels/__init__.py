@@ -10,7 +10,7 @@ from .backend import current_backend
 from .boundary import BoundaryMemory
 from .extension import build_extension, has_extension
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference, lm_head_weight
-from .patch import patch, unpatch
+from .patch import fused_ops, patch, unpatch
 from .recon_loss import recon_loss, recon_loss_reference
 from .rms_norm import rms_norm, rms_norm_reference
 from .rope import apply_rope, apply_rope_reference
@@ -24,6 +24,7 @@ __all__ = [
     "apply_rope_reference",
     "build_extension",
     "current_backend",
+    "fused_ops",
     "has_extension",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",

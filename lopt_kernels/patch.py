@@ -1,17 +1,24 @@
 """Swap the fused ops into one Hugging Face model instance, and back.
 
-``patch(model)`` gives each supported submodule of *this* instance its own ``forward`` (an instance
-attribute, which shadows the class's): the classes, the modeling modules' functions and every other
-instance stay as they were. ``unpatch(model)`` deletes those attributes, so the class's own forward
-runs again. No parameter, buffer or state_dict key is touched.
+``patch(model)`` changes *this* instance only: the classes, the modeling modules' functions and every
+other instance stay as they were; ``unpatch(model)`` undoes it; no parameter, buffer or state_dict key is
+touched. ``fused_ops(model)`` counts what runs fused, per op.
 
-- RMSNorm (``LlamaRMSNorm`` and the Qwen2, Qwen3 and Mistral copies, Qwen3's per-head ``q_norm`` and
-  ``k_norm`` included) -> ``rms_norm``.
-- MLP ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` -> ``down_proj(swiglu(gate_proj(x), up_proj(x)))``,
-  only where ``act_fn`` is SiLU.
-- Attention: its forward calls the modeling module's global ``apply_rotary_pos_emb``. The patched
-  forward is the class's own code, run with a copy of the module's globals in which that one name is
-  ``apply_rope``; so attention itself (masks, caches, sliding windows, Qwen3's norms) is the class's.
+- RMSNorm (``LlamaRMSNorm`` and the Qwen2, Qwen3 and Mistral copies, Qwen3's ``q_norm``/``k_norm``
+  included) -> ``rms_norm``; MLP ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with SiLU ->
+  ``down_proj(swiglu(gate_proj(x), up_proj(x)))``. Both as an instance ``forward``, which shadows the
+  class's (what ``kernels.kernelize`` itself does to a layer).
+- RoPE, by what the installed transformers offers:
+  * transformers >= 5.25 routes each attention's ``apply_rotary_pos_emb`` through the kernel hub (a
+    per-instance wrapper layer named ``rotary_pos_emb``): ``apply_rope`` is plugged into this instance's
+    wrapper with ``kernels.kernelize`` and a local mapping, the ecosystem's own mechanism, which also
+    checks that our forward's signature matches the one it replaces;
+  * older transformers call a plain module-level function: the attention's forward is rebuilt from the
+    class's own code with that one global name resolved to ``apply_rope`` (decorators kept).
+A supported module left unfused is named in one warning, with the transformers version. transformers
+>= 5.25 also kernelizes a loaded model by itself (``use_kernels``, on by default) and again at every
+``train()``/``eval()``, which would put its own choice back over ours: ``patch`` turns that off for this
+model, and ``unpatch`` turns it on again.
 """
 
 from __future__ import annotations
@@ -28,14 +35,19 @@ from .rms_norm import rms_norm as fused_rms_norm
 from .rope import apply_rope
 from .swiglu import swiglu as fused_swiglu
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "is_patched", "patch", "unpatch"]
+__all__ = ["FUSED_OPS", "SUPPORTED_MODEL_TYPES", "fused_ops", "is_patched", "patch", "unpatch"]
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+FUSED_OPS = ("rms_norm", "swiglu", "rope")
 _CLASS_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
-# Marks the forwards this module installs, so that unpatch() removes only its own.
-_MARK = "_lopt_kernels_forward"
+# Marks the forwards this module installs with the op they run, so unpatch() removes only its own.
+_MARK = "_lopt_kernels_op"
+# The kernel hub's name for the RoPE function (transformers' ``@use_kernel_forward_from_hub``).
+_HUB_ROPE = "rotary_pos_emb"
+# Set on a model whose own kernelization patch() turned off, so that unpatch() turns it on again.
+_KERNELIZED_BY_TRANSFORMERS = "_lopt_kernels_restore_use_kernels"
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -62,8 +74,30 @@ _ROPE_STAND_INS = {
 }
 
 
-setattr(_rms_norm_forward, _MARK, True)
-setattr(_mlp_forward, _MARK, True)
+class FusedRoPE(nn.Module):
+    """The kernel-hub layer for ``rotary_pos_emb``: stateless, with the signature of transformers' function."""
+
+    def forward(self, q, k, cos, sin, unsqueeze_dim=1):
+        return apply_rope(q, k, cos, sin, unsqueeze_dim)
+
+
+class _LocalRepository:
+    """A kernel-hub repository whose layer is already in memory (``FusedRoPE``): nothing is downloaded."""
+
+    layer_name = "FusedRoPE"
+
+    def load(self) -> type[nn.Module]:
+        return FusedRoPE
+
+    def __str__(self) -> str:
+        return "lopt_kernels.patch.FusedRoPE"
+
+
+_LOCAL_REPOSITORY = _LocalRepository()
+
+setattr(_rms_norm_forward, _MARK, "rms_norm")
+setattr(_mlp_forward, _MARK, "swiglu")
+setattr(FusedRoPE.forward, _MARK, "rope")
 
 
 def _modeling_classes(kind: str) -> set[type]:
@@ -86,6 +120,34 @@ def _is_silu(act_fn: object) -> bool:
     return isinstance(act_fn, (nn.SiLU, type(ACT2FN["silu"])))
 
 
+# ------------------------------------------------------------------------------------ RoPE: the kernel hub
+
+
+def _hub_rope_layers(attention: nn.Module) -> list[nn.Module]:
+    """This attention's own kernel-hub RoPE layers (``kernels.use_kernelized_func`` keeps them per instance,
+    where ``kernels.kernelize`` looks for them); empty where transformers calls a plain function."""
+    layers = attention.__dict__.get("_kernel_funcs", {})
+    return [layer for layer in layers.values() if getattr(type(layer), "kernel_layer_name", None) == _HUB_ROPE]
+
+
+def _kernelize_rope(attention: nn.Module, layer: nn.Module) -> str | None:
+    """Plug ``FusedRoPE`` into one hub layer of this attention; None when done, else why not."""
+    try:
+        from kernels import Mode, kernelize, use_kernel_mapping
+    except ImportError as error:
+        return f"the kernel hub's package is missing ({error})"
+    device = "cuda" if any(p.is_cuda for p in attention.parameters()) else "cpu"  # only picks the mapping row
+    try:
+        with use_kernel_mapping({_HUB_ROPE: {device: _LOCAL_REPOSITORY}}, inherit_mapping=False):
+            kernelize(layer, mode=Mode.TRAINING, device=device, use_fallback=False)
+    except (TypeError, ValueError) as error:  # e.g. the hub layer's signature changed
+        return f"kernels.kernelize refused it: {error}"
+    return None
+
+
+# ----------------------------------------------------------------------- RoPE: rebuilding older forwards
+
+
 def _attention_forward_with_rope(cls: type):
     """The class's forward with ``apply_rotary_pos_emb`` resolved to ``apply_rope``; None if it does not call it.
 
@@ -102,7 +164,8 @@ def _attention_forward_with_rope(cls: type):
         return None
     inner = calls_rope[-1]
     original = inner.__globals__.get("apply_rotary_pos_emb")
-    stand_in = _ROPE_STAND_INS.get(tuple(inspect.signature(original).parameters)) if callable(original) else None
+    is_function = inspect.isfunction(original)
+    stand_in = _ROPE_STAND_INS.get(tuple(inspect.signature(original).parameters)) if is_function else None
     if stand_in is None:
         return None
     patched = _rebuilt(inner, {**inner.__globals__, "apply_rotary_pos_emb": stand_in}, inner.__closure__)
@@ -111,7 +174,7 @@ def _attention_forward_with_rope(cls: type):
         if closure is None:
             return None  # the wrapper holds its inner function some other way: leave this class unfused
         patched = _rebuilt(wrapper, wrapper.__globals__, closure, wrapped=patched)
-    setattr(patched, _MARK, True)
+    setattr(patched, _MARK, "rope")
     return patched
 
 
@@ -139,66 +202,124 @@ def _closure_with(wrapper, old, new):
     return tuple(cells) if found else None
 
 
+# ------------------------------------------------------------------------------------------ the public API
+
+
 def _installed_forward(module: nn.Module):
     """The forward this module carries as an instance attribute, if any (class forwards live elsewhere)."""
     return module.__dict__.get("forward")
 
 
-def _ours(forward) -> bool:
-    return getattr(getattr(forward, "__func__", None), _MARK, False)
+def _op_of(forward) -> str | None:
+    """The op a forward installed by this module runs; None for any other forward."""
+    return getattr(getattr(forward, "__func__", None), _MARK, None)
+
+
+class _Patcher:
+    """One ``patch()`` call: installs forwards, remembers what it left unfused and why."""
+
+    def __init__(self, rms_norm: bool, swiglu: bool, rope: bool):
+        self.norms = _modeling_classes("RMSNorm") if rms_norm else set()
+        self.mlps = _modeling_classes("MLP") if swiglu else set()
+        self.attentions = _modeling_classes("Attention") if rope else set()
+        self.rebuilt_forwards: dict[type, object] = {}
+        self.unfused: dict[str, str] = {}  # "LlamaAttention (rope)" -> why
+        self.kept = 0  # modules whose forward someone else replaced on the instance
+
+    def module(self, module: nn.Module):
+        cls = type(module)
+        if cls in self.norms:
+            self._install(module, _rms_norm_forward)
+        elif cls in self.mlps and _is_silu(getattr(module, "act_fn", None)):
+            self._install(module, _mlp_forward)
+        elif cls in self.attentions:
+            self._rope(module)
+
+    def _install(self, module: nn.Module, forward):
+        installed = _installed_forward(module)
+        if installed is None:
+            module.forward = types.MethodType(forward, module)
+        elif _op_of(installed) is None:
+            self.kept += 1
+
+    def _rope(self, attention: nn.Module):
+        cls = type(attention)
+        hub_layers = _hub_rope_layers(attention)
+        for layer in hub_layers:
+            installed = _installed_forward(layer)
+            if installed is not None:
+                self.kept += _op_of(installed) is None
+                continue
+            why = _kernelize_rope(attention, layer)
+            if why is not None:
+                self.unfused[f"{cls.__name__} (rope)"] = why
+        if hub_layers:
+            return
+        if cls not in self.rebuilt_forwards:
+            self.rebuilt_forwards[cls] = _attention_forward_with_rope(cls)
+        if self.rebuilt_forwards[cls] is None:
+            self.unfused[f"{cls.__name__} (rope)"] = "its forward calls no apply_rotary_pos_emb of a known signature"
+            return
+        self._install(attention, self.rebuilt_forwards[cls])
+
+    def report(self):
+        if self.unfused:
+            import transformers
+
+            reasons = "; ".join(f"{where}: {why}" for where, why in self.unfused.items())
+            logger.warning("lopt_kernels.patch: with transformers %s these run unfused (training is still correct): %s",
+                           transformers.__version__, reasons)
+        if self.kept:
+            logger.warning("lopt_kernels.patch: %d modules already had an instance-level forward and were left as "
+                           "they are", self.kept)
 
 
 def patch(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True) -> nn.Module:
     """Swap the fused RMSNorm, SwiGLU and RoPE into ``model`` (this instance only); returns ``model``.
 
     Supported: Llama, Qwen2, Qwen3 and Mistral modules of transformers. Patching twice changes nothing.
-    A module whose forward was already replaced on the instance (e.g. by accelerate's hooks) is left alone.
+    A module whose forward was already replaced on the instance (e.g. by accelerate's hooks, or a kernel
+    from the hub) is left alone. ``fused_ops(model)`` tells what runs fused.
     """
-    norms = _modeling_classes("RMSNorm") if rms_norm else set()
-    mlps = _modeling_classes("MLP") if swiglu else set()
-    attentions = _modeling_classes("Attention") if rope else set()
-    attention_forwards: dict[type, object] = {}
-    skipped = 0
+    patcher = _Patcher(rms_norm, swiglu, rope)
+    for module in model.modules():  # first: turning it off resets every kernel-hub layer's forward
+        if getattr(module, "use_kernels", False) is True:
+            module.use_kernels = False
+            setattr(module, _KERNELIZED_BY_TRANSFORMERS, True)
     for module in model.modules():
-        cls = type(module)
-        if cls in norms:
-            forward = _rms_norm_forward
-        elif cls in mlps and _is_silu(getattr(module, "act_fn", None)):
-            forward = _mlp_forward
-        elif cls in attentions:
-            if cls not in attention_forwards:
-                attention_forwards[cls] = _attention_forward_with_rope(cls)
-                if attention_forwards[cls] is None:
-                    logger.warning(
-                        "lopt_kernels.patch: %s.forward calls no apply_rotary_pos_emb of a known "
-                        "signature; its RoPE is left unfused",
-                        cls.__name__,
-                    )
-            forward = attention_forwards[cls]
-            if forward is None:
-                continue
-        else:
-            continue
-        installed = _installed_forward(module)
-        if installed is not None:
-            skipped += not _ours(installed)
-            continue
-        module.forward = types.MethodType(forward, module)
-    if skipped:
-        logger.warning(
-            "lopt_kernels.patch: %d modules already had an instance-level forward and were left as they are", skipped
-        )
+        patcher.module(module)
+    patcher.report()
     return model
+
+
+def _patched_layers(model: nn.Module):
+    """Every (layer, op) of ``model`` that runs a forward installed by ``patch``, hub RoPE layers included."""
+    for module in model.modules():
+        for layer in (module, *_hub_rope_layers(module)):
+            op = _op_of(_installed_forward(layer))
+            if op is not None:
+                yield layer, op
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo ``patch``: every module of ``model`` runs its class's forward again; returns ``model``."""
+    for layer, _ in list(_patched_layers(model)):
+        del layer.forward
+        layer.__dict__.pop("_kernel_repo", None)  # kernels.kernelize's note of where the forward came from
     for module in model.modules():
-        if _ours(_installed_forward(module)):
-            del module.forward
+        if module.__dict__.pop(_KERNELIZED_BY_TRANSFORMERS, False):
+            module.use_kernels = True
     return model
+
+
+def fused_ops(model: nn.Module) -> dict[str, int]:
+    """How many modules of ``model`` run each fused op (``FUSED_OPS``' names; 0 where none does)."""
+    counts = dict.fromkeys(FUSED_OPS, 0)
+    for _, op in _patched_layers(model):
+        counts[op] += 1
+    return counts
 
 
 def is_patched(model: nn.Module) -> bool:
     """Whether any module of ``model`` runs a forward installed by ``patch``."""
-    return any(_ours(_installed_forward(module)) for module in model.modules())
+    return any(True for _ in _patched_layers(model))

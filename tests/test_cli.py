@@ -274,3 +274,13 @@ def test_ctrl_c_saves_a_checkpoint_then_exits_130(tmp_path):
     assert "--resume" in err.strip().splitlines()[-1]
     step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
     assert step >= 1 and step == json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+
+
+@pytest.mark.parametrize("kernels", ["--kernels", "--no-kernels"])
+def test_the_start_line_says_which_ops_run_fused(capsys, tmp_path, tiny_model_dir, data, kernels):
+    """The 4-layer Llama: 9 RMSNorms, 4 MLPs and 4 attentions run fused with --kernels, none without."""
+    code, err = run_main(capsys, "--model", tiny_model_dir, "--data", data, "--output-dir", str(tmp_path / "run"),
+                         "--max-steps", "1", "--batch-size", "2", "--no-retention", kernels)
+    assert code == 0, err
+    expected = "fused ops: rms_norm (9), swiglu (4), rope (4)" if kernels == "--kernels" else "fused ops: none"
+    assert f"lopt: {expected}" in err, err

@@ -1,13 +1,14 @@
 """patch()/unpatch() on tiny Llama, Qwen2, Qwen3 and Mistral models: same logits and gradients as the
-model's own code, this instance only, nothing saved changes."""
+model's own code, this instance only, nothing saved changes, every op fused with the installed transformers."""
 
 import pytest
 import torch
+import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lopt_kernels import current_backend
-from lopt_kernels.patch import SUPPORTED_MODEL_TYPES, is_patched, patch, unpatch
+from lopt_kernels.patch import FUSED_OPS, SUPPORTED_MODEL_TYPES, fused_ops, is_patched, patch, unpatch
 
 LAYERS = 2
 Q_HEADS = 4
@@ -56,6 +57,19 @@ def _patched_modules(model):
     return {name for name, module in model.named_modules() if "forward" in module.__dict__}
 
 
+def _expected_fused(model_type, layers=LAYERS):
+    """Modules per op a patched tiny model runs fused: 2 norms a layer (4 with Qwen3's q_norm and k_norm)
+    and the final norm, one MLP and one attention a layer."""
+    norms_per_layer = 4 if model_type == "qwen3" else 2
+    return {"rms_norm": layers * norms_per_layer + 1, "swiglu": layers, "rope": layers}
+
+
+def _unfused_message(model_type, got):
+    expected = _expected_fused(model_type)
+    missing = [f"{op} ({got[op]} of {expected[op]} modules)" for op in FUSED_OPS if got[op] != expected[op]]
+    return f"{model_type} with transformers {transformers.__version__}: unfused {', '.join(missing)}"
+
+
 def _graph_functions(tensor):
     """Names of the autograd nodes that produced ``tensor``."""
     seen, stack, names = set(), [tensor.grad_fn], set()
@@ -76,11 +90,8 @@ def test_patched_model_matches_unpatched(model_type):
     logits, grads = _logits_and_grads(model, tokens)
 
     assert patch(model) is model
-    patched = _patched_modules(model)
-    norms_per_layer = 4 if model_type == "qwen3" else 2  # Qwen3 adds q_norm and k_norm
-    assert len([n for n in patched if n.endswith("norm")]) == LAYERS * norms_per_layer + 1
-    assert len([n for n in patched if n.endswith("mlp")]) == LAYERS
-    assert len([n for n in patched if n.endswith("self_attn")]) == LAYERS
+    got = fused_ops(model)
+    assert got == _expected_fused(model_type), _unfused_message(model_type, got)
 
     graph = set()
     patched_logits, patched_grads = _logits_and_grads(model, tokens, graph)
@@ -95,6 +106,7 @@ def test_patched_model_matches_unpatched(model_type):
 
     assert unpatch(model) is model
     assert not is_patched(model) and not _patched_modules(model)
+    assert fused_ops(model) == dict.fromkeys(FUSED_OPS, 0)
     unpatched_logits, unpatched_grads = _logits_and_grads(model, tokens)
     assert torch.equal(unpatched_logits, logits)
     assert all(torch.equal(unpatched_grads[name], grads[name]) for name in grads)
@@ -108,16 +120,26 @@ def test_patch_is_per_instance_and_idempotent():
     model, other = _tiny_model("llama"), _tiny_model("llama")
 
     patch(model)
-    forwards = {name: m.forward for name, m in model.named_modules() if "forward" in m.__dict__}
+    forwards = _installed_forwards(model)
     patch(model)
-    assert {name: m.forward for name, m in model.named_modules() if "forward" in m.__dict__} == forwards
-    assert is_patched(model) and not is_patched(other) and not _patched_modules(other)
+    assert _installed_forwards(model) == forwards
+    assert fused_ops(model) == _expected_fused("llama")
+    assert is_patched(model) and not is_patched(other) and not _installed_forwards(other)
     assert modeling_llama.apply_rotary_pos_emb is rope_function
     assert all(cls.forward is forward for cls, forward in class_forwards.items())
 
     tokens = _tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, other(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def _installed_forwards(model):
+    """Every instance-level forward of the model's modules and of their kernel-hub function layers."""
+    forwards = {}
+    for name, module in model.named_modules():
+        layers = {name: module, **{f"{name}/{key}": layer for key, layer in module.__dict__.get("_kernel_funcs", {}).items()}}
+        forwards.update({key: layer.forward for key, layer in layers.items() if "forward" in layer.__dict__})
+    return forwards
 
 
 def test_patch_changes_nothing_that_is_saved(tmp_path):
@@ -134,9 +156,7 @@ def test_patch_changes_nothing_that_is_saved(tmp_path):
 def test_mlp_is_left_alone_unless_its_activation_is_silu():
     model = _tiny_model("llama", hidden_act="gelu")
     patch(model, rope=False)
-    patched = _patched_modules(model)
-    assert not any(n.endswith(("mlp", "self_attn")) for n in patched)
-    assert len([n for n in patched if n.endswith("norm")]) == 2 * LAYERS + 1
+    assert fused_ops(model) == {"rms_norm": 2 * LAYERS + 1, "swiglu": 0, "rope": 0}
 
 
 def test_a_forward_already_replaced_on_the_instance_is_kept():
@@ -228,17 +248,49 @@ def test_rope_is_fused_under_decorators_that_keep_working():
 
 
 @pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
-def test_every_family_fuses_rope_with_the_installed_transformers(model_type, caplog):
-    """No family may silently fall back to its unfused RoPE (the warning patch() logs then fails here)."""
-    import transformers
-
+def test_every_family_fuses_every_op_with_the_installed_transformers(model_type, caplog):
+    """No family may silently fall back to an unfused op: the failure names the family, the op and the
+    transformers version, and patch() itself logs no warning."""
     model = _tiny_model(model_type)
     with caplog.at_level("WARNING", logger="lopt_kernels.patch"):
         patch(model)
-    assert not caplog.records, f"transformers {transformers.__version__}: {caplog.text}"
-    attention = model.model.layers[0].self_attn
-    assert "forward" in attention.__dict__
-    rope = attention.forward.__func__
-    while "apply_rotary_pos_emb" not in rope.__code__.co_names:
-        rope = rope.__wrapped__
-    assert rope.__globals__["apply_rotary_pos_emb"].__module__ == "lopt_kernels.patch"
+    got = fused_ops(model)
+    assert got == _expected_fused(model_type), _unfused_message(model_type, got)
+    assert not caplog.records, f"{model_type} with transformers {transformers.__version__}: {caplog.text}"
+
+
+def test_an_unfusable_rope_warns_once_naming_the_version(caplog, monkeypatch):
+    """Where neither route fits (here: the rebuild is made to find nothing), the model still runs, and
+    one warning names the class, the op and the transformers version."""
+    import importlib
+
+    patch_module = importlib.import_module("lopt_kernels.patch")  # the package's ``patch`` is the function
+    model = _tiny_model("llama")
+    tokens = _tokens()
+    with torch.no_grad():
+        expected = model(tokens).logits
+    monkeypatch.setattr(patch_module, "_hub_rope_layers", lambda attention: [])
+    monkeypatch.setattr(patch_module, "_attention_forward_with_rope", lambda cls: None)
+    with caplog.at_level("WARNING", logger="lopt_kernels.patch"):
+        patch(model)
+    assert fused_ops(model)["rope"] == 0 and fused_ops(model)["rms_norm"] > 0
+    assert len(caplog.records) == 1
+    assert "LlamaAttention (rope)" in caplog.text and transformers.__version__ in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_loaded_model_stays_fused_through_train_and_eval(tmp_path):
+    """transformers >= 5.25 kernelizes a model that from_pretrained loads, and again at every train()/eval();
+    patch() turns that off for this model (so the fused ops stay), unpatch() turns it back on."""
+    _tiny_model("mistral").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    kernelized = getattr(model, "use_kernels", False)
+    patch(model)
+    model.train()
+    model.eval()
+    got = fused_ops(model)
+    assert got == _expected_fused("mistral"), _unfused_message("mistral", got)
+    unpatch(model)
+    assert fused_ops(model) == dict.fromkeys(FUSED_OPS, 0)
+    assert getattr(model, "use_kernels", False) == kernelized
