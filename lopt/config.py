@@ -46,6 +46,8 @@ REAL_LR, REAL_LR_LOWER, REAL_MAX_STEPS = 5e-5, 5e-6, 20
 # The real default's settings (SmolLM2 on lopt.default_data.record_splits), where no flag says otherwise;
 # measured in the README's "The real default" section.
 EVAL_MAX_EXAMPLES = 200  # held-out answers generated for exact match, unless the flag or the real default says
+# --eval-split: a data set smaller than this keeps all its rows for training; at most this many are held out.
+EVAL_SPLIT_MIN_ROWS, EVAL_SPLIT_MAX_ROWS = 20, 200
 REAL_DEFAULT = dict(lr=REAL_LR, lr_lower=REAL_LR_LOWER, max_steps=REAL_MAX_STEPS, batch_size=8, eval_max_examples=20)
 
 
@@ -133,6 +135,10 @@ class TrainConfig:
         None, "held-out data in the same formats, evaluated at the end (loss and exact-match of greedy answers); "
         "the embedded default's own held-out split is used when --data is not given",
         type=str, group="model and data", metavar="FILE_OR_NAME")
+    eval_split: float = _flag(
+        0.1, "with --data and no --eval-data: the share of --data's rows held out for the evaluation (from "
+        f"{EVAL_SPLIT_MIN_ROWS} rows up, at most {EVAL_SPLIT_MAX_ROWS} rows; 0 trains on every row)", type=float,
+        group="model and data")
     seq_len: int = _flag(1024, "truncate each example to this many tokens", type=int, group="model and data")
     pack: bool = _flag(False, "pack each micro-batch's examples into rows of up to --seq-len tokens (less padding; "
                        "attention and positions stay inside each example, so the gradients are unchanged)",
@@ -203,6 +209,10 @@ class TrainConfig:
     output_dir: str = _flag("runs/lopt", "where metrics.jsonl, checkpoints, loss.png, eval.json and final/ go",
                             type=str, group="run", metavar="DIR")
     resume: bool = _flag(False, "continue from the latest checkpoint in --output-dir", type=bool, group="run")
+    keep_checkpoint: bool = _flag(
+        False, "keep the last checkpoint (model, optimizer and data position) after a finished run, to --resume it "
+        "with a higher --max-steps; without it a finished run keeps final/, metrics.jsonl, loss.png and eval.json "
+        "(an interrupted run always keeps its checkpoint)", type=bool, group="run")
     overwrite: bool = _flag(False, "delete a non-empty --output-dir and start over", type=bool, group="run")
     device: str = _flag("auto", "cpu, cuda, or auto (cuda when available)", type=str, choices=DEVICES, group="run")
     dtype: str = _flag("auto", "parameter dtype: auto (bf16 on cuda, fp32 on cpu), bf16 or fp32", type=str,
@@ -286,7 +296,8 @@ class TrainConfig:
         for name, low, high, low_open in (("lr", 0, MAX_LR, True), ("lr_lower", 0, MAX_LR, False),
                                           ("weight_decay", 0, MAX_WEIGHT_DECAY, False),
                                           ("lambda_aux", 0, MAX_LAMBDA_AUX, False), ("max_grad_norm", 0, None, False),
-                                          ("min_lr_ratio", 0, 1, False), ("gpu_mem", 0, MAX_GPU_MEM_GB, True)):
+                                          ("min_lr_ratio", 0, 1, False), ("gpu_mem", 0, MAX_GPU_MEM_GB, True),
+                                          ("eval_split", 0, 0.5, False)):
             if getattr(self, name) is not None:
                 check_number(_flag_name(name), getattr(self, name), low, high, low_open=low_open)
         for f in dataclasses.fields(self):

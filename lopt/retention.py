@@ -15,6 +15,13 @@ log p_model(v))`` over the whole vocabulary; the measure is the mean over all th
 prompts (so 0 for the reference itself). ``answer_nll`` is the mean ``-log p_model`` of those answer
 tokens. The reference's log-probabilities at those positions are computed once (``Reference``), so no
 second model stays in memory.
+
+Both are teacher-forced on the reference's answers, so they cannot see the model's *own* answers change
+(a model that now answers every prompt in a task's format can keep a small KL). ``own_answers`` does:
+the model's greedy answers to the same prompts, against the reference's. ``answer_agreement`` is the
+share of prompts whose first ``AGREEMENT_TOKENS`` answer tokens are the reference's (all of them for a
+shorter answer); ``answer_kept`` the mean share of the reference's answer tokens reproduced before the
+first difference; a few prompts with both answers are kept as samples.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from .evaluation import greedy_answers, pad_id
 GENERAL_TEXT_TOKENS = 2048  # two forward passes of these cost about 20 s of the real default's 4 minutes
 MAX_CHUNK_LEN = 256
 ANSWER_TOKENS = 32
+AGREEMENT_TOKENS = 8
+NUM_SAMPLES = 4
 
 GENERAL_PROMPTS = (
     "What is the capital of France?",
@@ -104,6 +113,13 @@ class Reference:
     answer_starts: list[int]
     log_probs: torch.Tensor
     answers: list[str]
+    prompts: Sequence[str] = GENERAL_PROMPTS
+
+    def prompt_ids(self) -> list[list[int]]:
+        return [s[:start] for s, start in zip(self.sequences, self.answer_starts)]
+
+    def answer_ids(self) -> list[list[int]]:
+        return [s[start:] for s, start in zip(self.sequences, self.answer_starts)]
 
 
 def _answer_log_probs(hf_model, sequences, answer_starts, batch_size, pad) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +155,8 @@ def reference(hf_model, tokenizer, batch_size: int, prompts: Sequence[str] = GEN
     starts = [len(p) for p in prompt_ids]
     log_probs, _ = _answer_log_probs(hf_model, sequences, starts, batch_size, pad_id(tokenizer))
     hf_model.train(was_training)
-    return Reference(sequences, starts, log_probs, [tokenizer.decode(a, skip_special_tokens=True) for a in answers])
+    return Reference(sequences, starts, log_probs, [tokenizer.decode(a, skip_special_tokens=True) for a in answers],
+                     tuple(prompts))
 
 
 @torch.no_grad()
@@ -155,17 +172,54 @@ def kl_from_reference(hf_model, ref: Reference, batch_size: int, pad: int = 0) -
     return dict(kl=kl.mean().item(), answer_nll=answer_nll.mean().item())
 
 
+def _kept_share(answer: list[int], original: list[int]) -> float:
+    """The share of ``original``'s tokens that ``answer`` reproduces before its first different token."""
+    same = next((i for i, (a, b) in enumerate(zip(answer, original)) if a != b), min(len(answer), len(original)))
+    return same / len(original)
+
+
+def answers_agreement(answers: Sequence[list[int]], originals: Sequence[list[int]]) -> dict:
+    """``answer_agreement`` and ``answer_kept`` (see the module) of ``answers`` against ``originals``."""
+    agree = sum(a[:AGREEMENT_TOKENS] == o[:AGREEMENT_TOKENS] for a, o in zip(answers, originals))
+    kept = sum(_kept_share(a, o) for a, o in zip(answers, originals))
+    return dict(answer_agreement=agree / len(originals), answer_kept=kept / len(originals))
+
+
+@torch.no_grad()
+def own_answers(hf_model, tokenizer, ref: Reference, batch_size: int, synced: bool = False) -> dict:
+    """The model's own greedy answers to the reference's prompts, against the reference's (see the module)."""
+    was_training = hf_model.training
+    hf_model.eval()
+    originals = ref.answer_ids()
+    answers = greedy_answers(hf_model, tokenizer, ref.prompt_ids(), max(map(len, originals)), batch_size, synced)
+    hf_model.train(was_training)
+    answers = [a if a else [pad_id(tokenizer)] for a in answers]  # as the reference's (an empty answer stops at once)
+    samples = [dict(prompt=p, original=o, answer=tokenizer.decode(a, skip_special_tokens=True))
+               for p, o, a in zip(ref.prompts[:NUM_SAMPLES], ref.answers, answers)]
+    return dict(answers_agreement(answers, originals), answer_samples=samples)
+
+
 class RetentionProbe:
-    """Both measures against the model as it was when the probe was built."""
+    """The measures against the model as it was when the probe was built."""
 
     def __init__(self, hf_model, tokenizer, chunk_len: int, batch_size: int):
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.chunks = general_text(tokenizer, chunk_len)
         self.reference = reference(hf_model, tokenizer, batch_size)
 
-    def measure(self, hf_model) -> dict:
+    def measure(self, hf_model, *, synced: bool = False, as_built: bool = False) -> dict:
+        """Every measure of ``hf_model``. ``synced``: the model is sharded (see ``greedy_answers``).
+        ``as_built``: the model is unchanged since the probe was built, so its greedy answers are the
+        reference's (greedy decoding is deterministic) and are not generated again."""
         kl = kl_from_reference(hf_model, self.reference, self.batch_size, pad_id(self.tokenizer))
-        return dict(general_nll=text_nll(hf_model, self.chunks, self.batch_size), **kl,
+        if as_built:
+            originals = self.reference.answer_ids()
+            samples = [dict(prompt=p, original=o, answer=o)
+                       for p, o in zip(self.reference.prompts[:NUM_SAMPLES], self.reference.answers)]
+            own = dict(answers_agreement(originals, originals), answer_samples=samples)
+        else:
+            own = own_answers(hf_model, self.tokenizer, self.reference, self.batch_size, synced)
+        return dict(general_nll=text_nll(hf_model, self.chunks, self.batch_size), **kl, **own,
                     general_tokens=self.chunks.numel(), chunk_len=self.chunks.shape[1],
                     kl_positions=len(self.reference.log_probs))
 
@@ -173,7 +227,20 @@ class RetentionProbe:
 # What each measure is called in the log, and how it is printed.
 MEASURES = (("exact match", "exact_match", "{:.1%}"), ("task loss", "loss", "{:.4f}"),
             ("general-text NLL", "general_nll", "{:.4f}"), ("KL from the original", "kl", "{:.4f}"),
-            ("NLL of the original's answers", "answer_nll", "{:.4f}"))
+            ("NLL of the original's answers", "answer_nll", "{:.4f}"),
+            (f"own answers agreeing with the original's (first {AGREEMENT_TOKENS} tokens)", "answer_agreement",
+             "{:.0%}"),
+            ("share of the original's answer tokens kept", "answer_kept", "{:.0%}"))
+
+
+def sample_lines(result: dict, count: int = 2) -> list[str]:
+    """A few general prompts with the original's answer and the model's own, one line each."""
+    def short(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{sample['prompt']!r}: original {short(sample['original'])!r} -> now {short(sample['answer'])!r}"
+            for sample in result.get("answer_samples", [])[:count]]
 
 
 def before_after_lines(result: dict) -> list[str]:

@@ -49,8 +49,11 @@ class RunDir:
         non_empty = out.is_dir() and any(p.name not in (LOCK, MANIFEST) for p in out.iterdir())
         if cfg.resume:
             if not (out.is_dir() and checkpoints(out)):
-                raise UsageError(f"--resume: no checkpoint in {out} (start a new run without --resume, or with "
-                                 "--overwrite if the directory holds an earlier run)")
+                finished = (out / "final").is_dir()
+                raise UsageError(f"--resume: no checkpoint in {out} (" + (
+                    "its run finished and kept final/ only: train on from final/ with --model, or keep the "
+                    "checkpoint next time with --keep-checkpoint)" if finished else
+                    "start a new run without --resume, or with --overwrite if the directory holds an earlier run)"))
             return
         if non_empty and not cfg.overwrite:
             raise UsageError(f"output directory {out} is not empty: pass --resume to continue its run, --overwrite "

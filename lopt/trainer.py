@@ -66,7 +66,7 @@ from .checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from .config import TrainConfig, default_model_note
+from .config import EVAL_SPLIT_MAX_ROWS, EVAL_SPLIT_MIN_ROWS, TrainConfig, default_model_note
 from .data import (
     StepSchedule,
     collate,
@@ -86,7 +86,7 @@ from .pipeline import Pipeline
 from .plotting import plot_losses
 from . import sharding
 from .run_dir import TMP_PREFIX, RunDir, checkpoint_name, checkpoint_step, checkpoints, read_saved_config
-from .retention import RetentionProbe, before_after_lines
+from .retention import RetentionProbe
 
 # Settings a resumed run may change without changing its trajectory (the step count sets the schedule).
 RUN_CONTROL_FIELDS = {"resume", "overwrite", "output_dir", "log_every", "save_every", "eval_every",
@@ -105,10 +105,9 @@ def train(config: TrainConfig) -> dict:
     torchrun, ``lopt.distributed``) ``PeerLost`` when another rank is gone.
     """
     world = World.from_env()  # one process, or this rank of a torchrun job
-    if not world.is_main:  # rank 0's progress bars are the job's
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # transformers' loading and saving bars: lopt names its phases itself
     if config.model is None and world.is_main and (note := default_model_note()):
         print(note, file=sys.stderr)
     config = _apply_recipe(config.resolved())
@@ -140,6 +139,7 @@ def _train(config: TrainConfig, world: World, run_dir: RunDir, device, dtype) ->
             tokenizer, model_config = _load_tokenizer_and_config(config)
     if config.resume:
         resume_path = world.broadcast_object(resume_path)
+    started = time.perf_counter()
     with contextlib.ExitStack() as held:
         with world.together("loading the model and data"):
             if not world.is_main:
@@ -154,6 +154,7 @@ def _train(config: TrainConfig, world: World, run_dir: RunDir, device, dtype) ->
                 if config.overwrite:
                     run_dir.clear()
             trainer = Trainer(config, model, tokenizer, examples, held_out, run_dir, device, world)
+            trainer.phase_s["loading"] = round(time.perf_counter() - started, 1)
             if world.is_main or config.shard:  # sharded, the ranks evaluate together: each needs the reference
                 trainer.measure_before()
             if config.resume:
@@ -220,6 +221,7 @@ class Trainer:
         self.stop_signal: int | None = None
         self._lower_grads_finite = True
         self.sharded = False  # --shard: set once the model is split (Trainer.shard)
+        self.phase_s: dict[str, float] = {}  # seconds of each phase of the run, for the summary
         self._saved_optimizers: list[dict] | None = None  # --shard: a resumed run's, loaded as shards after the split
         self._pbar = None
         self.probe: RetentionProbe | None = None  # set with the before-training measures (measure_before)
@@ -494,13 +496,13 @@ class Trainer:
             result = self.final_evaluation()
         self.world.close()  # the steps are done; what follows is rank 0's alone
         self._confirm_checkpoint()  # no next step to try it on; the update check passed
+        self.phase_s["training"] = round(time.perf_counter() - start_time, 1)
         summary = dict(
             status="interrupted" if interrupted else "completed",
             rank=self.world.rank,
             steps=self.step,
             new_steps=self.step - self.start_step,
-            first_loss=self.metrics[0]["loss"] if self.metrics else None,
-            last_loss=self.metrics[-1]["loss"] if self.metrics else None,
+            **self._loss_ends(),
             output_dir=str(self.out),
             checkpoint=str(checkpoint) if checkpoint else None,
             elapsed_s=round(time.perf_counter() - start_time, 2),
@@ -512,13 +514,28 @@ class Trainer:
         self._plot()
         if interrupted:
             return summary
-        summary["final_dir"] = str(self.save_final(final_weights))
+        with self._phase("saving final/"):
+            summary["final_dir"] = str(self.save_final(final_weights))
         if not self.sharded:
             result = self.final_evaluation()
         if result is not None:
             summary["eval"] = result
             self.run_dir.write_text("eval.json", json.dumps(result, indent=2) + "\n")
+        if not self.config.keep_checkpoint and self.last_checkpoint is not None:  # final/ holds what users need
+            self._remove_checkpoint(self.last_checkpoint)
+            self.last_checkpoint = summary["checkpoint"] = None
+        summary.update(phase_s=dict(self.phase_s), disk_bytes=_disk_bytes(self.out))
         return summary
+
+    def _loss_ends(self) -> dict:
+        """The task and reconstruction losses of this call's first and last logged steps (not a resumed
+        run's earlier ones); ``first_loss``/``last_loss`` are their weighted sum, what the step minimises."""
+        rows = [row for row in self.metrics if row["step"] > self.start_step]
+        ends = {}
+        for key in ("loss", "task_loss", "aux_loss"):
+            ends[f"first_{key}"] = rows[0][key] if rows else None
+            ends[f"last_{key}"] = rows[-1][key] if rows else None
+        return ends
 
     def _log(self, result: dict, tokens_per_s: float) -> dict:
         """The metrics row of the step just done (its own losses: a resumed run logs the same rows)."""
@@ -562,6 +579,11 @@ class Trainer:
             f"{self.total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}; output: {self.out}"
         )
         self._say(_describe_fused_ops(model))
+        epochs = self.total_steps / self.schedule.steps_per_epoch
+        if not cfg.embedded_data and epochs > MANY_EPOCHS:
+            self._say(f"note: {len(self.examples)} examples make {self.schedule.steps_per_epoch} steps an epoch, so "
+                      f"{self.total_steps} steps pass over them {epochs:.1f} times: a small set trained many times is "
+                      "learned by heart (more data, or fewer --max-steps / --epochs)")
         if cfg.grad_accum % self.world.size and not cfg.pipeline:
             self._say(f"note: --grad-accum {cfg.grad_accum} does not divide among {self.world.size} ranks: in each "
                       "step some ranks run one micro-batch fewer (and add zero gradients when they have none); a "
@@ -736,24 +758,44 @@ class Trainer:
         """The task score and retention of the model as loaded, and the reference that KL is measured
         against (its answers to the general prompts): before any checkpoint is loaded, so a resumed run
         compares with the same original model."""
-        if self.config.retention:
-            self.probe = RetentionProbe(self.model.model, self.tokenizer, self.config.seq_len, self.config.batch_size)
-        self.before = self._measure()
+        with self._phase("evaluation before training", self._evaluation_work()):
+            if self.config.retention:
+                self.probe = RetentionProbe(self.model.model, self.tokenizer, self.config.seq_len,
+                                            self.config.batch_size)
+            self.before = self._measure(as_built=True)
 
-    def _measure(self) -> dict:
+    def _measure(self, as_built: bool = False) -> dict:
         result = self.evaluate() if self.held_out is not None else {"step": self.step}
         if self.probe is not None:
-            result.update(self.probe.measure(self.model.model))
+            result.update(self.probe.measure(self.model.model, synced=self.sharded, as_built=as_built))
         return result
 
     def final_evaluation(self) -> dict | None:
         """``eval.json``: the trained model's task score and retention, and ``before`` (the model as loaded)."""
         if self.held_out is None and self.probe is None:
             return None
-        result = dict(self._measure(), before=self.before)
-        for line in before_after_lines(result):
-            self._say(line)
-        return result
+        with self._phase("evaluation after training", self._evaluation_work()):
+            return dict(self._measure(), before=self.before)
+
+    def _evaluation_work(self) -> str:
+        """What an evaluation phase does, for the line that announces it."""
+        work = []
+        if self.held_out is not None:
+            examples, prompts = self.held_out
+            work.append(f"{len(examples)} held-out examples, {min(len(prompts), self.config.eval_max_examples)} "
+                        "answers generated")
+        if self.config.retention:
+            work.append("retention on general text and prompts")
+        return "; ".join(work)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str, work: str = ""):
+        """Say that phase ``name`` starts (and what it does), then how long it took; its seconds go to the summary."""
+        self._say(f"{name}{f' ({work})' if work else ''} ...")
+        started = time.perf_counter()
+        yield
+        self.phase_s[name.split(" (")[0]] = seconds = round(time.perf_counter() - started, 1)
+        self._say(f"{name}: done in {seconds:.1f} s")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -806,6 +848,10 @@ def _device_and_dtype(cfg: TrainConfig, world: World) -> tuple[torch.device, tor
     return device, dtype
 
 
+# A run over the user's data that passes over it more often than this is told so.
+MANY_EPOCHS = 2
+
+
 def _describe_fused_ops(model: LoPTModel) -> str:
     """The start line's word on lopt_kernels' fused ops: which run, and which a patched model left unfused."""
     if not model.kernels:
@@ -814,6 +860,11 @@ def _describe_fused_ops(model: LoPTModel) -> str:
     fused = [f"{op} ({n})" for op, n in counts.items() if n]
     unfused = [op for op, n in counts.items() if not n]
     return "fused ops: " + (", ".join(fused) or "none") + (f"; unfused: {', '.join(unfused)}" if unfused else "")
+
+
+def _disk_bytes(path: Path) -> int:
+    """Bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _seed_everything(seed: int):
@@ -862,6 +913,14 @@ def _load_data(cfg: TrainConfig, tokenizer, notes: bool = True):
     else:
         train_rows, train_name = load_rows(cfg.data), cfg.data
         held_out_rows, held_out_name = None, None
+        if cfg.eval_data is None:
+            train_rows, held_out_rows = split_rows(train_rows, cfg.eval_split, cfg.seed)
+            if held_out_rows is not None:
+                held_out_name = f"the rows of {train_name} held out"
+                if notes:
+                    print(f"lopt: note: held out {len(held_out_rows)} of {len(train_rows) + len(held_out_rows)} rows "
+                          f"of {train_name} for the evaluation (--eval-split {cfg.eval_split:g}; --eval-split 0 trains "
+                          "on every row, --eval-data FILE evaluates on a file)", file=sys.stderr)
     if cfg.eval_data is not None:
         held_out_rows, held_out_name = load_rows(cfg.eval_data), cfg.eval_data
 
@@ -882,6 +941,16 @@ def _load_data(cfg: TrainConfig, tokenizer, notes: bool = True):
         held_out = (tokenize_conversations(held_conversations, tokenizer, cfg.seq_len),
                     eval_examples(held_conversations, tokenizer, cfg.seq_len))
     return examples, held_out
+
+
+def split_rows(rows: list, share: float, seed: int) -> tuple[list, list | None]:
+    """``rows`` less a seeded random ``share`` of them (whole rows, at most ``EVAL_SPLIT_MAX_ROWS``), and
+    those; no split (None) for a share of 0 or fewer than ``EVAL_SPLIT_MIN_ROWS`` rows."""
+    count = min(EVAL_SPLIT_MAX_ROWS, int(len(rows) * share))
+    if len(rows) < EVAL_SPLIT_MIN_ROWS or count == 0:
+        return rows, None
+    held = set(random.Random(seed).sample(range(len(rows)), count))
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
 def default_rows(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:

@@ -231,7 +231,7 @@ def test_resume_from_the_command_line_reuses_the_saved_settings(capsys, tmp_path
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": "abc"} for i in range(8)])
     out = tmp_path / "run"
     common = ["--model", tiny_model_dir, "--data", data, "--batch-size", "2", "--lr", "1e-3"]
-    assert run_main(capsys, *common, "--output-dir", str(out), "--max-steps", "2")[0] == 0
+    assert run_main(capsys, *common, "--output-dir", str(out), "--max-steps", "2", "--keep-checkpoint")[0] == 0
     # Only the directory, --resume and the new step limit: model, data, lr come from config.json.
     code, err = run_main(capsys, "--output-dir", str(out), "--resume", "--max-steps", "3")
     assert code == 0, err
@@ -284,3 +284,45 @@ def test_the_start_line_says_which_ops_run_fused(capsys, tmp_path, tiny_model_di
     assert code == 0, err
     expected = "fused ops: rms_norm (9), swiglu (4), rope (4)" if kernels == "--kernels" else "fused ops: none"
     assert f"lopt: {expected}" in err, err
+
+
+def test_a_finished_run_keeps_what_users_need_and_prints_one_summary(capsys, tmp_path, tiny_model_dir, data):
+    """No --keep-checkpoint: final/, metrics, plot and eval.json stay, the checkpoint goes; the summary (task and
+    reconstruction loss apart, phase times, disk) is printed once, on stdout; a --resume says what happened."""
+    out = tmp_path / "run"
+    capsys.readouterr()
+    code = main(["train", "--model", tiny_model_dir, "--data", data, "--eval-data", data, "--output-dir", str(out),
+                 "--max-steps", "2", "--batch-size", "2", "--no-retention", "--save-every", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert not list(out.glob("checkpoint-*"))
+    assert {"final", "metrics.jsonl", "loss.png", "eval.json", "config.json"} <= {p.name for p in out.iterdir()}
+    assert "task loss" in captured.out and "reconstruction loss" in captured.out
+    assert "trained 2 steps" in captured.out and "trained 2 steps" not in captured.err
+    assert captured.out.count("before -> after training:") == 1 and "before -> after" not in captured.err
+    time_line = next(line for line in captured.out.splitlines() if line.startswith("time: "))
+    for phase in ("loading", "evaluation before training", "training", "saving final/", "evaluation after training"):
+        assert phase in time_line, time_line
+    disk_line = next(line for line in captured.out.splitlines() if line.startswith("disk: "))
+    on_disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert f"{on_disk / 1e6:,.0f} MB" in disk_line and "--keep-checkpoint" in disk_line
+    assert "evaluation after training (15 held-out examples" in captured.err  # the phase says what it does
+    code, err = run_main(capsys, "--output-dir", str(out), "--resume", "--max-steps", "3")
+    assert_one_line_error(code, err, "--keep-checkpoint", "final/")
+
+
+def test_own_data_holds_out_a_share_and_a_tiny_set_trained_long_is_noted(capsys, tmp_path, tiny_model_dir):
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(40)]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    code, err = run_main(capsys, "--model", tiny_model_dir, "--data", data, "--output-dir", str(tmp_path / "run"),
+                         "--max-steps", "10", "--batch-size", "8", "--no-retention")
+    assert code == 0, err
+    assert "held out 4 of 40 rows" in err
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["num_examples"] == 4
+    assert "36 examples make 5 steps an epoch, so 10 steps pass over them 2.0 times" not in err  # 2 epochs: fine
+    code, err = run_main(capsys, "--model", tiny_model_dir, "--data", data, "--output-dir", str(tmp_path / "again"),
+                         "--max-steps", "20", "--batch-size", "8", "--no-retention", "--eval-split", "0")
+    assert code == 0, err
+    assert "held out" not in err and not (tmp_path / "again" / "eval.json").exists()
+    assert "40 examples make 5 steps an epoch, so 20 steps pass over them 4.0 times" in err

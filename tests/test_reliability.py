@@ -40,7 +40,7 @@ def qa_file(tmp_path_factory):
 def run_flags(model, data, out, **overrides):
     """The small run every test trains: 6 steps of 2 over 8 examples (an epoch boundary at step 4)."""
     flags = dict(model=model, data=data, output_dir=str(out), batch_size=2, seq_len=64, lr=3e-3, max_steps=6,
-                 save_every=1)
+                 save_every=1, keep_checkpoint=True)  # these tests are about the checkpoints
     if "retention" in {f.name for f in dataclasses.fields(TrainConfig)}:
         flags["retention"] = False  # the before/after measures are not what these tests are about
     flags.update(overrides)

@@ -118,10 +118,16 @@ def test_the_trainer_records_task_score_and_retention_before_and_after(tmp_path,
     for key in ("general_nll", "answer_nll", "loss", "exact_match"):
         assert math.isfinite(before[key]) and math.isfinite(result[key]), key
     assert result["general_nll"] != before["general_nll"] and result["loss"] != before["loss"]
-    log = capsys.readouterr().err
-    assert f"KL from the original: 0.0000 -> {result['kl']:.4f}" in log
-    assert f"general-text NLL: {before['general_nll']:.4f} -> {result['general_nll']:.4f}" in log
-    assert "exact match: " in log and f"task loss: {before['loss']:.4f} -> {result['loss']:.4f}" in log
+    assert before["answer_agreement"] == 1.0 and 0 <= result["answer_agreement"] <= 1
+    assert len(result["answer_samples"]) == 4 and all(s["prompt"] in GENERAL_PROMPTS for s in result["answer_samples"])
+    from lopt.cli import summary_text
+
+    text = summary_text(summary, TrainConfig(**common))
+    assert f"KL from the original: 0.0000 -> {result['kl']:.4f}" in text
+    assert f"general-text NLL: {before['general_nll']:.4f} -> {result['general_nll']:.4f}" in text
+    assert "exact match: " in text and f"task loss: {before['loss']:.4f} -> {result['loss']:.4f}" in text
+    assert f"agreeing with the original's (first 8 tokens): 100% -> {result['answer_agreement']:.0%}" in text
+    assert "KL from the original" not in capsys.readouterr().err  # the summary is printed once, by the CLI
 
     train(TrainConfig(output_dir=str(tmp_path / "plain"), retention=False, **common))
     plain = json.loads((tmp_path / "plain" / "eval.json").read_text())
@@ -169,3 +175,48 @@ def test_lopt_eval_refuses_bad_flags_before_loading(tmp_path, capsys, flags, mes
     assert main(["eval", "--model", str(tmp_path / "absent"), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
+
+
+def _always_starting_with(model, tokenizer, token_id, prompts):
+    """The model with just enough extra logit on ``token_id`` (a bias on the head) that its greedy answer to
+    every prompt now starts with that token, as a model trained into one answer format does: a small
+    change of every teacher-forced distribution, a different answer to every prompt."""
+    ref = reference(model, tokenizer, batch_size=8, prompts=prompts, answer_tokens=1)
+    first = ref.log_probs  # one position per prompt: the first answer token's log-probabilities
+    margin = (first.max(-1).values - first[:, token_id]).max().item()
+    changed = copy.deepcopy(model)
+    bias = torch.zeros(model.config.vocab_size)
+    bias[token_id] = margin + 0.05
+    changed.lm_head.bias = torch.nn.Parameter(bias)
+    return changed
+
+
+def test_own_answers_flag_a_format_change_that_teacher_forced_measures_miss(model, tokenizer):
+    """The blind spot the own-answer measure closes: KL and the NLL of the original's answers, both
+    teacher-forced on the original's answers, barely move, while the model's own answers all change."""
+    from lopt.retention import own_answers
+
+    prompts = GENERAL_PROMPTS[:8]
+    ref = reference(model, tokenizer, batch_size=8, prompts=prompts, answer_tokens=12)
+    token = tokenizer.convert_tokens_to_ids("n") if "n" in tokenizer.get_vocab() else tokenizer("n")["input_ids"][-1]
+    assert not any(answer[0] == token for answer in ref.answer_ids())
+    changed = _always_starting_with(model, tokenizer, token, prompts)
+
+    same, same_kl = own_answers(model, tokenizer, ref, batch_size=8), kl_from_reference(model, ref, batch_size=8)
+    moved, moved_kl = own_answers(changed, tokenizer, ref, batch_size=8), kl_from_reference(changed, ref, batch_size=8)
+    assert same["answer_agreement"] == 1.0 and same["answer_kept"] == 1.0
+    assert moved_kl["kl"] < 0.05 and abs(moved_kl["answer_nll"] - same_kl["answer_nll"]) < 0.05, moved_kl
+    assert moved["answer_agreement"] == 0.0 and moved["answer_kept"] == 0.0, moved
+    assert len(moved["answer_samples"]) == 4
+    assert all(s["answer"] != s["original"] for s in moved["answer_samples"])
+
+
+def test_answers_agreement_counts_the_first_tokens_and_the_kept_prefix():
+    from lopt.retention import AGREEMENT_TOKENS, answers_agreement
+
+    original = list(range(20))
+    late_change = original[:AGREEMENT_TOKENS] + [99] * (20 - AGREEMENT_TOKENS)
+    early_change = [0, 1, 99] + original[3:]
+    result = answers_agreement([original, late_change, early_change, [5]], [original] * 4)
+    assert result["answer_agreement"] == pytest.approx(2 / 4)
+    assert result["answer_kept"] == pytest.approx((1 + AGREEMENT_TOKENS / 20 + 2 / 20 + 0) / 4)
