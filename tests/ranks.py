@@ -23,7 +23,7 @@ TOLERANCE = 1e-3
 
 def flags(model, data, out, **overrides) -> dict:
     fields = dict(model=model, data=data, output_dir=str(out), batch_size=2, grad_accum=3, seq_len=64, lr=3e-3,
-                  max_steps=4, save_every=0, retention=False)
+                  max_steps=4, save_every=0, retention=False, keep_checkpoint=True)  # runs are compared by their checkpoints
     fields.update(overrides)
     return fields
 

@@ -47,7 +47,8 @@ def test_embedded_default_trains_evaluates_and_leaves_a_loadable_checkpoint(tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    summary = train(TrainConfig(output_dir=str(out), max_steps=4, save_every=2, eval_every=2, eval_max_examples=4))
+    summary = train(TrainConfig(output_dir=str(out), max_steps=4, save_every=2, eval_every=2, eval_max_examples=4,
+                                keep_checkpoint=True))
     assert summary["status"] == "completed" and summary["steps"] == 4
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
