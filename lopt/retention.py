@@ -20,8 +20,10 @@ Both are teacher-forced on the reference's answers, so they cannot see the model
 (a model that now answers every prompt in a task's format can keep a small KL). ``own_answers`` does:
 the model's greedy answers to the same prompts, against the reference's. ``answer_agreement`` is the
 share of prompts whose first ``AGREEMENT_TOKENS`` answer tokens are the reference's (all of them for a
-shorter answer); ``answer_kept`` the mean share of the reference's answer tokens reproduced before the
-first difference; a few prompts with both answers are kept as samples.
+shorter answer); ``first_token_agreement`` the share that still start with the reference's first token
+(a model that now answers in a task's format changes that token: ``name=`` for ``The``);
+``answer_kept`` the mean share of the reference's answer tokens reproduced before the first difference;
+a few prompts with both answers are kept as samples.
 """
 
 from __future__ import annotations
@@ -179,10 +181,13 @@ def _kept_share(answer: list[int], original: list[int]) -> float:
 
 
 def answers_agreement(answers: Sequence[list[int]], originals: Sequence[list[int]]) -> dict:
-    """``answer_agreement`` and ``answer_kept`` (see the module) of ``answers`` against ``originals``."""
+    """``answer_agreement``, ``first_token_agreement`` and ``answer_kept`` (see the module) of ``answers``
+    against ``originals``."""
     agree = sum(a[:AGREEMENT_TOKENS] == o[:AGREEMENT_TOKENS] for a, o in zip(answers, originals))
+    first = sum(a[:1] == o[:1] for a, o in zip(answers, originals))
     kept = sum(_kept_share(a, o) for a, o in zip(answers, originals))
-    return dict(answer_agreement=agree / len(originals), answer_kept=kept / len(originals))
+    return dict(answer_agreement=agree / len(originals), first_token_agreement=first / len(originals),
+                answer_kept=kept / len(originals))
 
 
 @torch.no_grad()
@@ -230,6 +235,7 @@ MEASURES = (("exact match", "exact_match", "{:.1%}"), ("task loss", "loss", "{:.
             ("NLL of the original's answers", "answer_nll", "{:.4f}"),
             (f"own answers agreeing with the original's (first {AGREEMENT_TOKENS} tokens)", "answer_agreement",
              "{:.0%}"),
+            ("own answers starting as the original's (first token)", "first_token_agreement", "{:.0%}"),
             ("share of the original's answer tokens kept", "answer_kept", "{:.0%}"))
 
 

@@ -151,15 +151,19 @@ def _train(config: TrainConfig, world: World, run_dir: RunDir, device, dtype) ->
             _seed_everything(config.seed)
             examples, held_out = _load_data(config, tokenizer, notes=world.is_main)
             hf_model = _load_weights(config, model_config, device, dtype)
+            replay_started = time.perf_counter()
             if config.replay:  # the model as loaded answers the replay prompts, before anything trains it
                 examples = examples + _replay_examples(config, hf_model, tokenizer, len(examples), world.is_main)
+            replay_s = time.perf_counter() - replay_started
             model = _wrap(hf_model, config)
             if world.is_main:
                 held.enter_context(run_dir.lock())  # held until the run ends: a second `lopt train` here is refused
                 if config.overwrite:
                     run_dir.clear()
             trainer = Trainer(config, model, tokenizer, examples, held_out, run_dir, device, world)
-            trainer.phase_s["loading"] = round(time.perf_counter() - started, 1)
+            trainer.phase_s["loading"] = round(time.perf_counter() - started - replay_s, 1)
+            if config.replay:
+                trainer.phase_s["self-replay"] = round(replay_s, 1)
             if world.is_main or config.shard:  # sharded, the ranks evaluate together: each needs the reference
                 trainer.measure_before()
             if config.resume:
@@ -570,7 +574,9 @@ class Trainer:
         cfg, model = self.config, self.model
         n_params = sum(p.numel() for p in model.model.parameters())
         source = "embedded default model" if cfg.model is None else cfg.model
-        data = "embedded SFT set" if cfg.data is None else cfg.data
+        data = cfg.data or ("the embedded SFT set" if cfg.embedded_model else "the embedded record task")
+        if cfg.replay:
+            data += f" with {cfg.replay:.0%} self-replay"
         dtype = next(model.parameters()).dtype
         where = f"resuming at step {self.step}" if self.step else "starting"
         copies = self.world.size // model.num_blocks

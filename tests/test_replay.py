@@ -51,9 +51,11 @@ def test_lopt_train_mixes_the_replay_in(capsys, tmp_path, tiny_model_dir, data, 
                                                               + [tok.eos_token_id]] * len(prompt_ids))
     code = main(["train", "--model", tiny_model_dir, "--data", data, "--output-dir", str(tmp_path / "run"),
                  "--max-steps", "1", "--batch-size", "2", "--no-retention", "--replay", "0.5"])
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert code == 0, err
+    assert "self-replay" in next(line for line in captured.out.splitlines() if line.startswith("time: "))
     assert f"{len(replay.REPLAY_PROMPTS)} of its answers ended" in err and "15 replay examples (50%" in err
-    assert ": 30 examples" in err  # the start line counts the task's and the replay's
+    assert ": 30 examples" in err and "with 50% self-replay" in err  # the start line counts both
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["replay"] == 0.5

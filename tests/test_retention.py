@@ -206,7 +206,7 @@ def test_own_answers_flag_a_format_change_that_teacher_forced_measures_miss(mode
     moved, moved_kl = own_answers(changed, tokenizer, ref, batch_size=8), kl_from_reference(changed, ref, batch_size=8)
     assert same["answer_agreement"] == 1.0 and same["answer_kept"] == 1.0
     assert moved_kl["kl"] < 0.05 and abs(moved_kl["answer_nll"] - same_kl["answer_nll"]) < 0.05, moved_kl
-    assert moved["answer_agreement"] == 0.0 and moved["answer_kept"] == 0.0, moved
+    assert moved["answer_agreement"] == moved["first_token_agreement"] == moved["answer_kept"] == 0.0, moved
     assert len(moved["answer_samples"]) == 4
     assert all(s["answer"] != s["original"] for s in moved["answer_samples"])
 
@@ -219,4 +219,5 @@ def test_answers_agreement_counts_the_first_tokens_and_the_kept_prefix():
     early_change = [0, 1, 99] + original[3:]
     result = answers_agreement([original, late_change, early_change, [5]], [original] * 4)
     assert result["answer_agreement"] == pytest.approx(2 / 4)
+    assert result["first_token_agreement"] == pytest.approx(3 / 4)
     assert result["answer_kept"] == pytest.approx((1 + AGREEMENT_TOKENS / 20 + 2 / 20 + 0) / 4)
