@@ -1,73 +1,112 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, as stages; one command runs one or several of them in order:
-#   bash benchmarks/gpu_session.sh STAGE [STAGE ...]
-#     build-tests   build lopt_kernels._C; the kernel tests (on CUDA) and the `gpu` tests
-#     micro         kernel microbenchmarks (pytest-benchmark JSON, short rounds)
-#     boundary      the boundary-memory measurement (issue 4)
-#     e2e-g1 e2e-g2 e2e-g3 e2e-levers   the end-to-end goals (issue 5; benchmarks/e2e/issue5.sh)
-# The device tool allows 10 minutes per command and 30 minutes per developer session, so the plan is
-# three commands (sized to fit; not yet timed on a GPU):
-#   1. build-tests micro boundary     2. e2e-g1 e2e-g3     3. e2e-g2 e2e-levers
-# Each stage has its own time limit (STAGE_LIMIT_S, default 280 s) so one slow stage cannot starve the
-# next; results files are rewritten after every row, so a stage cut short keeps what it measured.
-# Results land in $OUT when set (the device tool's output folder), else in benchmarks/results/; commit
-# them under benchmarks/results/. The e2e stages append to benchmarks/results/e2e-<date>-<gpu>.json
-# when an earlier command's file was copied back there, so three commands build one results file.
-# The install leaves the machine's torch alone; wheels carried in .whl/ (liger-kernel, datasets,
-# bitsandbytes) are installed first.
+# Every GPU measurement of this project in one command, at most 8 minutes of wall time:
+#   bash benchmarks/gpu_session.sh             on the GPU machine (results in $OUT)
+#   bash benchmarks/gpu_session.sh --dry-run   the same parts on the CPU, toy shapes (LOPT_GPU_DRY_RUN=1 too)
+#   bash benchmarks/gpu_session.sh --list      the parts and their time budgets, one "name seconds" a line
+# Parts, most decision-relevant first, each a process under its own `timeout` (benchmarks/gpu/<part>.py):
+#   kernels  wheels from .whl/, lopt_kernels._C built, the kernel tests on CUDA (the gpu-marked bf16 tests at real
+#            shapes first): a kernel group found wrong skips the timed measurements that run it
+#   e2e      Llama-3.2-1B shape, seq 2048, batch 4: hf, hf+liger, lopt-paper, lopt, lopt+kernels: tokens/s,
+#            persistent and transient memory, MFU, the planner's predicted peak beside the measured one
+#   micro    linear cross-entropy: fused vs eager, torch.compile of a chunked version, Liger; recon_loss: fused vs
+#            eager and compiled
+#   zo       the ZO step vs MeZO's loop (records "skipped" until lopt.zo exists)
+#   capped   tokens/s under a 24 GB cap at each method's largest fitting batch (sized from the e2e rows)
+#   offload  the offloaded Llama-3.1-8B step under 24 GB against the planner's prediction
+# A part's limit is its budget plus whatever the parts before it left unused, never more than keeps every later
+# part's budget and the 480 s total; the budgets sum to 465 s (15 s for the environment, the bookkeeping between
+# parts and the summary). Each part writes $OUT/<part>.json as it measures (device, torch, triton, commit, date,
+# status ok / skipped / failed with a reason); a part cut at its limit keeps what it measured. At the end
+# $OUT/summary.md; the whole log is $OUT/session.log: 8 files, what the device tool brings back.
+# Wheels the GPU machine lacks travel in .whl/ (benchmarks/gpu/fetch_wheels.sh fetches them; name .whl in the
+# device tool's carry) and are installed into a scratch folder on PYTHONPATH: the machine's torch is left alone.
+# Without .git on the machine, set LOPT_COMMIT=<sha> in the command; every file also has a source_digest.
+# The device tool's command:  LOPT_COMMIT=<sha> bash benchmarks/gpu_session.sh   (carry [".whl"], timeout_s 540)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RESULTS=${OUT:-benchmarks/results}
-mkdir -p "$RESULTS"
-DAY=$(date +%F)
-GPU=$(python -c "import torch; n=torch.cuda.get_device_name(0).lower(); print(next((k for k in ('h200','h100') if k in n), 'gpu'))")
-LIMIT=${STAGE_LIMIT_S:-280}
+
+# name, budget in seconds, what it measures
+PARTS=(
+  "kernels 150 build lopt_kernels._C; kernel tests on CUDA, bf16 at real shapes first"
+  "e2e 120 Llama-3.2-1B seq 2048 batch 4: hf, hf+liger, lopt-paper, lopt, lopt+kernels"
+  "micro 70 linear cross-entropy and recon_loss against eager, compiled and Liger"
+  "zo 15 the ZO step against MeZO's loop (skipped until lopt.zo exists)"
+  "capped 55 tokens/s under a 24 GB cap at each method's largest fitting batch"
+  "offload 55 the offloaded Llama-3.1-8B step under 24 GB against the planner"
+)
+TOTAL_S=480     # the whole command, wall time
+SUMMARY_S=5     # kept back at the end for summary.md
+GRACE_S=5       # timeout's TERM, then KILL this much later
+
+case "${1:-}" in
+  --list)
+    for p in "${PARTS[@]}"; do read -r name budget _ <<<"$p"; echo "$name $budget"; done
+    echo "total $TOTAL_S"
+    exit 0 ;;
+  --dry-run) export LOPT_GPU_DRY_RUN=1; shift ;;
+  -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
+  "") ;;
+  *) echo "unknown argument: $1 (--dry-run, --list, --help)" >&2; exit 2 ;;
+esac
+[[ $# -eq 0 ]] || { echo "unexpected arguments: $*" >&2; exit 2; }
+
+START=$(date +%s)
+DEADLINE=$((START + TOTAL_S - SUMMARY_S))
+PY=${PYTHON:-python3}
+DRY=${LOPT_GPU_DRY_RUN:-0}
+if [[ -z ${OUT:-} && $DRY == 1 ]]; then
+  OUT=$(mktemp -d "${TMPDIR:-/tmp}/lopt-gpu-dry.XXXXXX")
+elif [[ -z ${OUT:-} ]]; then
+  OUT=benchmarks/results/gpu-session-$(date +%F)
+fi
+export OUT
+mkdir -p "$OUT"
+LOPT_GPU_WORK=$(mktemp -d "${TMPDIR:-/tmp}/lopt-gpu-work.XXXXXX")
+export LOPT_GPU_WORK LOPT_GPU_SITE=$LOPT_GPU_WORK/site LOPT_GPU_ENV=$LOPT_GPU_WORK/env.json
+[[ ${LOPT_GPU_KEEP_WORK:-0} == 1 ]] || trap 'rm -rf "$LOPT_GPU_WORK"' EXIT
+export PYTHONPATH=$LOPT_GPU_SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
+[[ $DRY == 1 ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # two worker processes at once on a small CPU
 
-install() {
-  if [ -d .whl ]; then
-    python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || return 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+exec > >(tee -a "$OUT/session.log") 2>&1
+TEE_PID=$!
+
+echo "=== GPU session $(date -u +%FT%TZ), dry run $DRY, results in $OUT, $TOTAL_S s in all"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+timeout 45 "$PY" -m benchmarks.gpu.session env --out "$LOPT_GPU_ENV" || echo "environment: not found (each part finds its own)"
+
+names=()
+budgets=()
+for p in "${PARTS[@]}"; do read -r name budget _ <<<"$p"; names+=("$name"); budgets+=("$budget"); done
+
+failed=0
+for i in "${!names[@]}"; do
+  name=${names[$i]}
+  budget=${budgets[$i]}
+  later=0
+  for ((j = i + 1; j < ${#names[@]}; j++)); do later=$((later + budgets[j])); done
+  now=$(date +%s)
+  limit=$((DEADLINE - now - later))  # its budget, plus what the parts before it left unused
+  if ((limit < 10)); then
+    echo "=== $name: no time left ($limit s)"
+    "$PY" -m benchmarks.gpu.session finish "$name" --rc -1 --budget "$budget" --limit "$limit" --elapsed 0
+    continue
   fi
-  LOPT_REQUIRE_CUDA_BUILD=1 python -m pip install -q --no-deps --no-build-isolation -e . || return 1
-  python -c "import lopt_kernels; assert lopt_kernels.has_extension(); print('lopt_kernels._C loaded')"
-}
-
-stage() {
-  case "$1" in
-    build-tests)
-      python -m pytest -q tests/test_layer_ops.py tests/test_recon_loss.py tests/test_linear_cross_entropy.py \
-        tests/test_adamw.py tests/test_engine_kernels.py tests/test_boundary.py tests/test_extension.py \
-        -m "gpu or not gpu" --junitxml "$RESULTS/gpu-tests-$DAY-$GPU.xml" 2>&1 | tail -40
-      ;;
-    micro)
-      python -m pytest -q benchmarks --benchmark-json "$RESULTS/micro-$DAY-$GPU.json" \
-        --benchmark-max-time=0.25 --benchmark-min-rounds=5 --benchmark-columns=median,iqr,rounds
-      ;;
-    boundary)
-      python benchmarks/boundary_memory.py --output "$RESULTS/boundary-$DAY-$GPU.json"
-      ;;
-    e2e-g1|e2e-g2|e2e-g3|e2e-levers)
-      local file="e2e-$DAY-$GPU.json"
-      if [ "$RESULTS" != benchmarks/results ] && [ -f "benchmarks/results/$file" ] && [ ! -f "$RESULTS/$file" ]; then
-        cp "benchmarks/results/$file" "$RESULTS/$file"  # continue the file an earlier command wrote
-      fi
-      OUT="$RESULTS/$file" bash benchmarks/e2e/issue5.sh "${1#e2e-}"
-      ;;
-    *)
-      echo "unknown stage $1: build-tests | micro | boundary | e2e-g1 | e2e-g2 | e2e-g3 | e2e-levers" >&2
-      return 2
-      ;;
-  esac
-}
-
-install || { echo "install failed" >&2; exit 1; }
-status=0
-for name in "${@:-build-tests}"; do
-  echo "=== $name (limit ${LIMIT} s) ==="
-  start=$SECONDS
-  export -f stage
-  RESULTS=$RESULTS DAY=$DAY GPU=$GPU timeout --signal=INT --kill-after=20 "$LIMIT" bash -c "stage $name" || status=$?
-  echo "=== $name: exit $status after $((SECONDS - start)) s ==="
+  echo "=== $name: limit $limit s (budget $budget s), $((now - START)) s into the session"
+  export LOPT_PART_DEADLINE=$((now + limit - GRACE_S - 3))  # the part winds itself up before timeout's TERM
+  timeout --kill-after="$GRACE_S" "$((limit - GRACE_S))" "$PY" -m "benchmarks.gpu.$name"
+  rc=$?
+  # finish exits 3 when the part's final status is failed
+  "$PY" -m benchmarks.gpu.session finish "$name" --rc "$rc" --budget "$budget" --limit "$limit" \
+    --elapsed "$(($(date +%s) - now))" || failed=1
 done
-exit $status
+unset LOPT_PART_DEADLINE
+
+parts=$(IFS=,; echo "${names[*]}")
+timeout 30 "$PY" -m benchmarks.gpu.session summary --parts "$parts" || failed=1
+"$PY" -m benchmarks.gpu.session check-out || failed=1
+cat "$OUT/summary.md" 2>/dev/null  # the device tool's output tail holds it even if no file comes back
+echo "=== done in $(($(date +%s) - START)) s; exit status $failed"
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null
+exit $failed

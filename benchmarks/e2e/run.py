@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch-adamw (the same torch.optim.AdamW for all), or lopt's adamw, adamw-bf16, adamw-8bit")
     p.add_argument("--early-lower-step", default="off", help="off, on (comma-separated; LoPT methods only)")
     p.add_argument("--num-blocks", type=int, default=2)
+    p.add_argument("--boundary-memory", choices=("auto", "extension", "torch"),
+                   help="the LoPT methods' boundary release (default: auto with kernels, torch without)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--search", choices=("batch", "seq"), help="search the largest batch / longest sequence that fits")
@@ -179,7 +181,7 @@ def run_worker(spec: dict, timeout: float) -> dict:
 def _spec(args, **fields) -> dict:
     spec = {k: fields.get(k, DEFAULTS[k]) for k in DEFAULTS}
     spec.update(steps=args.steps, warmup=args.warmup, num_blocks=args.num_blocks, device=args.device, dtype=args.dtype,
-                predict=not args.no_predict)
+                predict=not args.no_predict, boundary_memory=args.boundary_memory)
     spec.update(fields)
     return spec
 

@@ -13,7 +13,8 @@ and precision (bf16 parameters on CUDA, fp32 on the CPU) for every method:
 - ``lopt-paper``: ``LoPTModel.objective()`` and one backward (the paper's released schedule), kernels off.
 - ``lopt``: ``LoPTModel.train_step`` in pure PyTorch (``kernels=False``, ``boundary_memory="torch"``).
 - ``lopt+kernels``: ``kernels=True``, ``boundary_memory="auto"`` (on the CPU the fused ops run their
-  PyTorch references unless ``TRITON_INTERPRET=1``: the row says which backend ran).
+  PyTorch references unless ``TRITON_INTERPRET=1``: the row says which backend ran). A spec's
+  ``boundary_memory`` overrides the LoPT methods' release mode (e.g. ``"torch"`` where the extension is wrong).
 
 Memory on CUDA: ``persistent_gb`` is ``memory_allocated()`` just before a step (parameters and
 optimizer state), ``transient_peak_gb`` the step's ``max_memory_allocated()`` minus that (the largest
@@ -44,7 +45,7 @@ BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e
 DEFAULTS = dict(
     method="lopt", model="tiny", seq_len=512, batch_size=1, mem_cap_gb=None, recompute="none",
     optimizer="torch-adamw", steps=10, warmup=3, num_blocks=2, seed=0, lr=1e-5, device="auto", dtype="auto",
-    early_lower_step=False, predict=True, lambda_aux=10.0,
+    early_lower_step=False, predict=True, lambda_aux=10.0, boundary_memory=None,
 )
 
 
@@ -186,9 +187,10 @@ def run(spec: dict) -> dict:
             from lopt import LoPTModel
 
             kernels = method == "lopt+kernels"
+            boundary_memory = args["boundary_memory"] or ("auto" if kernels else "torch")
+            row["boundary_memory"] = boundary_memory
             lm = LoPTModel(hf_model, num_blocks=args["num_blocks"], lambda_aux=args["lambda_aux"],
-                           recompute=args["recompute"], kernels=kernels,
-                           boundary_memory="auto" if kernels else "torch")
+                           recompute=args["recompute"], kernels=kernels, boundary_memory=boundary_memory)
             lm.train()
             if args["early_lower_step"]:
                 if method != "lopt" and method != "lopt+kernels":
