@@ -50,3 +50,15 @@ def test_apply_hf_trainer_trains_and_saves_a_plain_checkpoint(tmp_path):
     trained = reloaded.state_dict()
     assert initial.keys() == trained.keys()
     assert any(not torch.equal(initial[k], trained[k]) for k in initial)
+
+
+def test_the_readme_lopt_apply_snippet_runs_as_written(tmp_path):
+    """The README's `lopt.apply` block, cut out of the README and run as it stands (the toy, 10 steps)."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    snippet = readme.split("## Inside the trainers you already use: `lopt.apply`")[1].split("```python")[1]
+    (tmp_path / "snippet.py").write_text(snippet.split("```")[0])
+    result = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert not any("lopt" in name or "decoder" in name for name, _ in model.named_parameters())
