@@ -11,6 +11,7 @@ from .boundary import BoundaryMemory
 from .extension import build_extension, has_extension
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference, lm_head_weight
 from .patch import fused_ops, patch, unpatch
+from .philox import philox_rand, philox_randint4x, philox_randn
 from .recon_loss import recon_loss, recon_loss_reference
 from .rms_norm import rms_norm, rms_norm_reference
 from .rope import apply_rope, apply_rope_reference
@@ -30,6 +31,9 @@ __all__ = [
     "linear_cross_entropy_reference",
     "lm_head_weight",
     "patch",
+    "philox_rand",
+    "philox_randint4x",
+    "philox_randn",
     "recon_loss",
     "recon_loss_reference",
     "rms_norm",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -146,8 +145,12 @@ def test_dry_run_parts_exercised_their_code(dry_run):
     assert impls[("linear_cross_entropy", "liger")]["status"] == "skipped"
 
     zo = _part(out, "zo")
-    if importlib.util.find_spec("lopt.zo") is None:
-        assert zo["status"] == "skipped" and "ZO" in zo["reason"]
+    rows = {r["impl"]: r for r in zo["rows"]}
+    assert rows["mezo-loop"]["status"] == "ok" and rows["mezo-loop"]["step_ms"] > 0, rows  # the reference loop, timed
+    import lopt.zo
+
+    if not hasattr(lopt.zo, "zo_step"):
+        assert zo["status"] == "ok" and rows["lopt.zo"]["status"] == "skipped" and "ZO step" in rows["lopt.zo"]["reason"]
     assert zo["selftest"]["finite"] and zo["selftest"]["max_param_change"] > 0
 
     capped = _part(out, "capped")
