@@ -2,142 +2,20 @@
 
 ``estimate_memory`` predicts the peak of ``memory_allocated`` during one optimizer step of
 ``LoPTModel.train_step`` (+ the trainer's optimizer), or of ``LoPTModel.sequential_step`` with per-block
-optimizers and ``lopt.offload``'s paging, and the host memory and traffic of that paging; ``model_shape`` reads what it needs of a
-transformers config. ``lopt.plan`` searches the settings with it.
+optimizers and ``lopt.offload``'s paging, the host memory and traffic of that paging, and what one rank of
+data parallel (``ranks``; FSDP2 with ``shard``) holds and sends. ``model_shape`` reads what it needs of a
+transformers config; ``lopt.plan`` searches the settings with it.
 
-How the bytes are counted
--------------------------
-Notation: ``s`` bytes per element of the parameter dtype (2 for bf16, 4 for fp32), ``N = batch * seq_len``
-tokens of a micro-batch, hidden size ``h``, ``H``/``Hkv`` query/key-value heads of size ``d``
-(``qd = H*d``, ``kvd = Hkv*d``), MLP width ``I``, vocabulary ``V``, decoder width ``h/4``.
-
-Persistent (``memory_allocated()`` just before a step): the parameters (the lm_head is untied under
-LoPT, so it adds ``V*h``; plus the ``k-1`` auxiliary decoders) and the optimizer state
-(``optimizer_state_bytes``: ``adamw`` 12 B per bf16 parameter = fp32 moments + fp32 master, 8 B per
-fp32 one; ``adamw-bf16`` 4 B; ``adamw-8bit`` 2 B + one fp32 absmax per 256 values per moment for
-tensors of >= 4096 values, 8 B for the smaller ones; ``torch-adamw``, what the benchmark runs for
-every method: two moments in the parameter dtype, ``2*s``). Gradients have the parameter dtype; they
-are persistent too when gradients accumulate over micro-batches.
-
-Activations saved for backward, per token and per decoder layer, derived op by op from the Hugging
-Face Llama/Qwen2/Qwen3/Mistral layer with SDPA in its flash / memory-efficient form (no ``T^2``
-tensor: what CUDA runs in bf16 without padding, and what the CPU runs too: torch's CPU flash kernel):
-
-- RMSNorm (twice): the fp32 copy of its input that ``x.to(float32)`` makes (the input itself when it
-  is fp32 already: ``4h`` either way), the fp32 ``rstd`` (4), the normalised row cast back (``s*h``) and
-  the weighted output that the next linear saves (``s*h``): ``4h + 4 + 2sh``.
-- Attention: RoPE saves only cos/sin (shared by all layers, counted once); SDPA saves the rotated
-  q and k, v, its output (which is also o_proj's input: ``transpose(1, 2).contiguous()`` of flash's
-  output is a no-op) and the fp32 log-sum-exp: ``s*(2qd + 2kvd) + 4H``. Qwen3's per-head q/k norms add
-  ``(4 + s)*(qd + kvd) + 4*(H + Hkv)``. With padding (an explicit mask) k and v are repeated to H
-  heads before SDPA: ``s*4qd + 4H``, plus the ``[B, 1, T, T]`` mask once.
-- MLP: gate, silu(gate), up and their product (down_proj's input): ``4sI``.
-
-With ``kernels`` (lopt_kernels.patch): the fused RMSNorm saves its input and rstd (``2sh + 4`` with the
-output), the fused SwiGLU saves gate and up (``3sI`` with the product), the fused RoPE cos/sin only.
-
-Per recomputation mode (``torch.utils.checkpoint``, non-reentrant, as ``LoPTModel`` wraps it):
-
-- ``none``: all of the above, for every layer of the block.
-- ``selective`` (MLPs checkpointed): the MLP's ``4sI`` (``3sI``) is not kept (its input, the norm's
-  output, is kept by the checkpoint and already counted); during an MLP's backward its intermediates
-  are recomputed and live.
-- ``full`` (layers checkpointed): each layer keeps only its input, ``s*h``; during a layer's backward
-  that layer's ``none`` activations are recomputed and live.
-
-The backward of a layer needs a workspace on top of what it saved. Its peak is in the MLP: down_proj's
-backward frees the saved product as it creates its gradient, then the product's backward creates the
-gradients of silu(gate) and up at once (``2sI`` more than was saved), while the incoming ``[N, h]``
-gradient lives on for the residual branch (``sh``): ``2sI + sh`` per token. Of the layer's own
-parameter gradients only down_proj's exists by then.
-
-The head (final norm, lm_head, cross-entropy) of the last block:
-
-- kernels off (``linear_cross_entropy_reference``): the ``[N, V]`` logits (``sV``) are upcast to fp32
-  (``4V``) and log-softmaxed (``4V``, saved): ``8V`` per token at the forward's peak, ``4V`` kept; in the
-  backward the gradient of the log-probabilities (``4V``) and of the logits (``4V``) coexist with the
-  saved ``4V``: ``12V`` per token. Then the head's weight gradient ``V*h*s``.
-- kernels on (``linear_cross_entropy``): one reused logits block of
-  ``linear_cross_entropy.logits_block_elements`` (~64 MiB in bf16) and the fp32 log-sum-exp; in the
-  backward an fp32 ``[N, h]`` accumulator, the weight gradient and the block.
-
-The auxiliary decoder of a lower block (LayerNorm -> h/4 -> GELU -> h): kernels off it saves its
-input (the block output, counted with the boundary), LayerNorm's mean/rstd, its output, the ``h/4``
-pre-activation and activation and the fp32 residual: ``sh + 8 + 2s(h/4) + 4h``; its backward adds
-three fp32 ``[N, h]`` temporaries (the squared error's). Kernels on, the fused op keeps only the
-finished ``[N, h]`` gradient ``s*h`` (plus fp32 gradients of its own parameters), and chunk buffers
-while it runs (``recon_loss.tokens_per_chunk`` tokens each).
-
-The boundary, while a block runs: its input (the previous block's detached output, or the
-embeddings) and its output, which ``train_step`` holds (``2sh`` per token), the rotary cos/sin
-(``2*s*d``), input ids and shifted labels (int64). Where a layer saves its input tensor itself (the
-first norm in fp32 or fused, a checkpointed layer) the block's first layer saves the boundary tensor,
-counted once. A block after the first starts from a detached tensor, so its first RMSNorm records no
-fp32 copy and no rstd.
-
-The step, phase by phase (``LoPTModel.train_step`` runs each lower block's forward and backward before
-the next block starts): the peak is the largest of
-
-- lower block b: persistent + the gradients still held (those of the blocks before it, none with
-  ``early_lower_step``, all with gradient accumulation) + boundary + its layers' activations + its
-  decoder's, then during the backward of its layers from the top, layer j: the remaining ``L-j``
-  layers' activations, the ``j`` finished layers' gradients, the recomputed layer, the workspace;
-- the last block: the same with the head's forward and backward peaks, then the head's gradient held
-  through the layers' backward;
-- the optimizer step: persistent + all gradients + the optimizer's temporaries for its largest
-  tensor. ``lopt.optim.AdamW`` on the GPU runs lopt_kernels' fused step, which makes none; its
-  PyTorch reference (``fused_optimizer=False``) works tensor by tensor: the fp32 gradient, ``sqrt`` and
-  the division, 12 B per value for ``adamw`` on bf16; 20 B for ``adamw-bf16``'s stochastic rounding.
-  ``torch-adamw`` on CUDA runs foreach: one ``sqrt`` of the whole parameter group's second moment.
-
-The sequential schedule (``schedule="sequential"``: ``LoPTModel.sequential_step`` over the step's
-``M = grad_accum`` micro-batches, one optimizer per block stepped as the block finishes) holds only the
-running block's gradients (accumulated over the micro-batches; the phases are its last micro-batch's,
-and the last block's first and later ones) and, instead of one boundary tensor, the stash: every
-micro-batch's rotary cos/sin, ids and labels for the whole step, and ``M`` boundary tensors (``M*N*s*h``)
-between blocks; a block after the first holds its ``M`` inputs until after its step while it makes its
-``M`` outputs (``2*M*N*s*h``). Each block's step is a phase of its own, with that block's temporaries.
-``offload`` (``lopt.offload.BlockOffload``): ``optimizer`` keeps only the running block's state on the
-device, from the block's start to the end of its step; ``params`` keeps only the running block's weights
-(block 0's with the embeddings, the last one's with the norm and head), plus the next block's from the
-running block's step until the next block starts (a phase of its own); the last block's weights are what
-persists between steps. ``stream_state``: a block's state is on the device only in its step, one
-parameter's at a time. The estimate reports the host bytes (every block's state, and with ``params``
-every block's weights) and the bytes moved per step (each up and back once; with one block under
-``params`` its weights only go back).
-
-Data parallel (``ranks`` processes under torchrun, ``lopt.distributed``): rank r runs micro-batches r, r+N,
-... of the step, so the estimate is one rank's with ``grad_accum`` its own micro-batches; every rank holds
-everything. The ranks sum the gradients in flat buckets. With one optimizer (interleaved, no early step,
-k >= 2) a lower block's sum starts at its boundary on the rank's last micro-batch, all its buckets at once
-(``World.start_sum_grads``), and runs while the blocks above compute, so each later block's phases hold the
-copies of the blocks below; the rest is summed before the step one bucket at a time (``World.sum_grads``: a
-phase ``gradient sum before ...`` holding one bucket's copy), as is each block's sum before its own step. The step's all-reduce moves ``2 (R-1)/R`` of the gradients per rank (``link``, ring).
-
-Sharded (``shard``: FSDP2 ``fully_shard`` over ``R = ranks``, as ``lopt.sharding`` cuts the model): each
-decoder layer, the input embeddings, and the final norm with the lm_head are a unit each. A rank keeps of
-every unit's parameter, its gradient and its optimizer state ``ceil(rows/R)`` rows (``shard_values``:
-``torch.chunk``'s first chunk; FSDP2 pads the shorter ones to it); the aux decoders stay whole on every rank,
-with their gradients and state. On top, what FSDP2 (``torch.distributed.fsdp._fully_shard``, read for torch
-2.14) gathers, per unit, as the engine calls the units one by one:
-
-- a unit's forward: its full weights and its all-gather buffer, both freed when its forward ends (two
-  layers; counted beside the whole block's activations, a bound);
-- the norm + head unit: ``lm_head``'s forward never runs (the loss reads its weight), so FSDP2 never
-  finishes that grouped unit's forward: it stays gathered until its backward ends and its all-gather buffer
-  until the next micro-batch's embedding forward: through the last block's backward and the optimizer step;
-- a layer's backward: its weights, the unit it prefetches (the layer below in the same block, the
-  embeddings below layer 0: each block's backward is a backward of its own, which ends FSDP2's
-  bookkeeping), and the full gradients of the unit before it, whose reduce-scatter input lives until the
-  next reduce-scatter (FSDP2's default of one in flight); the embeddings' backward holds their weights and
-  full gradient while layer 0's reduce-scatter runs. A layer's fresh gradients are full-size, as unsharded.
-
-Each micro-batch all-gathers every unit twice and reduce-scatters its gradients once: ``3 M (R-1)`` times a
-rank's shard bytes (``link``). The gradient-sum buckets of the (tiny) aux decoders are not counted.
-
-All sizes are exact byte counts of tensors; the CUDA caching allocator rounds blocks up (512 B) and
-fragments, which ``lopt.plan`` covers with a safety margin. ``tests/test_plan.py`` checks the activation,
-parameter, gradient and optimizer terms and the whole step's peak against bytes counted on the CPU.
+The pieces, in the order the estimate uses them: ``StepSettings`` (the inputs, checked by ``check_settings``),
+``count_sizes`` (parameters, gradients, optimizer state, per block), ``count_activations`` (per token, per
+micro-batch), ``decoder_bytes`` and ``head_bytes``, ``FsdpUnits``, then the phases of the step
+(``interleaved_phases`` / ``sequential_phases``) in a ``PhaseLog``, whose largest phase is the peak. Each
+function's docstring derives its bytes. Notation: ``s`` bytes per element of the parameter dtype,
+``N = batch * seq_len`` tokens of a micro-batch, hidden size ``h``, ``H``/``Hkv`` query/key-value heads of size
+``d`` (``qd = H*d``, ``kvd = Hkv*d``), MLP width ``I``, vocabulary ``V``, ``k`` blocks, ``M = grad_accum``.
+All sizes are exact byte counts of tensors; the CUDA caching allocator rounds blocks up (512 B) and fragments,
+which ``lopt.plan`` covers with a safety margin. ``tests/test_plan.py`` checks the terms and the whole step's
+peak against bytes counted on the CPU.
 """
 
 from __future__ import annotations
@@ -293,7 +171,25 @@ def dtype_bytes(dtype) -> int:
 
 
 def layer_activation_bytes(shape: ModelShape, s: int, *, kernels: bool, padded: bool = False) -> dict[str, int]:
-    """Bytes per token one decoder layer saves for backward without recomputation, by part."""
+    """Bytes per token one decoder layer saves for backward without recomputation, by part.
+
+    Derived op by op from the Hugging Face Llama/Qwen2/Qwen3/Mistral layer with SDPA in its flash /
+    memory-efficient form (no ``T^2`` tensor: what CUDA runs in bf16 without padding, and what the CPU runs
+    too: torch's CPU flash kernel):
+
+    - RMSNorm (twice): the fp32 copy of its input that ``x.to(float32)`` makes (the input itself when it
+      is fp32 already: ``4h`` either way), the fp32 ``rstd`` (4), the normalised row cast back (``s*h``) and
+      the weighted output that the next linear saves (``s*h``): ``4h + 4 + 2sh``.
+    - Attention: RoPE saves only cos/sin (shared by all layers, counted once); SDPA saves the rotated
+      q and k, v, its output (which is also o_proj's input: ``transpose(1, 2).contiguous()`` of flash's
+      output is a no-op) and the fp32 log-sum-exp: ``s*(2qd + 2kvd) + 4H``. Qwen3's per-head q/k norms add
+      ``(4 + s)*(qd + kvd) + 4*(H + Hkv)``. With padding (an explicit mask) k and v are repeated to H
+      heads before SDPA: ``s*4qd + 4H``, plus the ``[B, 1, T, T]`` mask once (``count_activations``).
+    - MLP: gate, silu(gate), up and their product (down_proj's input): ``4sI``.
+
+    With ``kernels`` (lopt_kernels.patch): the fused RMSNorm saves its input and rstd (``2sh + 4`` with the
+    output), the fused SwiGLU saves gate and up (``3sI`` with the product), the fused RoPE cos/sin only.
+    """
     h, I, H, Hkv = shape.hidden, shape.intermediate, shape.heads, shape.kv_heads
     qd, kvd = shape.qd, shape.kvd
     if kernels:
@@ -309,7 +205,17 @@ def layer_activation_bytes(shape: ModelShape, s: int, *, kernels: bool, padded: 
 
 
 def saved_per_layer(shape: ModelShape, s: int, recompute: str, *, kernels: bool, padded: bool = False) -> int:
-    """Bytes per token a layer keeps from its forward to its backward under ``recompute``."""
+    """Bytes per token a layer keeps from its forward to its backward under ``recompute``.
+
+    Recomputation is ``torch.utils.checkpoint`` (non-reentrant), as ``LoPTModel`` wraps it:
+
+    - ``none``: all of ``layer_activation_bytes``, for every layer of the block.
+    - ``selective`` (MLPs checkpointed): the MLP's ``4sI`` (``3sI``) is not kept (its input, the norm's
+      output, is kept by the checkpoint and already counted); during an MLP's backward its intermediates
+      are recomputed and live (``recomputed_per_layer``).
+    - ``full`` (layers checkpointed): each layer keeps only its input, ``s*h``; during a layer's backward
+      that layer's ``none`` activations are recomputed and live.
+    """
     parts = layer_activation_bytes(shape, s, kernels=kernels, padded=padded)
     if recompute == "none":
         return sum(parts.values())
@@ -339,12 +245,25 @@ def recomputed_per_layer(shape: ModelShape, s: int, recompute: str, *, kernels: 
 
 
 def backward_workspace_per_layer(shape: ModelShape, s: int) -> int:
-    """Bytes per token of gradients live at once inside a layer's backward (MLP's, residual stream's)."""
+    """Bytes per token of gradients live at once inside a layer's backward (MLP's, residual stream's).
+
+    The backward of a layer needs a workspace on top of what it saved. Its peak is in the MLP: down_proj's
+    backward frees the saved product as it creates its gradient, then the product's backward creates the
+    gradients of silu(gate) and up at once (``2sI`` more than was saved), while the incoming ``[N, h]``
+    gradient lives on for the residual branch (``sh``): ``2sI + sh`` per token. Of the layer's own
+    parameter gradients only down_proj's exists by then (``layers_backward`` counts it).
+    """
     return 2 * s * shape.intermediate + s * shape.hidden
 
 
 def optimizer_state_bytes(optimizer: str, numels: list[int], s: int) -> int:
-    """Optimizer state of tensors with these sizes, parameters of ``s`` bytes per value."""
+    """Optimizer state of tensors with these sizes, parameters of ``s`` bytes per value.
+
+    ``adamw``: 12 B per bf16 parameter (fp32 moments + fp32 master), 8 B per fp32 one; ``adamw-bf16``: 4 B;
+    ``adamw-8bit``: 2 B + one fp32 absmax per 256 values per moment for tensors of >= 4096 values, 8 B for the
+    smaller ones; ``torch-adamw`` (what the benchmark runs for every method): two moments in the parameter
+    dtype, ``2*s``.
+    """
     total = sum(numels)
     if optimizer == "adamw":
         return total * (8 if s == 4 else 12)
@@ -365,8 +284,10 @@ def optimizer_step_temp_bytes(optimizer: str, largest_tensor: int, largest_group
     """Temporaries of one optimizer step at its largest tensor.
 
     ``fused``: ``lopt.optim.AdamW`` runs lopt_kernels' fused step (the GPU), which makes none. Its
-    reference goes tensor by tensor; its locals (``denom``) keep the previous tensor's denominator
-    alive while the next one's is computed (``previous_tensor``: the size of that one).
+    reference goes tensor by tensor: the fp32 gradient, ``sqrt`` and the division, 12 B per value for
+    ``adamw`` on bf16; 20 B for ``adamw-bf16``'s stochastic rounding; its locals (``denom``) keep the previous
+    tensor's denominator alive while the next one's is computed (``previous_tensor``: the size of that one).
+    ``torch-adamw`` on CUDA runs foreach: one ``sqrt`` of the whole parameter group's second moment.
     """
     if optimizer in ("adamw", "adamw-bf16"):
         if fused:
@@ -387,7 +308,7 @@ def optimizer_step_temp_bytes(optimizer: str, largest_tensor: int, largest_group
     raise ValueError(f"optimizer must be one of {', '.join(COUNTED_OPTIMIZERS)}, got {optimizer!r}")
 
 
-# ---------------------------------------------------------------------------------------------- the estimate
+# ---------------------------------------------------------------------------------------------- the result
 
 
 def shard_conflict(*, schedule: str = "interleaved", offload: str = "none", optimizer: str = "adamw") -> str | None:
@@ -495,6 +416,699 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- the inputs
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The inputs of ``estimate_memory`` (its docstring says what each means); ``s``: bytes per parameter value."""
+
+    seq_len: int
+    batch_size: int
+    num_blocks: int
+    recompute: str
+    optimizer: str
+    kernels: bool
+    early_lower_step: bool
+    grad_accum: int
+    dtype: object
+    s: int
+    padded: bool
+    foreach: bool
+    fused_optimizer: bool
+    schedule: str
+    offload: str
+    stream_state: bool
+    ranks: int
+    shard: bool
+
+    @property
+    def tokens(self) -> int:
+        """``N``: the tokens of one micro-batch."""
+        return self.batch_size * self.seq_len
+
+    @property
+    def last(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def sequential(self) -> bool:
+        return self.schedule == "sequential"
+
+    @property
+    def shards(self) -> int:
+        """Into how many pieces FSDP2 cuts each unit's tensors: ``ranks`` under ``shard``, else none (1)."""
+        return self.ranks if self.shard else 1
+
+    @property
+    def data_parallel(self) -> bool:
+        """Plain (unsharded) data parallel: every rank holds everything and sums the gradients in buckets."""
+        return self.ranks > 1 and not self.shard
+
+    @property
+    def overlapped(self) -> bool:
+        """Plain data parallel with one optimizer (interleaved, no early step, k >= 2): the lower blocks' sums
+        overlap the blocks above."""
+        return self.data_parallel and not self.sequential and not self.early_lower_step and self.num_blocks > 1
+
+    def as_dict(self) -> dict:
+        """What ``MemoryEstimate.settings`` records."""
+        return dict(seq_len=self.seq_len, batch_size=self.batch_size, num_blocks=self.num_blocks,
+                    recompute=self.recompute, optimizer=self.optimizer, kernels=self.kernels,
+                    early_lower_step=self.early_lower_step, grad_accum=self.grad_accum,
+                    dtype=str(self.dtype).replace("torch.", ""), padded=self.padded, schedule=self.schedule,
+                    offload=self.offload, stream_state=self.stream_state, ranks=self.ranks, shard=self.shard)
+
+
+def check_settings(shape: ModelShape, st: StepSettings) -> None:
+    """``ValueError`` for a setting the trainer does not run (or the estimate cannot count)."""
+    if st.recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {st.recompute!r}")
+    if st.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {st.schedule!r}")
+    if st.offload not in OFFLOAD:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {st.offload!r}")
+    if not 1 <= st.num_blocks <= shape.layers:
+        raise ValueError(f"num_blocks must be between 1 and {shape.layers}, got {st.num_blocks}")
+    if st.early_lower_step and st.grad_accum > 1:
+        raise ValueError("early_lower_step needs grad_accum == 1")
+    if st.offload != "none" and not st.sequential:
+        raise ValueError("offload pages one block at a time: it needs schedule='sequential'")
+    if st.stream_state and st.offload == "none":
+        raise ValueError("stream_state streams offloaded state: it needs offload 'optimizer' or 'params'")
+    if st.early_lower_step and st.sequential:
+        raise ValueError("the sequential schedule steps every block as it finishes: early_lower_step is for the "
+                         "interleaved one")
+    if st.ranks < 1 or (st.shard and st.ranks < 2):
+        raise ValueError(f"ranks must be >= 1, and >= 2 to shard, got {st.ranks}")
+    conflict = shard_conflict(schedule=st.schedule, offload=st.offload, optimizer=st.optimizer) if st.shard else None
+    if conflict:
+        raise ValueError(f"shard (lopt train --shard) does not run with {conflict}")
+    if st.shard and not shape.own_head(st.num_blocks):
+        raise ValueError("shard with one block of a model whose head is its embedding matrix: lopt train refuses it "
+                         "(the two would be one unit, gathered for the whole step)")
+
+
+# ---------------------------------------------------------------------------------------------- parameters and state
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """One rank's parameters, gradients and optimizer state (``count_sizes``): values, and bytes where named so.
+    A block's gradients have the bytes of its weights."""
+
+    ranges: list[tuple[int, int]]  # each block's [start, end) decoder layers (``split_layers``)
+    embed_numel: int
+    head_numel: int  # the lm_head's matrix, tied or not
+    largest_layer: int  # the largest tensor of any decoder layer
+    decoder_matrix: int  # an aux decoder's largest tensor
+    block_numel: list[int]
+    layer_grads: list[int]  # bytes of each decoder layer's gradients
+    embed_grads: int
+    decoder_grads: int  # one aux decoder's
+    upper_grads: int  # the final norm's and, untied, the head's
+    params: int  # bytes of all parameters, wherever they live (and of all gradients)
+    weights: list[int]  # bytes of each block's parameters
+    block_state: list[int]  # bytes of each block's optimizer state
+    block_step_temp: list[int]  # temporaries of each block's own optimizer step (``block_step_temp_bytes``)
+    all_step_temp: int  # temporaries of one optimizer step over everything
+    largest_tensor: int
+
+    @property
+    def opt_state(self) -> int:
+        return sum(self.block_state)
+
+
+def block_tensor_values(ranges, embed: list[int], layers: list[list[int]], decoder: list[int],
+                        upper: list[int]) -> list[list[int]]:
+    """What each block owns (as ``LoPTModel.block_param_groups`` splits it), tensor by tensor (8-bit state depends
+    on the sizes): its layers, its decoder (the last block: the final norm and head), block 0 the embeddings."""
+    last = len(ranges) - 1
+    blocks = []
+    for b, (start, end) in enumerate(ranges):
+        sizes = [n for i in range(start, end) for n in layers[i]]
+        sizes += decoder if b < last else upper
+        sizes += embed if b == 0 else []
+        blocks.append(sizes)
+    return blocks
+
+
+def block_step_temp_bytes(st: StepSettings, b: int, block_numel: int, *, largest_layer: int, embed_numel: int,
+                          head_numel: int) -> int:
+    """Temporaries of block b's own optimizer step (early_lower_step, sequential); a streamed step updates
+    one parameter per call, so nothing of the previous one is alive."""
+    if b < st.last:
+        largest = max(largest_layer, embed_numel if b == 0 else 0)
+    else:
+        largest = max(head_numel, largest_layer, embed_numel if st.num_blocks == 1 else 0)
+    group = largest if st.stream_state else block_numel
+    previous = 0 if st.stream_state else largest_layer
+    return optimizer_step_temp_bytes(st.optimizer, largest, group, st.s, foreach=st.foreach,
+                                     fused=st.fused_optimizer, previous_tensor=previous)
+
+
+def count_sizes(shape: ModelShape, st: StepSettings) -> Sizes:
+    """Parameters, gradients and optimizer state of one rank, in all and per block.
+
+    Persistent (``memory_allocated()`` just before a step): the parameters (the lm_head is untied under
+    LoPT, so it adds ``V*h``; plus the ``k-1`` auxiliary decoders) and the optimizer state
+    (``optimizer_state_bytes``). Gradients have the parameter dtype; they are persistent too when gradients
+    accumulate over micro-batches.
+
+    Sharded (``shard``: FSDP2 ``fully_shard`` over ``R = ranks``, as ``lopt.sharding`` cuts the model): each
+    decoder layer, the input embeddings, and the final norm with the lm_head are a unit each. A rank keeps of
+    every unit's parameter, its gradient and its optimizer state ``ceil(rows/R)`` rows (``shard_values``); the
+    aux decoders stay whole on every rank, with their gradients and state.
+    """
+    k, s, shards = st.num_blocks, st.s, st.shards
+    ranges = split_layers(shape.layers, k)
+    embed_held = shard_values(shape.embed_tensors, shards)
+    layer_held = [shard_values(tensors, shards) for tensors in shape.layer_tensors]
+    # a tied head (k = 1) is the embeddings' matrix
+    upper_held = shard_values((shape.head_tensors if shape.own_head(k) else ()) + shape.final_norm_tensors, shards)
+    embed_numel, head_numel = sum(embed_held), sum(shard_values(shape.head_tensors, shards))
+    largest_layer = max(n for sizes in layer_held for n in sizes)
+    n_params = embed_numel + sum(sum(sizes) for sizes in layer_held) + sum(upper_held) + (k - 1) * shape.decoder_params
+    dec_tensors = shape.decoder_tensors()
+    tensors = block_tensor_values(ranges, embed_held, layer_held, dec_tensors, upper_held)
+    block_numel = [sum(sizes) for sizes in tensors]
+    largest_tensor = max(embed_numel, head_numel, largest_layer)
+    lower_numel = sum(block_numel[: st.last])
+    all_step_temp = optimizer_step_temp_bytes(
+        st.optimizer, largest_tensor, max(lower_numel, n_params - lower_numel), s, foreach=st.foreach,
+        fused=st.fused_optimizer, previous_tensor=largest_layer)
+    step_temps = [block_step_temp_bytes(st, b, block_numel[b], largest_layer=largest_layer, embed_numel=embed_numel,
+                                        head_numel=head_numel) for b in range(k)]
+    return Sizes(
+        ranges=ranges, embed_numel=embed_numel, head_numel=head_numel, largest_layer=largest_layer,
+        decoder_matrix=dec_tensors[2], block_numel=block_numel, layer_grads=[sum(sizes) * s for sizes in layer_held],
+        embed_grads=embed_numel * s, decoder_grads=shape.decoder_params * s, upper_grads=sum(upper_held) * s,
+        params=n_params * s, weights=[n * s for n in block_numel],
+        block_state=[optimizer_state_bytes(st.optimizer, sizes, s) for sizes in tensors],
+        block_step_temp=step_temps, all_step_temp=all_step_temp, largest_tensor=largest_tensor,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Activation bytes of a micro-batch (``count_activations``): per token of one layer (``*_tok``) and per
+    micro-batch (``*_mb``)."""
+
+    tokens: int  # N
+    saved_tok: int  # what a layer keeps for its backward (``saved_per_layer``)
+    recomputed_tok: int  # recomputed and live during a layer's backward
+    workspace_tok: int  # a layer's backward workspace
+    input_tok: int  # of ``saved_tok``: the layer's input tensor itself (``input_saved_per_layer``)
+    detached_tok: int  # what a block's first layer does not save when its input is detached (blocks after 0)
+    final_norm_tok: int  # the final norm's saved tensors besides the block output
+    inputs_mb: int  # rotary cos/sin, input ids and shifted labels, the mask
+    hidden_mb: int  # one [N, h] boundary tensor
+
+    @property
+    def boundary(self) -> int:
+        """While a block runs: its input and its output (``train_step`` holds both)."""
+        return self.inputs_mb + 2 * self.hidden_mb
+
+    @property
+    def boundary_end(self) -> int:
+        return self.boundary - self.hidden_mb
+
+    def of_layers(self, count: int, b: int) -> int:
+        """Saved by ``count`` layers of block b, less the first one's input (counted with the boundary) and,
+        after block 0, what a detached input spares."""
+        return (count * self.saved_tok - self.input_tok - (self.detached_tok if b > 0 else 0)) * self.tokens
+
+
+def count_activations(shape: ModelShape, st: StepSettings) -> Activations:
+    """The per-token and per-micro-batch activation terms of the step.
+
+    The boundary, while a block runs: its input (the previous block's detached output, or the embeddings) and
+    its output, which ``train_step`` holds (``2sh`` per token), the rotary cos/sin (``2*s*d``), input ids and
+    shifted labels (int64), and with padding the ``[B, 1, T, T]`` mask. Where a layer saves its input tensor
+    itself (the first norm in fp32 or fused, a checkpointed layer) the block's first layer saves the boundary
+    tensor, counted once. A block after the first starts from a detached tensor, so its first RMSNorm records
+    no fp32 copy and no rstd (nothing upstream needs its gradient); the fused norm saves its rstd regardless.
+    The final norm saves, besides the block output, what a layer's norm saves (``layer_activation_bytes``).
+    """
+    s, h, N = st.s, shape.hidden, st.tokens
+    kernels, recompute = st.kernels, st.recompute
+    return Activations(
+        tokens=N,
+        saved_tok=saved_per_layer(shape, s, recompute, kernels=kernels, padded=st.padded),
+        recomputed_tok=recomputed_per_layer(shape, s, recompute, kernels=kernels, padded=st.padded),
+        workspace_tok=backward_workspace_per_layer(shape, s),
+        input_tok=input_saved_per_layer(shape, s, recompute, kernels=kernels),
+        detached_tok=0 if (kernels or recompute == "full") else (4 * h if s < 4 else 0) + 4,
+        final_norm_tok=(s * h + 4) if kernels else ((4 * h if s < 4 else 0) + 4 + 2 * s * h),
+        inputs_mb=N * (2 * s * shape.head_dim + 2 * 8) + (st.batch_size * st.seq_len * st.seq_len * s
+                                                           if st.padded else 0),
+        hidden_mb=N * s * h,
+    )
+
+
+@dataclass(frozen=True)
+class HeadAndDecoder:
+    """Bytes of the aux decoder's loss (a lower block's) and of the head's (the last block's)."""
+
+    decoder_saved: int
+    decoder_forward: int  # peak of its forward
+    decoder_backward: int  # peak of its backward
+    head_forward: int
+    head_backward: int
+
+
+def decoder_bytes(shape: ModelShape, st: StepSettings) -> tuple[int, int, int]:
+    """The aux decoder of a lower block (LayerNorm -> h/4 -> GELU -> h): saved, forward peak, backward peak.
+
+    Kernels off it saves its input (the block output, counted with the boundary), LayerNorm's mean/rstd, its
+    output, the ``h/4`` pre-activation and activation and the fp32 residual: ``sh + 8 + 2s(h/4) + 4h``; its
+    backward adds three fp32 ``[N, h]`` temporaries (the squared error's). Kernels on, the fused op keeps only
+    the finished ``[N, h]`` gradient ``s*h`` (plus fp32 gradients of its own parameters), and chunk buffers
+    while it runs (``recon_loss.tokens_per_chunk`` tokens each).
+    """
+    N, s, h = st.tokens, st.s, shape.hidden
+    d = h // 4
+    if st.kernels:
+        saved = N * s * h + shape.decoder_params * 4
+        chunk = min(N, tokens_per_chunk(h))
+        forward = saved + chunk * (2 * h + 2 * d) * s + N * s * h  # buffers + the result being scaled
+        return saved, forward, saved + N * s * h
+    saved = N * (s * h + 8 + 2 * s * d + 4 * h)  # its input is the block output (boundary)
+    forward = saved + N * (s * h + 4 * h)  # y and its fp32 copy before the residual
+    return saved, forward, saved + N * 12 * h  # the squared error's backward: three fp32 [N, h] temporaries
+
+
+def head_bytes(shape: ModelShape, st: StepSettings) -> tuple[int, int]:
+    """The head (final norm, lm_head, cross-entropy) of the last block: its forward and backward peaks.
+
+    - kernels off (``linear_cross_entropy_reference``): the ``[N, V]`` logits (``sV``) are upcast to fp32
+      (``4V``) and log-softmaxed (``4V``, saved): ``8V`` per token at the forward's peak, ``4V`` kept; in the
+      backward the gradient of the log-probabilities (``4V``) and of the logits (``4V``) coexist with the
+      saved ``4V``: ``12V`` per token. Then the head's weight gradient ``V*h*s`` (``last_block_phases``).
+    - kernels on (``linear_cross_entropy``): one reused logits block of
+      ``linear_cross_entropy.logits_block_elements`` (~64 MiB in bf16) and the fp32 log-sum-exp; in the
+      backward an fp32 ``[N, h]`` accumulator, the weight gradient and the block.
+    """
+    N, s, h, V = st.tokens, st.s, shape.hidden, shape.vocab
+    if not st.kernels:
+        return N * 8 * V, N * 12 * V
+    block = logits_block_elements(N, V)
+    saved = N * 4 * 3  # lse, loss, target
+    return saved + block * s, saved + block * s + N * 4 * h + shape.head_params * s + N * s * h
+
+
+def count_head_and_decoder(shape: ModelShape, st: StepSettings) -> HeadAndDecoder:
+    saved, forward, backward = decoder_bytes(shape, st)
+    head_forward, head_backward = head_bytes(shape, st)
+    return HeadAndDecoder(decoder_saved=saved, decoder_forward=forward, decoder_backward=backward,
+                          head_forward=head_forward, head_backward=head_backward)
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2
+
+
+@dataclass(frozen=True)
+class FsdpUnits:
+    """What FSDP2 (``torch.distributed.fsdp._fully_shard``, read for torch 2.14) gathers under ``shard``, per unit,
+    as the engine calls the units one by one; every part is empty (``{}``) without ``shard``:
+
+    - a unit's forward: its full weights and its all-gather buffer, both freed when its forward ends (two
+      layers; counted beside the whole block's activations, a bound);
+    - the norm + head unit: ``lm_head``'s forward never runs (the loss reads its weight), so FSDP2 never
+      finishes that grouped unit's forward: it stays gathered until its backward ends and its all-gather buffer
+      until the next micro-batch's embedding forward: through the last block's backward and the optimizer step;
+    - a layer's backward: its weights, the unit it prefetches (the layer below in the same block, the
+      embeddings below layer 0: each block's backward is a backward of its own, which ends FSDP2's
+      bookkeeping), and the full gradients of the unit before it, whose reduce-scatter input lives until the
+      next reduce-scatter (FSDP2's default of one in flight); the embeddings' backward holds their weights and
+      full gradient while layer 0's reduce-scatter runs. A layer's fresh gradients are full-size, as unsharded.
+    """
+
+    shard: bool
+    ranges: list[tuple[int, int]]
+    layer_full: list[int]  # bytes of each decoder layer, unsharded
+    embed_full: int
+    head_unit_full: int  # the final norm and the lm_head (sharded, the head is its own matrix)
+
+    @classmethod
+    def of(cls, shape: ModelShape, st: StepSettings, ranges) -> FsdpUnits:
+        s = st.s
+        return cls(shard=st.shard, ranges=ranges, layer_full=[n * s for n in shape.layer_params],
+                   embed_full=shape.embed_params * s, head_unit_full=(shape.head_params + shape.final_norm_params) * s)
+
+    @property
+    def last(self) -> int:
+        return len(self.ranges) - 1
+
+    def parts(self, gathered: int = 0, unsharded: int = 0) -> dict[str, int]:
+        return {"gathered": gathered, "unsharded_grads": unsharded} if self.shard else {}
+
+    def layer_forward(self, b: int) -> dict[str, int]:
+        """Block b's forward: the running layer's weights and its all-gather buffer."""
+        start, end = self.ranges[b]
+        return self.parts(2 * max(self.layer_full[start:end]))
+
+    def head(self) -> dict[str, int]:
+        """The norm + head unit's weights and its all-gather buffer, from the norm's forward on."""
+        return self.parts(2 * self.head_unit_full)
+
+    def layer_backward(self, b: int, i: int) -> dict[str, int]:
+        """Layer i's backward in block b: its weights, the unit it prefetches (the layer below in its block, the
+        embeddings below layer 0) and the full gradients of the unit before it, still in their reduce-scatter;
+        in the last block also the head's all-gather buffer."""
+        start, end = self.ranges[b]
+        head_buffer = self.head_unit_full if b == self.last else 0
+        below = self.layer_full[i - 1] if i > start else (self.embed_full if b == 0 else 0)
+        before = self.layer_full[i + 1] if i + 1 < end else head_buffer
+        return self.parts(self.layer_full[i] + below + head_buffer, before)
+
+    def block_end(self, b: int) -> dict[str, int]:
+        """The end of block b's backward: block 0 ends with the embeddings' (their weights gathered, their full
+        gradient) while layer 0's reduce-scatter runs; the last block still holds the head's all-gather buffer."""
+        head_buffer = self.head_unit_full if b == self.last else 0
+        if b == 0:
+            return self.parts(head_buffer + self.embed_full, self.embed_full + self.layer_full[0])
+        return self.parts(head_buffer)
+
+
+# ---------------------------------------------------------------------------------------------- phases
+
+
+@dataclass(frozen=True)
+class StepBytes:
+    """Everything the phases of a step are made of."""
+
+    shape: ModelShape
+    st: StepSettings
+    sizes: Sizes
+    acts: Activations
+    head: HeadAndDecoder
+    units: FsdpUnits
+
+
+@dataclass
+class PhaseLog:
+    """The phases of a step, in order: each the bytes of the parts live at its peak (zero parts left out).
+
+    Under plain data parallel an optimizer step's phase is preceded by the sum of its gradients
+    (``World.sum_grads``: one bucket at a time, up to GRAD_BUCKET_BYTES or one larger tensor, whose copy is
+    live): ``bucket`` is the largest such copy."""
+
+    data_parallel: bool
+    bucket: int
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, name: str, base: dict[str, int], **parts: int) -> None:
+        self.phases[name] = {**base, **{key: value for key, value in parts.items() if value}}
+
+    def add_step(self, name: str, base: dict[str, int], summed: int | None = None, **parts: int) -> None:
+        """An optimizer step's phase; under plain data parallel the sum of its gradients (``summed`` bytes, by
+        default all it holds) before it is a phase too, with the copy of the bucket in flight."""
+        if self.data_parallel:
+            summed = parts["gradients"] if summed is None else summed
+            self.add(f"gradient sum before {name}", base, **{**parts, "optimizer_step": 0},
+                     collective=min(summed, self.bucket))
+        self.add(name, base, **parts)
+
+
+def everything(step: StepBytes) -> dict[str, int]:
+    """All parameters and optimizer state on the device."""
+    return {"parameters": step.sizes.params, "optimizer_state": step.sizes.opt_state}
+
+
+def layers_backward(step: StepBytes, b: int, extra_grads: int, boundary: int, accum: bool) -> dict[str, int]:
+    """Peak over the backward of block b's layers, top layer first (at each one's MLP backward): the remaining
+    ``L-j`` layers' activations, the ``j`` finished layers' gradients (none new with ``accum``), the recomputed
+    layer, the workspace and down_proj's fresh gradient (with accumulation: before it is added to ``.grad``)."""
+    sizes, acts = step.sizes, step.acts
+    start, end = sizes.ranges[b]
+    down_proj_grad = step.shape.hidden * step.shape.intermediate * step.st.s
+    best = None
+    done_grads = 0
+    for j in range(end - start):
+        layer = end - 1 - j
+        total = dict(
+            gradients=extra_grads + done_grads + down_proj_grad,
+            activations=acts.of_layers(end - start - j, b),
+            recompute=acts.recomputed_tok * acts.tokens,
+            workspace=acts.workspace_tok * acts.tokens,
+            boundary=boundary,
+            **step.units.layer_backward(b, layer),
+        )
+        if best is None or sum(total.values()) > sum(best.values()):
+            best = total
+        done_grads += 0 if accum else sizes.layer_grads[layer]
+    return best
+
+
+def lower_block_phases(step: StepBytes, log: PhaseLog, b: int, base: dict[str, int], held: int, accum: bool,
+                       run_boundary: int, end_boundary: int) -> int:
+    """Lower block b's forward, decoder loss and backward over one micro-batch; ``held``: gradients alive
+    before it, ``accum``: the block's own gradients exist already (each new one is added). Returns the
+    gradient bytes the block adds."""
+    sizes, head = step.sizes, step.head
+    start, end = sizes.ranges[b]
+    activations = step.acts.of_layers(end - start, b)
+    log.add(f"block {b} forward", base, gradients=held, boundary=run_boundary, activations=activations,
+            decoders=head.decoder_forward, **step.units.layer_forward(b))
+    log.add(f"block {b} decoder backward", base, gradients=held, boundary=run_boundary, activations=activations,
+            decoders=head.decoder_backward)
+    dec_grads = 0 if accum else sizes.decoder_grads
+    log.add(f"block {b} backward", base, **layers_backward(step, b, held + dec_grads, run_boundary, accum))
+    block_grads = 0 if accum else sum(sizes.layer_grads[start:end]) + dec_grads
+    embed = 0 if b > 0 else sizes.embed_grads  # with accumulation: the fresh one, before it is added
+    log.add(f"block {b} end", base, gradients=held + block_grads + embed, boundary=end_boundary,
+            **step.units.block_end(b))
+    return block_grads + embed
+
+
+def last_block_phases(step: StepBytes, log: PhaseLog, suffix: str, base: dict[str, int], held: int, accum: bool,
+                      run_boundary: int, end_boundary: int) -> None:
+    """The last block's forward with the head's, the head's backward, then its layers' backward, holding the
+    head's gradient (arguments as ``lower_block_phases``'s)."""
+    sizes, st, acts = step.sizes, step.st, step.acts
+    last = st.last
+    start, end = sizes.ranges[last]
+    activations = acts.of_layers(end - start, last) + acts.tokens * acts.final_norm_tok  # + the final norm's
+    log.add("last block forward + head" + suffix, base, gradients=held, boundary=run_boundary,
+            activations=activations, head=step.head.head_forward, **step.units.head())
+    log.add("head backward" + suffix, base, gradients=held, boundary=run_boundary,
+            activations=activations, head=step.head.head_backward, **step.units.head())
+    head_grads = 0 if accum else sizes.upper_grads
+    log.add("last block backward" + suffix, base,
+            **layers_backward(step, last, held + head_grads, run_boundary, accum))
+    embed_at_end = sizes.embed_grads if (st.num_blocks == 1 and not accum) else 0
+    log.add("last block end" + suffix, base, gradients=held + head_grads
+            + sum(sizes.layer_grads[start:]) * (not accum) + embed_at_end, boundary=end_boundary,
+            **step.units.block_end(last))
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a schedule keeps besides its phases: see the ``MemoryEstimate`` fields of these names."""
+
+    persistent: int
+    gradients: int
+    host: int = 0
+    transfer: int = 0
+    transfer_exposed: int = 0
+    stash: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- interleaved
+
+
+def held_gradients(step: StepBytes, b: int) -> int:
+    """Interleaved: gradients alive when block b starts (all of them with accumulation, none before block 0 or
+    with the early lower-block step, else those of the blocks below)."""
+    sizes = step.sizes
+    if step.st.grad_accum > 1:
+        return sizes.params
+    if step.st.early_lower_step or b == 0:
+        return 0
+    return sizes.embed_grads + b * sizes.decoder_grads + sum(sizes.layer_grads[: sizes.ranges[b][0]])
+
+
+def summing_below(step: StepBytes, b: int) -> dict[str, int]:
+    """Overlapped sums: the copies of the lower blocks' gradients in flight while block b runs."""
+    if step.st.overlapped and b > 0:
+        return {**everything(step), "collective": sum(step.sizes.weights[:b])}
+    return everything(step)
+
+
+def interleaved_phases(step: StepBytes, log: PhaseLog) -> Footprint:
+    """``LoPTModel.train_step`` runs each lower block's forward and backward before the next block starts; the
+    peak is the largest of
+
+    - lower block b: persistent + the gradients still held (``held_gradients``) + boundary + its layers'
+      activations + its decoder's, then the backward of its layers from the top (``layers_backward``);
+    - the last block: the same with the head's forward and backward peaks, then the head's gradient held
+      through the layers' backward;
+    - the optimizer step: persistent + all gradients + the optimizer's temporaries for its largest tensor
+      (``early_lower_step``: each lower block steps as it ends, the last one with what is left).
+
+    Plain data parallel with one optimizer: a lower block's sum starts at its boundary on the rank's last
+    micro-batch, all its buckets at once (``World.start_sum_grads``), and runs while the blocks above compute,
+    so each later block's phases hold the copies of the blocks below (``summing_below``); the rest is summed
+    before the step one bucket at a time (``PhaseLog.add_step``)."""
+    st, sizes, acts = step.st, step.sizes, step.acts
+    last, accum = st.last, st.grad_accum > 1
+    for b in range(st.num_blocks - 1):
+        block_grads = lower_block_phases(step, log, b, summing_below(step, b), held_gradients(step, b), accum,
+                                         acts.boundary, acts.boundary_end)
+        if st.early_lower_step:  # block_grads are the block's weights' bytes
+            log.add_step(f"block {b} early optimizer step", everything(step), gradients=block_grads,
+                         boundary=acts.boundary_end, optimizer_step=sizes.block_step_temp[b])
+    last_block_phases(step, log, "", summing_below(step, last), held_gradients(step, last), accum, acts.boundary,
+                      acts.boundary_end)
+    remaining, temp = sizes.params, sizes.all_step_temp
+    if st.early_lower_step:
+        remaining -= sizes.embed_grads + last * sizes.decoder_grads + sum(sizes.layer_grads[: sizes.ranges[last][0]])
+        temp = optimizer_step_temp_bytes(st.optimizer, max(sizes.head_numel, sizes.largest_layer),
+                                         sizes.block_numel[last], st.s, foreach=st.foreach, fused=st.fused_optimizer,
+                                         previous_tensor=sizes.largest_layer)
+    log.add_step("optimizer step", everything(step), gradients=remaining, optimizer_step=temp,
+                 summed=remaining - sum(sizes.weights[:last]) * st.overlapped,  # the lower blocks' are summed already
+                 **step.units.parts(step.units.head_unit_full))  # FSDP2: the head's all-gather buffer
+    return Footprint(persistent=sizes.params + sizes.opt_state, gradients=sizes.params)
+
+
+# ---------------------------------------------------------------------------------------------- sequential
+
+
+def largest_in_block(step: StepBytes, b: int) -> int:
+    sizes = step.sizes
+    own = sizes.embed_numel if b == 0 else 0
+    own = max(own, sizes.head_numel if b == step.st.last else sizes.decoder_matrix)
+    return max(sizes.largest_layer, own)
+
+
+def on_device(step: StepBytes, b: int, weights_too: int = 0, stepping: bool = False) -> dict[str, int]:
+    """Parameters and optimizer state on the device while block b runs (``stepping``: in its step).
+
+    ``offload`` (``lopt.offload.BlockOffload``): ``optimizer`` keeps only the running block's state on the
+    device, from the block's start to the end of its step; ``params`` keeps only the running block's weights
+    (block 0's with the embeddings, the last one's with the norm and head), plus the next block's from the
+    running block's step until the next block starts (``weights_too``). ``stream_state``: a block's state is on
+    the device only in its step, one parameter's at a time."""
+    st, sizes = step.st, step.sizes
+    weights = sizes.weights[b] if st.offload == "params" else sizes.params
+    state = sizes.opt_state if st.offload == "none" else sizes.block_state[b]
+    if st.stream_state:
+        state = optimizer_state_bytes(st.optimizer, [largest_in_block(step, b)], st.s) if stepping else 0
+    return {"parameters": weights + weights_too, "optimizer_state": state}
+
+
+def sequential_phases(step: StepBytes, log: PhaseLog) -> Footprint:
+    """``LoPTModel.sequential_step``: one block at a time over the step's ``M`` micro-batches, one optimizer per
+    block stepped as the block finishes. Only the running block's gradients are held (accumulated over the
+    micro-batches; the phases are its last micro-batch's, and the last block's first and later ones) and,
+    instead of one boundary tensor, the stash: every micro-batch's rotary cos/sin, ids and labels for the whole
+    step, and ``M`` boundary tensors (``M*N*s*h``) between blocks; a block after the first holds its ``M`` inputs
+    until after its step while it makes its ``M`` outputs (``2*M*N*s*h``). Each block's step is a phase of its
+    own, with that block's temporaries; under ``offload=params`` the arrival of the next block's weights too."""
+    st, sizes, acts = step.st, step.sizes, step.acts
+    M, last, accum = st.grad_accum, st.last, st.grad_accum > 1
+    inputs, hidden = acts.inputs_mb * M, acts.hidden_mb
+    # The stash (the stale boundary): block b's M outputs, and the input it is on; each input of b > 0 is
+    # dropped once used (the fresh boundary keeps them for its recompute: M - 1 more, not modelled).
+    for b in range(st.num_blocks - 1):
+        end_boundary = inputs + hidden * (M if b == 0 else M + 1)
+        # the last micro-batch: the earlier ones' gradients and outputs are held, the current output is new
+        lower_block_phases(step, log, b, on_device(step, b), sizes.weights[b] if accum else 0, accum,
+                           inputs + hidden * (M + 1), end_boundary)
+        log.add_step(f"block {b} step", on_device(step, b, stepping=True), gradients=sizes.weights[b],
+                     boundary=end_boundary, optimizer_step=sizes.block_step_temp[b])
+        if st.offload == "params":  # block b+1's weights arrive during b's step; b's gradients are gone by then
+            log.add(f"block {b} step -> block {b + 1} weights", on_device(step, b, sizes.weights[b + 1]),
+                    boundary=end_boundary)
+    # the last block takes the stash's M inputs one by one (with k = 1 every micro-batch embeds anew)
+    waiting = [0, 0] if st.num_blocks == 1 else [M - 1, M - 2]  # stashed inputs of the other micro-batches
+    first_run = inputs + hidden * (2 + waiting[0])  # + the current input and output
+    if accum:
+        last_block_phases(step, log, " (first micro-batch)", on_device(step, last), 0, False, first_run,
+                          inputs + hidden)
+        last_block_phases(step, log, " (later micro-batches)", on_device(step, last), sizes.weights[last], True,
+                          inputs + hidden * (2 + waiting[1]), inputs + hidden)
+    else:
+        last_block_phases(step, log, "", on_device(step, last), 0, False, first_run, inputs + hidden)
+    log.add_step("optimizer step", on_device(step, last, stepping=True), gradients=sizes.weights[last],
+                 boundary=M * st.tokens * 8, optimizer_step=sizes.block_step_temp[last])  # and the input ids
+    return sequential_footprint(step)
+
+
+def sequential_footprint(step: StepBytes) -> Footprint:
+    """The sequential schedule's persistent bytes, stash, and what ``offload`` keeps on the host and moves: every
+    block's state (and with ``params`` every block's weights), each up and back once per step (with one block
+    under ``params`` its weights only go back); the last block's weights are what persists between steps. What
+    the compute waits for: block 0's weights under ``params``, all the state with ``stream_state``."""
+    st, sizes = step.st, step.sizes
+    k, params, opt_state = st.num_blocks, sizes.params, sizes.opt_state
+    host = transfer = exposed = 0
+    if st.offload != "none":
+        host = opt_state + (params if st.offload == "params" else 0)
+        transfer = 2 * opt_state
+        if st.offload == "params":  # each block's weights up and back; one block is always resident
+            transfer += 2 * params if k > 1 else params
+            exposed = sizes.weights[0] if k > 1 else 0
+        if st.stream_state:  # inside the steps, not behind compute
+            exposed += 2 * opt_state
+    persistent = {"none": params + opt_state, "optimizer": params, "params": sizes.weights[st.last]}[st.offload]
+    return Footprint(persistent=persistent, gradients=max(sizes.weights), host=host, transfer=transfer,
+                     transfer_exposed=exposed, stash=step.acts.hidden_mb * (st.grad_accum + 1 if k > 2 else
+                                                                            st.grad_accum if k == 2 else 0))
+
+
+# ---------------------------------------------------------------------------------------------- the estimate
+
+
+def link_bytes(step: StepBytes) -> int:
+    """Bytes one rank sends per step. Sharded: each micro-batch all-gathers every unit twice (forward, backward)
+    and reduce-scatters its gradients once: ``3 M (R-1)`` times a rank's shard bytes (the gradient sums of the
+    tiny aux decoders are not counted). Plain data parallel: one ring all-reduce of every gradient, ``2 (R-1)/R``
+    of them."""
+    st, sizes = step.st, step.sizes
+    if st.shard:
+        return 3 * st.grad_accum * (st.ranks - 1) * (sizes.params - (st.num_blocks - 1) * sizes.decoder_grads)
+    return 2 * (st.ranks - 1) * sizes.params // st.ranks
+
+
+def summarize(step: StepBytes, log: PhaseLog, kept: Footprint) -> MemoryEstimate:
+    """The ``MemoryEstimate`` of a step's phases: its peak is the largest phase."""
+    st, sizes, acts, phases = step.st, step.sizes, step.acts, log.phases
+    totals = {name: sum(parts.values()) for name, parts in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+    transient_parts = ("activations", "recompute", "workspace", "head", "decoders")
+    block_acts = [acts.of_layers(end - start, b) for b, (start, end) in enumerate(sizes.ranges)]
+    return MemoryEstimate(
+        peak=totals[peak_phase],
+        persistent=kept.persistent,
+        peak_phase=peak_phase,
+        breakdown=phases[peak_phase],
+        phases=totals,
+        parameters=sizes.params,
+        gradients=kept.gradients,
+        optimizer_state=sizes.opt_state,
+        block_activations=max(block_acts),
+        boundary=acts.boundary,
+        head_peak=step.head.head_backward,
+        decoders=step.head.decoder_saved if st.num_blocks > 1 else 0,
+        activations_per_block=block_acts,
+        host=kept.host,
+        transfer=kept.transfer,
+        transfer_exposed=kept.transfer_exposed,
+        stash=kept.stash,
+        link=link_bytes(step),
+        activation_peak=max(sum(parts.get(p, 0) for p in transient_parts) for parts in phases.values()),
+        per_block=[dict(parameters=sizes.weights[b], optimizer_state=sizes.block_state[b],
+                        step_temp=sizes.block_step_temp[b]) for b in range(st.num_blocks)],
+        settings=st.as_dict(),
+    )
+
+
 def estimate_memory(
     config,
     *,
@@ -516,7 +1130,7 @@ def estimate_memory(
     ranks: int = 1,
     shard: bool = False,
 ) -> MemoryEstimate:
-    """Predict the memory of one optimizer step of LoPT training (see the module docstring).
+    """Predict the memory of one optimizer step of LoPT training (the pieces: the module docstring).
 
     ``config``: a transformers config (or a ``ModelShape``). ``dtype``: the parameters' (bf16 on the
     GPU). ``kernels``: lopt_kernels' fused ops (patch, fused head and decoder loss) or the PyTorch
@@ -527,351 +1141,21 @@ def estimate_memory(
     block finishes; ``offload`` (sequential only): what ``lopt.offload.BlockOffload`` keeps on the host;
     ``stream_state``: the offloaded state streams through each block's step one parameter at a time.
     ``ranks``: data-parallel processes (torchrun), of which this estimate is one; ``grad_accum`` is then the
-    micro-batches this rank runs in a step. ``shard``: FSDP2 ``fully_shard`` over the ``ranks`` (this rank's
-    shards; see the module docstring). Returns bytes (per rank).
+    micro-batches this rank runs in a step (rank r runs micro-batches r, r+R, ...; every rank holds
+    everything). ``shard``: FSDP2 ``fully_shard`` over the ``ranks`` (this rank's shards: ``count_sizes``,
+    ``FsdpUnits``). Returns bytes (per rank).
     """
     shape = model_shape(config)
-    s = dtype_bytes(dtype)
-    if recompute not in RECOMPUTE:
-        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    if offload not in OFFLOAD:
-        raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {offload!r}")
-    if not 1 <= num_blocks <= shape.layers:
-        raise ValueError(f"num_blocks must be between 1 and {shape.layers}, got {num_blocks}")
-    if early_lower_step and grad_accum > 1:
-        raise ValueError("early_lower_step needs grad_accum == 1")
-    sequential = schedule == "sequential"
-    if offload != "none" and not sequential:
-        raise ValueError("offload pages one block at a time: it needs schedule='sequential'")
-    if stream_state and offload == "none":
-        raise ValueError("stream_state streams offloaded state: it needs offload 'optimizer' or 'params'")
-    if early_lower_step and sequential:
-        raise ValueError("the sequential schedule steps every block as it finishes: early_lower_step is for the "
-                         "interleaved one")
-    if ranks < 1 or (shard and ranks < 2):
-        raise ValueError(f"ranks must be >= 1, and >= 2 to shard, got {ranks}")
-    conflict = shard_conflict(schedule=schedule, offload=offload, optimizer=optimizer) if shard else None
-    if conflict:
-        raise ValueError(f"shard (lopt train --shard) does not run with {conflict}")
-    if shard and not shape.own_head(num_blocks):
-        raise ValueError("shard with one block of a model whose head is its embedding matrix: lopt train refuses it "
-                         "(the two would be one unit, gathered for the whole step)")
-    k = num_blocks
-    M = grad_accum
-    N = batch_size * seq_len
-    h, V = shape.hidden, shape.vocab
-    ranges = split_layers(shape.layers, k)
-    last = k - 1
-
-    # ---- parameters, gradients, optimizer state: this rank's shards of each FSDP2 unit under ``shard`` (the
-    # aux decoders stay whole on every rank), every tensor whole otherwise
-    shards = ranks if shard else 1
-    dec_tensors = shape.decoder_tensors()
-    own_head = shape.own_head(k)  # a tied head (k = 1) is the embeddings' matrix
-    embed_held = shard_values(shape.embed_tensors, shards)
-    layer_held = [shard_values(tensors, shards) for tensors in shape.layer_tensors]
-    upper_held = shard_values((shape.head_tensors if own_head else ()) + shape.final_norm_tensors, shards)
-    head_numel = sum(shard_values(shape.head_tensors, shards))  # the lm_head's matrix, tied or not
-    embed_numel = sum(embed_held)
-    layer_numels = [sum(sizes) for sizes in layer_held]
-    largest_layer = max(n for sizes in layer_held for n in sizes)
-    n_params = embed_numel + sum(layer_numels) + sum(upper_held) + (k - 1) * shape.decoder_params
-    params = n_params * s
-    grad_layer = [n * s for n in layer_numels]
-    grad_embed = embed_numel * s
-    grad_dec = shape.decoder_params * s
-    grad_upper_fixed = sum(upper_held) * s
-    grads_all = n_params * s
-
-    # what each block owns (as LoPTModel.block_param_groups splits it), tensor by tensor (8-bit state depends
-    # on the sizes): layers, its decoder, block 0 the embeddings, the last block the final norm and head
-    block_sizes = []
-    for b, (start, end) in enumerate(ranges):
-        sizes_b = [n for i in range(start, end) for n in layer_held[i]]
-        sizes_b += dec_tensors if b < last else upper_held
-        sizes_b += embed_held if b == 0 else []
-        block_sizes.append(sizes_b)
-    block_numel = [sum(sizes_b) for sizes_b in block_sizes]
-    weights = [n * s for n in block_numel]
-    block_state = [optimizer_state_bytes(optimizer, sizes_b, s) for sizes_b in block_sizes]
-    opt_state = sum(block_state)
-    largest_tensor = max(embed_numel, head_numel, largest_layer)
-    lower_numel = sum(block_numel[:last])
-    upper_numel = n_params - lower_numel
-    opt_temp_all = optimizer_step_temp_bytes(optimizer, largest_tensor, max(lower_numel, upper_numel), s,
-                                             foreach=foreach, fused=fused_optimizer, previous_tensor=largest_layer)
-
-    def block_step_temp(b: int) -> int:
-        """Temporaries of block b's own optimizer step (early_lower_step, sequential); a streamed step updates
-        one parameter per call, so nothing of the previous one is alive."""
-        if b < last:
-            largest = max(largest_layer, embed_numel if b == 0 else 0)
-        else:
-            largest = max(head_numel, largest_layer, embed_numel if k == 1 else 0)
-        group = largest if stream_state else block_numel[b]
-        previous = 0 if stream_state else largest_layer
-        return optimizer_step_temp_bytes(optimizer, largest, group, s, foreach=foreach, fused=fused_optimizer,
-                                         previous_tensor=previous)
-
-    # ---- per-token terms
-    saved_tok = saved_per_layer(shape, s, recompute, kernels=kernels, padded=padded)
-    recompute_tok = recomputed_per_layer(shape, s, recompute, kernels=kernels, padded=padded)
-    workspace_tok = backward_workspace_per_layer(shape, s)
-    input_tok = input_saved_per_layer(shape, s, recompute, kernels=kernels)
-    down_proj_grad = shape.hidden * shape.intermediate * s
-    d = h // 4
-    # per micro-batch, for the whole step: rotary cos/sin, input ids and shifted labels (int64), the mask
-    inputs_mb = N * (2 * s * shape.head_dim + 2 * 8) + (batch_size * seq_len * seq_len * s if padded else 0)
-    hidden_mb = N * s * h  # one [N, h] boundary tensor
-    # during a block: its input and its output (train_step holds both)
-    boundary = inputs_mb + 2 * hidden_mb
-    boundary_end = boundary - hidden_mb
-    # the final norm's saved tensors besides the block output (counted with the boundary)
-    norm_tok = (s * h + 4) if kernels else ((4 * h if s < 4 else 0) + 4 + 2 * s * h)
-    if kernels:
-        dec_saved = N * s * h + shape.decoder_params * 4
-        chunk = min(N, tokens_per_chunk(h))
-        dec_fwd_peak = dec_saved + chunk * (2 * h + 2 * d) * s + N * s * h  # buffers + the result being scaled
-        dec_bwd_peak = dec_saved + N * s * h
-        block = logits_block_elements(N, V)
-        head_saved = N * 4 * 3  # lse, loss, target
-        head_fwd_peak = head_saved + block * s
-        head_bwd_peak = head_saved + block * s + N * 4 * h + shape.head_params * s + N * s * h
-    else:
-        dec_saved = N * (s * h + 8 + 2 * s * d + 4 * h)  # its input is the block output (boundary)
-        dec_fwd_peak = dec_saved + N * (s * h + 4 * h)  # y and its fp32 copy before the residual
-        dec_bwd_peak = dec_saved + N * 12 * h  # the squared error's backward: three fp32 [N, h] temporaries
-        head_saved = N * 4 * V
-        head_fwd_peak = N * 8 * V
-        head_bwd_peak = N * 12 * V
-
-    # ---- FSDP2 (``shard``): a unit's full weights while it computes, its full gradients until their
-    # reduce-scatter; plain data parallel: the buckets of the gradient sum
-    layer_full = [n * s for n in shape.layer_params]
-    embed_full = shape.embed_params * s
-    head_unit_full = (shape.head_params + shape.final_norm_params) * s  # sharded, the head is its own matrix
-    data_parallel = ranks > 1 and not shard
-    # plain data parallel with one optimizer: the lower blocks' sums overlap the blocks above
-    overlapped = data_parallel and not sequential and not early_lower_step and k > 1
-
-    def fsdp(gathered: int = 0, unsharded: int = 0) -> dict[str, int]:
-        return {"gathered": gathered, "unsharded_grads": unsharded} if shard else {}
-
-    def fsdp_layer_backward(b: int, i: int) -> dict[str, int]:
-        """Layer i's backward in block b: its weights, the unit it prefetches (the layer below in its block, the
-        embeddings below layer 0) and the full gradients of the unit before it, still in their reduce-scatter;
-        in the last block also the head's all-gather buffer."""
-        start, end = ranges[b]
-        below = layer_full[i - 1] if i > start else (embed_full if b == 0 else 0)
-        before = layer_full[i + 1] if i + 1 < end else (head_unit_full if b == last else 0)
-        return fsdp(layer_full[i] + below + (head_unit_full if b == last else 0), before)
-
-    def fsdp_block_end(b: int) -> dict[str, int]:
-        """The end of block b's backward: block 0 ends with the embeddings' (their weights gathered, their full
-        gradient) while layer 0's reduce-scatter runs; the last block still holds the head's all-gather buffer."""
-        head_buffer = head_unit_full if b == last else 0
-        return fsdp(head_buffer + embed_full, embed_full + layer_full[0]) if b == 0 else fsdp(head_buffer)
-
-    # ---- phases
-    phases: dict[str, dict[str, int]] = {}
-    everything = {"parameters": params, "optimizer_state": opt_state}
-
-    def add(name, base, **parts):
-        phases[name] = {**base, **{key: value for key, value in parts.items() if value}}
-
-    def add_step(name, base, summed=None, **parts):
-        """An optimizer step's phase; under plain data parallel the sum of its gradients (``summed`` bytes, by
-        default all it holds) before it is a phase too, with the copy of the bucket in flight (``sum_grads`` sums
-        one at a time: up to GRAD_BUCKET_BYTES, or one larger tensor)."""
-        if data_parallel:
-            summed = parts["gradients"] if summed is None else summed
-            add(f"gradient sum before {name}", base, **{**parts, "optimizer_step": 0},
-                collective=min(summed, max(GRAD_BUCKET_BYTES, largest_tensor * s)))
-        add(name, base, **parts)
-
-    def summing_below(b: int) -> dict[str, int]:
-        """Overlapped sums: the copies of the lower blocks' gradients in flight while block b runs."""
-        return {**everything, "collective": sum(weights[:b])} if overlapped and b > 0 else everything
-
-    def held_grads(b: int) -> int:
-        """Interleaved: gradients alive when block b starts."""
-        if grad_accum > 1:
-            return grads_all
-        if early_lower_step or b == 0:
-            return 0
-        held = grad_embed + b * grad_dec + sum(grad_layer[: ranges[b][0]])
-        return held
-
-    def layers_backward(b, extra_grads, fixed, accum):
-        """Peak over the backward of block b's layers, top layer first (at each one's MLP backward)."""
-        start, end = ranges[b]
-        L = end - start
-        best = None
-        acc_grads = 0
-        for j in range(L):
-            layer = end - 1 - j
-            live_acts = ((L - j) * saved_tok - input_tok - (detached_tok if b > 0 else 0)) * N
-            at_peak = down_proj_grad  # with accumulation: the fresh one, before it is added to .grad
-            total = dict(
-                gradients=extra_grads + acc_grads + at_peak,
-                activations=live_acts,
-                recompute=recompute_tok * N,
-                workspace=workspace_tok * N,
-                **fixed,
-                **fsdp_layer_backward(b, layer),
-            )
-            if best is None or sum(total.values()) > sum(best.values()):
-                best = total
-            acc_grads += 0 if accum else grad_layer[layer]
-        return best
-
-    def lower_block(b, base, held, accum, run_boundary, end_boundary):
-        """Lower block b's forward, decoder loss and backward over one micro-batch; ``held``: gradients alive
-        before it, ``accum``: the block's own gradients exist already (each new one is added)."""
-        # FSDP2: the running layer's weights and its all-gather buffer
-        add(f"block {b} forward", base, gradients=held, boundary=run_boundary, activations=block_acts[b],
-            decoders=dec_fwd_peak, **fsdp(2 * max(layer_full[ranges[b][0]: ranges[b][1]])))
-        add(f"block {b} decoder backward", base, gradients=held, boundary=run_boundary, activations=block_acts[b],
-            decoders=dec_bwd_peak)
-        dec_grads = 0 if accum else grad_dec
-        add(f"block {b} backward", base, **layers_backward(b, held + dec_grads, {"boundary": run_boundary}, accum))
-        block_grads = 0 if accum else sum(grad_layer[ranges[b][0]: ranges[b][1]]) + dec_grads
-        embed = 0 if b > 0 else grad_embed  # with accumulation: the fresh one, before it is added
-        add(f"block {b} end", base, gradients=held + block_grads + embed, boundary=end_boundary,
-            **fsdp_block_end(b))
-        return block_grads + embed
-
-    def last_block(suffix, base, held, accum, run_boundary, end_boundary):
-        final_norm = N * norm_tok
-        # FSDP2: the norm + head unit's weights and its all-gather buffer, from the norm's forward on
-        add("last block forward + head" + suffix, base, gradients=held, boundary=run_boundary,
-            activations=block_acts[last] + final_norm, head=head_fwd_peak, **fsdp(2 * head_unit_full))
-        add("head backward" + suffix, base, gradients=held, boundary=run_boundary,
-            activations=block_acts[last] + final_norm, head=head_bwd_peak, **fsdp(2 * head_unit_full))
-        head_grads = 0 if accum else grad_upper_fixed
-        add("last block backward" + suffix, base,
-            **layers_backward(last, held + head_grads, {"boundary": run_boundary}, accum))
-        embed_at_end = grad_embed if (k == 1 and not accum) else 0
-        add("last block end" + suffix, base, gradients=held + head_grads
-            + sum(grad_layer[ranges[last][0]:]) * (not accum) + embed_at_end, boundary=end_boundary,
-            **fsdp_block_end(last))
-
-    # Blocks after the first start from a detached tensor: their first RMSNorm records no fp32 copy
-    # and no rstd (nothing upstream needs its gradient); the fused norm saves its rstd regardless.
-    detached_tok = 0 if (kernels or recompute == "full") else (4 * h if s < 4 else 0) + 4
-    block_acts = [((end - start) * saved_tok - input_tok - (detached_tok if b > 0 else 0)) * N
-                  for b, (start, end) in enumerate(ranges)]
-    host = transfer = transfer_exposed = stash = 0
-    if not sequential:
-        for b in range(k - 1):
-            held = held_grads(b)
-            block_grads = lower_block(b, summing_below(b), held, grad_accum > 1, boundary, boundary_end)
-            if early_lower_step:
-                largest = max(largest_layer, embed_numel if b == 0 else 0)
-                temp = optimizer_step_temp_bytes(optimizer, largest, block_grads // s, s, foreach=foreach,
-                                                 fused=fused_optimizer, previous_tensor=largest_layer)
-                add_step(f"block {b} early optimizer step", everything, gradients=block_grads, boundary=boundary_end,
-                         optimizer_step=temp)
-        last_block("", summing_below(last), held_grads(last), grad_accum > 1, boundary, boundary_end)
-        remaining = grads_all if not early_lower_step else grads_all - (grad_embed + (k - 1) * grad_dec
-                                                                         + sum(grad_layer[: ranges[last][0]]))
-        if early_lower_step:
-            last_temp = optimizer_step_temp_bytes(optimizer, max(head_numel, largest_layer), upper_numel, s,
-                                                  foreach=foreach, fused=fused_optimizer, previous_tensor=largest_layer)
-        else:
-            last_temp = opt_temp_all
-        add_step("optimizer step", everything, gradients=remaining, optimizer_step=last_temp,
-                 summed=remaining - sum(weights[:last]) * overlapped,  # the lower blocks' are summed already
-                 **fsdp(head_unit_full))  # FSDP2: the head's all-gather buffer, until the next forward
-        persistent = params + opt_state
-        live_grads = grads_all
-    else:
-        # One block at a time over all M micro-batches (LoPTModel.sequential_step): only block b's gradients
-        # (accumulated over the micro-batches) and the stash, every micro-batch's detached input to the
-        # next block. Block b >= 1 holds its M inputs until after its step while it makes its M outputs.
-        def on_device(b, weights_too=None, stepping=False):
-            """What stays on the device while block b runs (``stepping``: in its step)."""
-            w = weights[b] if offload == "params" else params
-            state = opt_state if offload == "none" else block_state[b]
-            if stream_state:  # one parameter's state at a time, in the step only
-                state = optimizer_state_bytes(optimizer, [largest_in_block(b)], s) if stepping else 0
-            return {"parameters": w + (weights_too or 0), "optimizer_state": state}
-
-        def largest_in_block(b):
-            own = embed_numel if b == 0 else 0
-            own = max(own, head_numel if b == last else dec_tensors[2])
-            return max(largest_layer, own)
-
-        accum = M > 1
-        # The stash (the stale boundary): block b's M outputs, and the input it is on; each input of b > 0 is
-        # dropped once used (the fresh boundary keeps them for its recompute: M - 1 more, not modelled).
-        lower_end = [inputs_mb * M + hidden_mb * (M if b == 0 else M + 1) for b in range(k - 1)]
-        for b in range(k - 1):
-            # the last micro-batch: the earlier ones' gradients and outputs are held, the current output is new
-            run = inputs_mb * M + hidden_mb * (M + 1)
-            lower_block(b, on_device(b), weights[b] if accum else 0, accum, run, lower_end[b])
-            add_step(f"block {b} step", on_device(b, stepping=True), gradients=weights[b], boundary=lower_end[b],
-                     optimizer_step=block_step_temp(b))
-            if offload == "params":  # block b+1's weights arrive during b's step; b's gradients are gone by then
-                add(f"block {b} step -> block {b + 1} weights", on_device(b, weights[b + 1]), boundary=lower_end[b])
-        # the last block takes the stash's M inputs one by one (with k = 1 every micro-batch embeds anew)
-        waiting = [0, 0] if k == 1 else [M - 1, M - 2]  # stashed inputs of the other micro-batches
-        last_end = inputs_mb * M + hidden_mb
-        first_run = inputs_mb * M + hidden_mb * (2 + waiting[0])  # + the current input and output
-        if accum:
-            last_block(" (first micro-batch)", on_device(last), 0, False, first_run, last_end)
-            later_run = inputs_mb * M + hidden_mb * (2 + waiting[1])
-            last_block(" (later micro-batches)", on_device(last), weights[last], True, later_run, last_end)
-        else:
-            last_block("", on_device(last), 0, False, first_run, last_end)
-        add_step("optimizer step", on_device(last, stepping=True), gradients=weights[last],
-                 boundary=M * N * 8, optimizer_step=block_step_temp(last))  # and the input ids
-        stash = hidden_mb * (M + 1 if k > 2 else M if k == 2 else 0)
-        live_grads = max(weights)
-        persistent = {"none": params + opt_state, "optimizer": params, "params": weights[last]}[offload]
-        if offload != "none":
-            host = opt_state + (params if offload == "params" else 0)
-            transfer = 2 * opt_state
-            if offload == "params":  # each block's weights up and back; one block is always resident
-                transfer += 2 * params if k > 1 else params
-                transfer_exposed = weights[0] if k > 1 else 0
-            if stream_state:  # inside the steps, not behind compute
-                transfer_exposed += 2 * opt_state
-
-    if shard:  # each micro-batch all-gathers every unit twice (forward, backward) and reduce-scatters its gradients
-        link = 3 * M * (ranks - 1) * (n_params - (k - 1) * shape.decoder_params) * s
-    else:  # one all-reduce of every gradient per step
-        link = 2 * (ranks - 1) * grads_all // ranks
-    totals = {name: sum(parts.values()) for name, parts in phases.items()}
-    peak_phase = max(totals, key=totals.get)
-    transient_parts = ("activations", "recompute", "workspace", "head", "decoders")
-    activation_peak = max(sum(parts.get(p, 0) for p in transient_parts) for parts in phases.values())
-    return MemoryEstimate(
-        peak=totals[peak_phase],
-        persistent=persistent,
-        peak_phase=peak_phase,
-        breakdown=phases[peak_phase],
-        phases=totals,
-        parameters=params,
-        gradients=live_grads,
-        optimizer_state=opt_state,
-        block_activations=max(block_acts),
-        boundary=boundary,
-        head_peak=head_bwd_peak,
-        decoders=dec_saved if k > 1 else 0,
-        activations_per_block=block_acts,
-        host=host,
-        transfer=transfer,
-        transfer_exposed=transfer_exposed,
-        stash=stash,
-        link=link,
-        activation_peak=activation_peak,
-        per_block=[dict(parameters=weights[b], optimizer_state=block_state[b], step_temp=block_step_temp(b))
-                   for b in range(k)],
-        settings=dict(seq_len=seq_len, batch_size=batch_size, num_blocks=k, recompute=recompute,
-                      optimizer=optimizer, kernels=kernels, early_lower_step=early_lower_step,
-                      grad_accum=grad_accum, dtype=str(dtype).replace("torch.", ""), padded=padded,
-                      schedule=schedule, offload=offload, stream_state=stream_state, ranks=ranks, shard=shard),
+    st = StepSettings(
+        seq_len=seq_len, batch_size=batch_size, num_blocks=num_blocks, recompute=recompute, optimizer=optimizer,
+        kernels=kernels, early_lower_step=early_lower_step, grad_accum=grad_accum, dtype=dtype, s=dtype_bytes(dtype),
+        padded=padded, foreach=foreach, fused_optimizer=fused_optimizer, schedule=schedule, offload=offload,
+        stream_state=stream_state, ranks=ranks, shard=shard,
     )
+    check_settings(shape, st)
+    sizes = count_sizes(shape, st)
+    step = StepBytes(shape=shape, st=st, sizes=sizes, acts=count_activations(shape, st),
+                     head=count_head_and_decoder(shape, st), units=FsdpUnits.of(shape, st, sizes.ranges))
+    log = PhaseLog(data_parallel=st.data_parallel, bucket=max(GRAD_BUCKET_BYTES, sizes.largest_tensor * st.s))
+    kept = sequential_phases(step, log) if st.sequential else interleaved_phases(step, log)
+    return summarize(step, log, kept)

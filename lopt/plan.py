@@ -8,6 +8,10 @@ over PCIe against the step's compute, at an assumed bandwidth and FLOP rate that
 so are the collectives of data parallel over ``nproc`` ranks (``torchrun``, sharded with ``shard``), at an
 assumed link bandwidth. With ranks the step's sequences stay what is asked: its micro-batches are shared
 out among the ranks, and the memory is one rank's.
+
+In order: the model (``load_model_config``); the card and the speed (``usable_bytes``, ``relative_speed``,
+``step_time``); the plan and its report (``Plan``); the search (``PlanInputs``, ``search_space``,
+``candidate_settings``, ``price``, ``choose``, ``plan``); ``lopt plan``'s flags and ``apply_recipe``.
 """
 
 from __future__ import annotations
@@ -111,7 +115,7 @@ def trainable_model(spec: str) -> bool:
     return not Path(spec).is_file() or Path(spec).suffix == ".gguf"
 
 
-# ---------------------------------------------------------------------------------------------- the plan
+# ---------------------------------------------------------------------------------------------- the card and the speed
 
 
 def bitsandbytes_available() -> bool:
@@ -189,6 +193,9 @@ def step_time(shape: ModelShape, estimate: MemoryEstimate, tokens: int, *, pcie_
     link = estimate.link / (link_gb_s * 1e9)
     step = max(step, link) if settings.get("shard") else step + link
     return StepTime(compute=compute, transfer=estimate.transfer / bandwidth, step=step, link=link)
+
+
+# ---------------------------------------------------------------------------------------------- the plan and its report
 
 
 @dataclass
@@ -315,21 +322,26 @@ class Plan:
             lines += [f"with --num-blocks {self.fitting_num_blocks} a setting fits (`lopt plan ... --num-blocks "
                       f"{self.fitting_num_blocks}` shows it); the number of blocks changes what LoPT trains, so "
                       "the plan does not choose it", ""]
-        if self.alternatives:
-            lines.append("other settings that fit, fastest first (relative speed is the plan's model, not a measurement):")
-            lines.append(f"  {'micro':>5} {'accum':>5}  {'recompute':<9}  {'optimizer':<10}  {'early':<5}  "
-                         f"{'schedule':<11}  {'offload':<9}  {'peak GiB':>8}  {'speed':>5}")
-            for alt in self.alternatives:
-                lines.append(f"  {alt['batch_size']:>5} {alt['grad_accum']:>5}  {alt['recompute']:<9}  "
-                             f"{alt['optimizer']:<10}  {'on' if alt['early_lower_step'] else 'off':<5}  "
-                             f"{alt['schedule']:<11}  {alt['offload']:<9}  "
-                             f"{alt['peak'] / GiB:>8.2f}  {alt['speed']:>5.2f}")
-            lines.append("")
+        lines += self.alternatives_lines()
         lines.append(self.command())
         if self.train_model is None:
             lines.append(f"  (CHECKPOINT: a local Hugging Face directory or .gguf file of {self.model}; the plan "
                          "used its shape, which has no weights)")
         return "\n".join(lines)
+
+    def alternatives_lines(self) -> list[str]:
+        """The other settings that fit, as a table."""
+        if not self.alternatives:
+            return []
+        lines = ["other settings that fit, fastest first (relative speed is the plan's model, not a measurement):",
+                 f"  {'micro':>5} {'accum':>5}  {'recompute':<9}  {'optimizer':<10}  {'early':<5}  "
+                 f"{'schedule':<11}  {'offload':<9}  {'peak GiB':>8}  {'speed':>5}"]
+        for alt in self.alternatives:
+            lines.append(f"  {alt['batch_size']:>5} {alt['grad_accum']:>5}  {alt['recompute']:<9}  "
+                         f"{alt['optimizer']:<10}  {'on' if alt['early_lower_step'] else 'off':<5}  "
+                         f"{alt['schedule']:<11}  {alt['offload']:<9}  "
+                         f"{alt['peak'] / GiB:>8.2f}  {alt['speed']:>5.2f}")
+        return lines + [""]
 
     def ranks_lines(self) -> list[str]:
         """How the step is shared out among the ranks, and what each holds."""
@@ -348,6 +360,111 @@ class Plan:
             lines.append(f"  only {self.grad_accum} of the {self.nproc} ranks get a micro-batch{idle}: a larger "
                          "--tokens-per-step (or a smaller --batch-size) uses them all")
         return lines
+
+
+# ---------------------------------------------------------------------------------------------- the search
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a plan is given rather than chooses: the model, the sequence, the blocks, the kernels and dtype, the
+    ranks, and the rates the step-time estimate assumes."""
+
+    shape: ModelShape
+    seq_len: int
+    num_blocks: int
+    kernels: bool
+    dtype: object
+    nproc: int
+    shard: bool
+    pcie_gb_s: float
+    tflops: float
+    link_gb_s: float
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The choices a plan searches; ``layouts``: the (schedule, offload, stream_state) combinations."""
+
+    examples_per_step: int
+    optimizers: tuple[str, ...]
+    recompute_modes: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    layouts: tuple[tuple[str, str, bool], ...]
+    allow_early_lower_step: bool
+
+
+def search_space(*, seq_len: int, tokens_per_step: int, examples_per_step: int | None, optimizers, recompute_modes,
+                 batch_sizes, schedules, offloads, stream_states, allow_early_lower_step: bool,
+                 shard: bool) -> SearchSpace:
+    """``plan``'s arguments with their defaults filled in (see ``plan``), less what the trainer does not run:
+    offload without the sequential schedule, stream_state without offload, and under ``shard`` what
+    ``shard_conflict`` names. ``ValueError`` when nothing is left."""
+    if examples_per_step is None:
+        examples_per_step = max(1, round(tokens_per_step / seq_len))
+    if optimizers is None:
+        optimizers = tuple(o for o in OPTIMIZERS if o != "adamw-8bit" or bitsandbytes_available())
+    if batch_sizes is None:
+        batch_sizes = tuple(b for b in range(examples_per_step, 0, -1) if examples_per_step % b == 0)
+    stream_states = (False, True) if stream_states is None else stream_states
+    layouts = [(schedule, offload, stream) for schedule in schedules or SCHEDULES for offload in offloads or OFFLOAD
+               for stream in stream_states
+               if (schedule == "sequential" or offload == "none") and (offload != "none" or not stream)]
+    if shard:
+        layouts = [lay for lay in layouts if not shard_conflict(schedule=lay[0], offload=lay[1])]
+        optimizers = tuple(o for o in optimizers if not shard_conflict(optimizer=o))
+    if not layouts or not optimizers:
+        raise ValueError("no setting to search: offload needs the sequential schedule, and shard neither of them "
+                         "nor adamw-8bit")
+    return SearchSpace(examples_per_step=examples_per_step, optimizers=tuple(optimizers),
+                       recompute_modes=tuple(recompute_modes or RECOMPUTE), batch_sizes=tuple(batch_sizes),
+                       layouts=tuple(layouts), allow_early_lower_step=allow_early_lower_step)
+
+
+def candidate_settings(space: SearchSpace, fixed: PlanInputs):
+    """Every setting of the space, in the order ties are broken: (optimizer, recompute, batch_size, grad_accum,
+    the busiest rank's micro-batches, the ranks' busy share, schedule, offload, stream_state, early_lower_step).
+    The step keeps its ``examples_per_step`` sequences, its micro-batches shared out among the ranks; the early
+    lower-block step needs one micro-batch per rank, blocks, and the interleaved schedule."""
+    for optimizer in space.optimizers:
+        for recompute in space.recompute_modes:
+            for batch_size in space.batch_sizes:
+                grad_accum = max(1, math.ceil(space.examples_per_step / batch_size))
+                rank_accum = math.ceil(grad_accum / fixed.nproc)  # the busiest rank's micro-batches
+                busy = grad_accum / (fixed.nproc * rank_accum)
+                for schedule, offload, stream in space.layouts:
+                    early_choices = (False, True) if (rank_accum == 1 and fixed.num_blocks > 1
+                                                      and space.allow_early_lower_step
+                                                      and schedule == "interleaved") else (False,)
+                    for early in early_choices:
+                        yield (optimizer, recompute, batch_size, grad_accum, rank_accum, busy, schedule, offload,
+                               stream, early)
+
+
+def price(fixed: PlanInputs, optimizer: str, recompute: str, batch_size: int, grad_accum: int, rank_accum: int,
+          busy: float, schedule: str, offload: str, stream: bool, early: bool) -> dict:
+    """A candidate (a setting from ``candidate_settings``) with its predicted memory, step time and speed."""
+    est = estimate_memory(
+        fixed.shape, seq_len=fixed.seq_len, batch_size=batch_size, num_blocks=fixed.num_blocks, recompute=recompute,
+        optimizer=optimizer, kernels=fixed.kernels, early_lower_step=early, grad_accum=rank_accum, dtype=fixed.dtype,
+        schedule=schedule, offload=offload, stream_state=stream, ranks=fixed.nproc, shard=fixed.shard,
+    )
+    time = step_time(fixed.shape, est, fixed.seq_len * batch_size * rank_accum, pcie_gb_s=fixed.pcie_gb_s,
+                     tflops=fixed.tflops, link_gb_s=fixed.link_gb_s)
+    return dict(
+        batch_size=batch_size, grad_accum=grad_accum, recompute=recompute, optimizer=optimizer,
+        early_lower_step=early, schedule=schedule, offload=offload, stream_state=stream, peak=est.peak,
+        estimate=est, time=time, speed=relative_speed(fixed.seq_len, batch_size, recompute, optimizer, early,
+                                                      schedule, time.compute_fraction, busy),
+    )
+
+
+def choose(candidates: list[dict], budget: int) -> tuple[dict, list[dict]]:
+    """The best candidate and those that fit, best first: without offload before with, prefetched state before
+    streamed, then the fastest, then the smallest peak. Nothing fits: the smallest peak, and no list."""
+    fitting = sorted((c for c in candidates if c["peak"] <= budget),
+                     key=lambda c: (c["offload"] != "none", c["stream_state"], -c["speed"], c["peak"]))
+    return (fitting[0] if fitting else min(candidates, key=lambda c: c["peak"])), fitting
 
 
 def plan(
@@ -397,65 +514,22 @@ def plan(
     """
     if shard and nproc < 2:
         raise ValueError(f"shard splits the state across ranks: it needs nproc >= 2, got {nproc}")
-    shape = model_shape(config)
-    if examples_per_step is None:
-        examples_per_step = max(1, round(tokens_per_step / seq_len))
-    if optimizers is None:
-        optimizers = tuple(o for o in OPTIMIZERS if o != "adamw-8bit" or bitsandbytes_available())
-    recompute_modes = recompute_modes or RECOMPUTE
-    if batch_sizes is None:
-        batch_sizes = tuple(b for b in range(examples_per_step, 0, -1) if examples_per_step % b == 0)
-    schedules = schedules or SCHEDULES
-    offloads = offloads or OFFLOAD
+    fixed = PlanInputs(shape=model_shape(config), seq_len=seq_len, num_blocks=num_blocks, kernels=kernels,
+                       dtype=dtype, nproc=nproc, shard=shard, pcie_gb_s=pcie_gb_s, tflops=tflops, link_gb_s=link_gb_s)
+    space = search_space(
+        seq_len=seq_len, tokens_per_step=tokens_per_step, examples_per_step=examples_per_step, optimizers=optimizers,
+        recompute_modes=recompute_modes, batch_sizes=batch_sizes, schedules=schedules, offloads=offloads,
+        stream_states=stream_states, allow_early_lower_step=allow_early_lower_step, shard=shard)
     budget = usable_bytes(gpu_mem_gb, safety=safety, context_bytes=context_bytes)
-    stream_states = (False, True) if stream_states is None else stream_states
-    layouts = [(schedule, offload, stream) for schedule in schedules for offload in offloads
-               for stream in stream_states
-               if (schedule == "sequential" or offload == "none") and (offload != "none" or not stream)]
-    if shard:
-        layouts = [lay for lay in layouts if not shard_conflict(schedule=lay[0], offload=lay[1])]
-        optimizers = tuple(o for o in optimizers if not shard_conflict(optimizer=o))
-    if not layouts or not optimizers:
-        raise ValueError("no setting to search: offload needs the sequential schedule, and shard neither of them "
-                         "nor adamw-8bit")
-    candidates = []
-    for optimizer in optimizers:
-        for recompute in recompute_modes:
-            for batch_size in batch_sizes:
-                grad_accum = max(1, math.ceil(examples_per_step / batch_size))
-                rank_accum = math.ceil(grad_accum / nproc)  # the busiest rank's micro-batches
-                busy = grad_accum / (nproc * rank_accum)
-                for schedule, offload, stream in layouts:
-                    early_choices = (False, True) if (rank_accum == 1 and num_blocks > 1 and allow_early_lower_step
-                                                      and schedule == "interleaved") else (False,)
-                    for early in early_choices:
-                        est = estimate_memory(
-                            shape, seq_len=seq_len, batch_size=batch_size, num_blocks=num_blocks,
-                            recompute=recompute, optimizer=optimizer, kernels=kernels, early_lower_step=early,
-                            grad_accum=rank_accum, dtype=dtype, schedule=schedule, offload=offload,
-                            stream_state=stream, ranks=nproc, shard=shard,
-                        )
-                        time = step_time(shape, est, seq_len * batch_size * rank_accum, pcie_gb_s=pcie_gb_s,
-                                         tflops=tflops, link_gb_s=link_gb_s)
-                        candidates.append(dict(
-                            batch_size=batch_size, grad_accum=grad_accum, recompute=recompute, optimizer=optimizer,
-                            early_lower_step=early, schedule=schedule, offload=offload, stream_state=stream,
-                            peak=est.peak, estimate=est,
-                            time=time, speed=relative_speed(seq_len, batch_size, recompute, optimizer, early,
-                                                            schedule, time.compute_fraction, busy),
-                        ))
-    fitting = sorted((c for c in candidates if c["peak"] <= budget),
-                     key=lambda c: (c["offload"] != "none", c["stream_state"], -c["speed"], c["peak"]))
-    fits = bool(fitting)
-    best = fitting[0] if fits else min(candidates, key=lambda c: c["peak"])
-    alternatives = [{k: v for k, v in c.items() if k not in ("estimate", "time")} for c in fitting[1:6]]
-    dtype_name = "bf16" if dtype_bytes(dtype) == 2 else "fp32"
+    best, fitting = choose([price(fixed, *setting) for setting in candidate_settings(space, fixed)], budget)
     chosen = ("batch_size", "grad_accum", "recompute", "optimizer", "early_lower_step", "schedule", "offload",
               "stream_state", "estimate", "time")
     return Plan(
-        model=name or shape.name or "model", gpu_mem_gb=gpu_mem_gb, seq_len=seq_len, num_blocks=num_blocks,
-        kernels=kernels, dtype=dtype_name, fits=fits, budget=budget, num_params=shape.total_params(num_blocks),
-        pcie_gb_s=pcie_gb_s, tflops=tflops, nproc=nproc, shard=shard, link_gb_s=link_gb_s, alternatives=alternatives,
+        model=name or fixed.shape.name or "model", gpu_mem_gb=gpu_mem_gb, seq_len=seq_len, num_blocks=num_blocks,
+        kernels=kernels, dtype="bf16" if dtype_bytes(dtype) == 2 else "fp32", fits=bool(fitting), budget=budget,
+        num_params=fixed.shape.total_params(num_blocks), pcie_gb_s=pcie_gb_s, tflops=tflops, nproc=nproc,
+        shard=shard, link_gb_s=link_gb_s,
+        alternatives=[{k: v for k, v in c.items() if k not in ("estimate", "time")} for c in fitting[1:6]],
         **{key: best[key] for key in chosen},
     )
 
@@ -591,9 +665,8 @@ def apply_recipe(config, recipe: str | None = None, gpu_mem: float | None = None
     ``gpu_mem`` / ``recipe``. The optimizer step keeps the configured number of sequences
     (``batch_size * grad_accum``): the plan only splits it into micro-batches, so a recipe changes the
     memory and the speed, not what is learned. Sets ``batch_size``, ``grad_accum``, ``recompute``,
-    ``optimizer`` and ``early_lower_step``, and ``schedule``, ``offload`` and ``stream_state`` where the
-    ``TrainConfig`` has an ``offload`` field (without one the configured schedule is kept, without
-    offload). Raises ``UsageError`` when nothing fits.
+    ``optimizer``, ``early_lower_step``, ``schedule``, ``offload`` and ``stream_state``. Raises ``UsageError``
+    when nothing fits.
     """
     if config.batch_size is None:  # the run's default, filled in as the trainer would
         config = dataclasses.replace(config, batch_size=config.resolved().batch_size)

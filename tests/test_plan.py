@@ -769,3 +769,67 @@ def test_step_time_counts_the_collectives():
     assert plain.link == pytest.approx(2 * plain.gradients * (ranks - 1) / ranks)
     timed = step_time(shape, plain, tokens)
     assert timed.step == pytest.approx(timed.compute + timed.link)
+
+
+# ---------------------------------------------------------------------------------------------- pinned numbers
+
+# What the byte model and the search said when ``estimate_memory`` and ``plan`` were cut into named pieces
+# (the cut changed no number). A change here is a change of the model: say why, then update the row.
+# Each estimate row: (peak, peak phase, sum of every phase's total, number of phases, host, transfer, link).
+PINNED_ESTIMATES = [
+    ("qwen3-4b", {}, (71203419136, "last block backward", 618100402688, 9, 0, 0, 0)),
+    ("qwen3-4b", {"recompute": "selective", "kernels": False, "num_blocks": 4},
+     (73626954240, "head backward", 1152822380032, 17, 0, 0, 0)),
+    ("qwen3-4b", {"recompute": "full", "optimizer": "adamw-8bit", "grad_accum": 3},
+     (27714743808, "head backward", 243417899520, 9, 0, 0, 0)),
+    ("qwen3-4b", {"early_lower_step": True, "num_blocks": 3, "optimizer": "adamw-bf16", "fused_optimizer": False},
+     (30137454080, "last block backward", 442369753088, 15, 0, 0, 0)),
+    ("qwen3-4b", {"num_blocks": 1, "dtype": torch.float32, "padded": True, "optimizer": "torch-adamw",
+                  "foreach": False},
+     (68044318720, "head backward", 333023911936, 5, 0, 0, 0)),
+    ("llama-3.1-8b-instruct", {"schedule": "sequential", "grad_accum": 4, "num_blocks": 4},
+     (120840521728, "head backward (later micro-batches)", 2835031431168, 24, 0, 0, 0)),
+    ("llama-3.1-8b-instruct", {"schedule": "sequential", "offload": "optimizer", "stream_state": True, "grad_accum": 2},
+     (30464143360, "block 0 step", 375430019072, 14, 96463958016, 192927916032, 0)),
+    ("llama-3.1-8b-instruct", {"schedule": "sequential", "offload": "params", "num_blocks": 4, "recompute": "full"},
+     (36476010496, "block 0 end", 707480365056, 23, 112776538112, 225553076224, 0)),
+    ("llama-3.1-8b-instruct", {"ranks": 4, "grad_accum": 2},
+     (142436313088, "head backward", 1349974147072, 10, 0, 0, 24115989504)),
+    ("llama-3.1-8b-instruct", {"ranks": 4, "num_blocks": 4},
+     (140576716800, "last block backward", 2308712697856, 18, 0, 0, 24166401024)),
+    ("llama-3.1-8b-instruct", {"ranks": 2, "shard": True, "num_blocks": 4, "grad_accum": 2},
+     (70233456640, "head backward", 1147496357888, 17, 0, 0, 48181567488)),
+    ("qwen2.5-0.5b", {"ranks": 3, "schedule": "sequential", "num_blocks": 3, "grad_accum": 2},
+     (10367157888, "head backward (later micro-batches)", 212991400640, 22, 0, 0, 1682602837)),
+]
+# Each plan row: (batch_size, grad_accum, recompute, optimizer, early_lower_step, schedule, offload, stream_state,
+# peak, step seconds); the optimizers searched are fixed (without bitsandbytes' adamw-8bit).
+PINNED_PLANS = [
+    (("llama-3.1-8b-instruct", 24, 2048, {}),
+     (8, 1, "full", "adamw-bf16", False, "sequential", "params", True, 19242287104, 9.342899074498561)),
+    (("llama-3.1-8b-instruct", 16, 2048, {"num_blocks": 4}),
+     (4, 2, "selective", "adamw-bf16", False, "sequential", "params", True, 14114934784, 8.92643682091008)),
+    (("qwen3-4b", 24, 4096, {"nproc": 4, "shard": True}),
+     (1, 4, "none", "adamw-bf16", False, "interleaved", "none", False, 18354267648, 0.65957898747904)),
+    (("qwen3-4b", 80, 1024, {"nproc": 2}),
+     (8, 2, "none", "adamw-bf16", False, "interleaved", "none", False, 52759049472, 1.37802076663808)),
+]
+
+
+@pytest.mark.parametrize("name, settings, expected", PINNED_ESTIMATES)
+def test_estimate_is_pinned(name, settings, expected):
+    est = estimate_memory(shipped_config(name), seq_len=1024, batch_size=2, **settings)
+    assert (est.peak, est.peak_phase, sum(est.phases.values()), len(est.phases), est.host, est.transfer,
+            est.link) == expected
+    assert sum(est.breakdown.values()) == est.peak
+
+
+@pytest.mark.parametrize("args, expected", PINNED_PLANS)
+def test_plan_is_pinned(args, expected):
+    name, gpu_mem, seq_len, settings = args
+    result = plan(shipped_config(name), gpu_mem, seq_len, optimizers=("adamw", "adamw-bf16"), **settings)
+    assert result.fits
+    got = (result.batch_size, result.grad_accum, result.recompute, result.optimizer, result.early_lower_step,
+           result.schedule, result.offload, result.stream_state, result.estimate.peak)
+    assert got == expected[:-1]
+    assert result.time.step == pytest.approx(expected[-1], rel=1e-12)
