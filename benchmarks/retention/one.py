@@ -27,7 +27,8 @@ def _peak_rss_gb() -> float:
 
 
 def _pick(result: dict) -> dict:
-    keys = ("exact_match", "correct", "num_generated", "loss", "token_accuracy", "general_nll", "kl", "answer_nll")
+    keys = ("exact_match", "correct", "num_generated", "loss", "token_accuracy", "general_nll", "kl", "answer_nll",
+            "answer_agreement", "first_token_agreement", "answer_kept", "answer_samples")
     return {k: result[k] for k in keys if k in result}
 
 
@@ -84,7 +85,9 @@ def run_peer(spec: dict, method) -> dict:
     examples = tokenize_conversations(train_conv, tokenizer, seq_len)
     held_out = (tokenize_conversations(held_conv, tokenizer, seq_len), eval_examples(held_conv, tokenizer, seq_len))
     probe = RetentionProbe(model, tokenizer, seq_len, batch_size)
-    before = dict(task_score(model, tokenizer, held_out, batch_size, spec["eval_max_examples"]), **probe.measure(model))
+    # Unchanged since the probe was built: its greedy answers are the reference's (as lopt.train's ``before``).
+    before = dict(task_score(model, tokenizer, held_out, batch_size, spec["eval_max_examples"]),
+                  **probe.measure(model, as_built=True))
 
     if method.peer == "lora":
         from peft import LoraConfig, get_peft_model
