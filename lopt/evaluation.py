@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, EvalExample, Example, collate
+from .data import IGNORE_INDEX, EvalExample, Example, collate, render
 
 
 def pad_id(tokenizer) -> int:
@@ -29,6 +29,13 @@ def eos_ids(hf_model, tokenizer) -> set[int]:
     for ids in (tokenizer.eos_token_id, hf_model.config.eos_token_id, getattr(generation_config, "eos_token_id", None)):
         found.update(ids if isinstance(ids, list) else [ids] if isinstance(ids, int) else [])
     return found
+
+
+def chat_prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt as a user turn through the chat template with the generation prompt, tokenised."""
+    uses_template = bool(getattr(tokenizer, "chat_template", None))
+    texts = [render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
+    return tokenizer(texts, add_special_tokens=not uses_template)["input_ids"]
 
 
 @torch.no_grad()

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import render
-from .evaluation import eos_ids, greedy_answers
+from .evaluation import chat_prompt_ids, eos_ids, greedy_answers
 
 REPLAY_ANSWER_TOKENS = 96
 
@@ -79,10 +78,7 @@ def replay_conversations(hf_model, tokenizer, batch_size: int, prompts=REPLAY_PR
     end within ``REPLAY_ANSWER_TOKENS`` tokens are left out (a cut answer would teach stopping mid-sentence)."""
     was_training = hf_model.training
     hf_model.eval()
-    uses_template = bool(getattr(tokenizer, "chat_template", None))
-    texts = [render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
-    prompt_ids = tokenizer(texts, add_special_tokens=not uses_template)["input_ids"]
-    answers = greedy_answers(hf_model, tokenizer, prompt_ids, REPLAY_ANSWER_TOKENS, batch_size)
+    answers = greedy_answers(hf_model, tokenizer, chat_prompt_ids(tokenizer, prompts), REPLAY_ANSWER_TOKENS, batch_size)
     hf_model.train(was_training)
     eos = eos_ids(hf_model, tokenizer)
     conversations = []

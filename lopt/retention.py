@@ -34,8 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import render
-from .evaluation import greedy_answers, pad_id
+from .evaluation import chat_prompt_ids, greedy_answers, pad_id
 
 GENERAL_TEXT_TOKENS = 2048  # two forward passes of these cost about 20 s of the real default's 4 minutes
 MAX_CHUNK_LEN = 256
@@ -147,9 +146,7 @@ def reference(hf_model, tokenizer, batch_size: int, prompts: Sequence[str] = GEN
     """What ``kl_from_reference`` compares against: computed once, on the model as loaded."""
     was_training = hf_model.training
     hf_model.eval()
-    texts = [render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
-    uses_template = bool(getattr(tokenizer, "chat_template", None))
-    prompt_ids = tokenizer(texts, add_special_tokens=not uses_template)["input_ids"]
+    prompt_ids = chat_prompt_ids(tokenizer, prompts)
     answers = greedy_answers(hf_model, tokenizer, prompt_ids, answer_tokens, batch_size)
     # An empty answer still has its first position: the model's choice to stop (or not) at once.
     answers = [a if a else [pad_id(tokenizer)] for a in answers]

@@ -523,6 +523,11 @@ class Trainer:
         self._plot()
         if interrupted:
             return summary
+        return self._finish(summary, final_weights, result)
+
+    def _finish(self, summary: dict, final_weights: dict | None, result: dict | None) -> dict:
+        """A completed run, rank 0: ``final/``, the evaluation after training (``result`` when the sharded
+        ranks already ran it), the checkpoint dropped unless kept, the phases' seconds and the disk used."""
         with self._phase("saving final/"):
             summary["final_dir"] = str(self.save_final(final_weights))
         if not self.sharded:
@@ -805,7 +810,7 @@ class Trainer:
         self._say(f"{name}{f' ({work})' if work else ''} ...")
         started = time.perf_counter()
         yield
-        self.phase_s[name.split(" (")[0]] = seconds = round(time.perf_counter() - started, 1)
+        self.phase_s[name] = seconds = round(time.perf_counter() - started, 1)
         self._say(f"{name}: done in {seconds:.1f} s")
 
 
@@ -958,7 +963,6 @@ def _replay_examples(cfg: TrainConfig, hf_model, tokenizer, num_task_examples: i
     """``--replay``: the model's own answers to general prompts, as many as make that share (lopt.replay)."""
     from .replay import REPLAY_PROMPTS, repeated, replay_conversations, replay_count
 
-    started = time.perf_counter()
     if notes:
         tqdm.write(f"lopt: self-replay: the model answers {len(REPLAY_PROMPTS)} general prompts ...", file=sys.stderr)
     conversations = replay_conversations(hf_model, tokenizer, cfg.batch_size)
@@ -966,8 +970,7 @@ def _replay_examples(cfg: TrainConfig, hf_model, tokenizer, num_task_examples: i
                         replay_count(num_task_examples, cfg.replay))
     if notes:
         tqdm.write(f"lopt: self-replay: {len(conversations)} of its answers ended within the limit; "
-                   f"{len(examples)} replay examples ({cfg.replay:.0%} of the training set) in "
-                   f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+                   f"{len(examples)} replay examples ({cfg.replay:.0%} of the training set)", file=sys.stderr)
     return examples
 
 
