@@ -34,7 +34,7 @@ GIB = 2**30
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from: {', '.join(MODES)}")
-    p.add_argument("--config", default="llama-3.2-1b", help="a shipped config name (lopt/model_configs)")
+    p.add_argument("--config", default="llama-3.2-1b", help="a shipped config name (lopt/models/model_configs)")
     p.add_argument("--num-blocks", type=int, default=4, help="LoPT blocks (num_blocks - 1 boundaries)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--min-len", type=int, default=256)
@@ -69,8 +69,8 @@ def run_mode(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lopt.configs import shipped_config
-    from lopt.model import LoPTModel
+    from lopt.models.shapes import shipped_config
+    from lopt.engine.model import LoPTModel
 
     if not torch.cuda.is_available():
         raise SystemExit("boundary_memory.py needs a CUDA GPU")

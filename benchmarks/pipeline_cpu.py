@@ -7,7 +7,7 @@ batch, accumulation and schedule; ``--num-blocks 2``; no clipping, so all four t
 - (a) one process, 1 thread: ``python -m lopt train ...``
 - (b) a 2-stage pipeline, 2 processes of 1 thread: ``torchrun --nproc-per-node 2 -m lopt train --pipeline ...``
 - (c) 2-rank data parallel, 2 processes of 1 thread: ``torchrun --nproc-per-node 2 -m lopt train ...``
-- (d) the same, sharded (FSDP2, ``lopt.sharding``): ``torchrun --nproc-per-node 2 -m lopt train --shard ...``
+- (d) the same, sharded (FSDP2, ``lopt.parallel.sharding``): ``torchrun --nproc-per-node 2 -m lopt train --shard ...``
 
 each configuration ``--repeats`` times, interleaved (a, b, c, d, a, b, c, d, ...), so that a change in the machine's
 load hits all four alike. Every example has the same length, so every step has the same tokens, and a run's
@@ -56,8 +56,8 @@ def write_data(path: Path, n_rows: int, question_chars: int, answer_chars: int, 
 
 
 def example_lengths(model: str, data: str, seq_len: int) -> set[int]:
-    from lopt.data import load_rows, rows_to_conversations, tokenize_conversations
-    from lopt.loading import load_tokenizer_and_config, resolve_model
+    from lopt.data.sft import load_rows, rows_to_conversations, tokenize_conversations
+    from lopt.models.loading import load_tokenizer_and_config, resolve_model
 
     tokenizer, _ = load_tokenizer_and_config(resolve_model(model))
     conversations, _ = rows_to_conversations(load_rows(data), data)
@@ -65,8 +65,8 @@ def example_lengths(model: str, data: str, seq_len: int) -> set[int]:
 
 
 def save_wide_model(path: Path) -> str:
-    from lopt.configs import build_model, tiny_config
-    from lopt.tokenizer import byte_tokenizer
+    from lopt.models.shapes import build_model, tiny_config
+    from lopt.models.tokenizer import byte_tokenizer
 
     tokenizer = byte_tokenizer()
     config = tiny_config("llama", vocab_size=8 * -(-len(tokenizer) // 8), eos_token_id=tokenizer.eos_token_id,

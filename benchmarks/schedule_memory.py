@@ -5,7 +5,7 @@ shape (Llama, hidden 576, 30 layers, vocab 49152), random-init and fp32, one opt
 micro-batches per setting: interleaved (``train_step`` per micro-batch, one AdamW); sequential
 (``sequential_step``, one AdamW per block stepped as the block finishes) without offload, with the
 optimizer state offloaded, with weights and state offloaded, and the same with the state streamed
-through each block's step (``lopt.offload.BlockOffload``).
+through each block's step (``lopt.training.offload.BlockOffload``).
 
 Device bytes: ``benchmarks.e2e.bytecount.ByteCounter`` counts every live tensor; the host and the device
 are the same memory here, so the offload's host buffers (``BlockOffload.host_tensors``) are taken off.
@@ -47,8 +47,8 @@ def measure_windows(lm, optimizer_name: str, micro: list[dict], schedule: str, o
     ``("step", 0)`` the optimizer step. Returns ``before`` (device bytes before the step), ``host``,
     ``windows`` (each one's peak), ``moved`` (bytes the offload copied during the step) and ``seconds``.
     """
-    from lopt.offload import BlockOffload
-    from lopt.optim import build_optimizer
+    from lopt.training.offload import BlockOffload
+    from lopt.training.optim import build_optimizer
 
     def make(groups):
         if optimizer_name == "torch-adamw":
@@ -113,7 +113,7 @@ def one_run(shape: str, num_blocks: int, batch_size: int, seq_len: int, schedule
             stream: bool, micro_batches: int = 2) -> dict:
     import lopt
     from benchmarks.trainer_memory import SHAPES
-    from lopt.configs import build_model, tiny_config
+    from lopt.models.shapes import build_model, tiny_config
 
     lm = lopt.LoPTModel(build_model(tiny_config("llama", **SHAPES[shape])), num_blocks=num_blocks, kernels=False)
     g = torch.Generator().manual_seed(0)

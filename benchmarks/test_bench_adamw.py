@@ -3,7 +3,7 @@
     pytest benchmarks/test_bench_adamw.py                      # time it
     pytest benchmarks/test_bench_adamw.py --benchmark-disable  # one quick pass
 
-States, as ``lopt.optim`` keeps them for a bf16 parameter: ``adamw`` (fp32 moments and master copy)
+States, as ``lopt.training.optim`` keeps them for a bf16 parameter: ``adamw`` (fp32 moments and master copy)
 and ``adamw-bf16`` (bf16 moments, stochastic rounding). Implementations: ``fused``
 (lopt_kernels.adamw_step, one kernel), ``eager`` (adamw_step_reference: the PyTorch op sequence,
 sliced by STEP_CHUNK_ELEMENTS) and, on CUDA, ``torch-fused`` (``torch.optim.AdamW(fused=True)``) as a

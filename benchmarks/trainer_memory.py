@@ -35,7 +35,7 @@ def one_step(shape: str, num_blocks: int, batch_size: int, seq_len: int) -> dict
 
     import lopt
     from benchmarks.e2e.bytecount import ByteCounter, SavedActivationPeak, tensors_of
-    from lopt.configs import build_model, tiny_config
+    from lopt.models.shapes import build_model, tiny_config
 
     model = build_model(tiny_config("llama", **SHAPES[shape]))
     if num_blocks > 1:

@@ -12,9 +12,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import lopt
-from lopt.data import collate, rows_to_conversations, tokenize_conversations
-from lopt.default_data import record_splits, sft_splits
-from lopt.loading import load_model
+from lopt.data.sft import collate, rows_to_conversations, tokenize_conversations
+from lopt.data.embedded import record_splits, sft_splits
+from lopt.models.loading import load_model
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="tiny",

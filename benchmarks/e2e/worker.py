@@ -77,7 +77,7 @@ def model_flops_per_token(config, seq_len: int) -> float:
 
 
 def _load_config(name: str):
-    from lopt.configs import shipped_config, tiny_config
+    from lopt.models.shapes import shipped_config, tiny_config
 
     if name == "tiny":
         config = tiny_config("llama", hidden_size=64, num_hidden_layers=4, vocab_size=256)
@@ -114,7 +114,7 @@ def _make_optimizer(name, params, lr):
 
     if name == "torch-adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    from lopt.optim import build_optimizer
+    from lopt.training.optim import build_optimizer
 
     return build_optimizer(name, params if isinstance(params[0], dict) else [{"params": params}])
 
@@ -162,7 +162,7 @@ def run(spec: dict) -> dict:
         row["skipped"] = "early_lower_step is a LoPT lever"
         return row
 
-    from lopt.configs import build_model
+    from lopt.models.shapes import build_model
 
     config = _load_config(args["model"])
     seq_len, batch_size = args["seq_len"], args["batch_size"]
@@ -289,7 +289,7 @@ def run(spec: dict) -> dict:
         row["oom"] = True
         row["error"] = f"emulated cap: counted peak {max(peak_alloc) / GiB:.3f} GiB > {cap} GiB"
     if args["predict"] and method in ("lopt", "lopt+kernels"):
-        from lopt.memory_model import estimate_memory
+        from lopt.planning.memory_model import estimate_memory
 
         est = estimate_memory(
             config, seq_len=seq_len, batch_size=batch_size, num_blocks=args["num_blocks"], recompute=args["recompute"],

@@ -8,7 +8,7 @@ the same method (Llama-3.2-1B shape, seq 2048, no recomputation): persistent mem
 ``FIT`` leaves room for the allocator's rounding and fragmentation). That batch runs once under the cap
 (``torch.cuda.set_per_process_memory_fraction``, as benchmarks.e2e does); if it runs out of memory, 3/4 of it
 runs once more. For the LoPT train_step methods the planner's own largest fitting batch
-(``lopt.memory_model.estimate_memory`` against the same cap) is recorded beside it: a check of the planner's
+(``lopt.planning.memory_model.estimate_memory`` against the same cap) is recorded beside it: a check of the planner's
 search, not used to pick. Order: lopt+kernels, hf+liger, hf, lopt, lopt-paper. The dry run: the toy rows of part 2,
 a cap sized so the toy's batch lands near 3, one method.
 """
@@ -41,7 +41,7 @@ def planner_max_batch(method: str, model: str, seq_len: int, cap_gb: float, *, c
     import torch
 
     from benchmarks.e2e.worker import _load_config
-    from lopt.memory_model import estimate_memory
+    from lopt.planning.memory_model import estimate_memory
 
     config = _load_config(model)
     best = 0

@@ -4,7 +4,7 @@
 
 One row per method (benchmarks.e2e: each configuration in its own process, a fresh CUDA context): tokens/s,
 step time, persistent and transient memory, peak allocated and reserved, MFU (bf16 dense peak), and for the
-LoPT train_step methods the planner's predicted peak (``lopt.memory_model.estimate_memory``) beside the
+LoPT train_step methods the planner's predicted peak (``lopt.planning.memory_model.estimate_memory``) beside the
 measured one. The planner models LoPT's step only: hf, hf+liger and lopt-paper have no prediction.
 
 Order: lopt+kernels, hf+liger, hf, lopt, lopt-paper (the goals' comparisons first). lopt+kernels is skipped

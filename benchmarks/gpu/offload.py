@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu.offload        (from benchmarks/gpu_session.sh; writes $OUT/offload.json)
 
-``lopt.plan.plan`` picks the setting for Llama-3.1-8B-Instruct's shape on a 24 GiB card at seq 2048 (as
+``lopt.planning.plan.plan`` picks the setting for Llama-3.1-8B-Instruct's shape on a 24 GiB card at seq 2048 (as
 ``lopt plan --model llama-3.1-8b-instruct --gpu-mem 24 --seq-len 2048`` does: on this machine, without
 bitsandbytes, that is the sequential schedule with weights and optimizer state on the host, the state streamed);
 the part runs exactly that setting, random-init bf16 weights, kernels on, under a 24 GiB cap
@@ -52,10 +52,10 @@ def main() -> int:
     from benchmarks.e2e.bytecount import ByteCounter, tensors_of, unique_bytes
     from benchmarks.e2e.worker import _load_config
     from lopt import LoPTModel
-    from lopt.configs import build_model
-    from lopt.offload import BlockOffload
-    from lopt.optim import build_optimizer
-    from lopt.plan import plan
+    from lopt.models.shapes import build_model
+    from lopt.training.offload import BlockOffload
+    from lopt.training.optim import build_optimizer
+    from lopt.planning.plan import plan
 
     dtype = torch.bfloat16 if cuda else torch.float32
     config = _load_config(model_name)

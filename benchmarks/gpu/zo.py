@@ -58,7 +58,7 @@ def _model_and_batch(cuda: bool):
     import torch
 
     from benchmarks.e2e.worker import _load_config
-    from lopt.configs import build_model
+    from lopt.models.shapes import build_model
 
     name, seq, batch = ("tiny", 32, 2) if not cuda else ("llama-3.2-1b", 2048, 4)
     config = _load_config(name)

@@ -37,9 +37,9 @@ def run_lopt(spec: dict, method) -> dict:
     from transformers import AutoModelForCausalLM
 
     from lopt.config import TrainConfig
-    from lopt.loading import load_config
-    from lopt.model import LoPTModel
-    from lopt.trainer import train
+    from lopt.models.loading import load_config
+    from lopt.engine.model import LoPTModel
+    from lopt.training.trainer import train
 
     overrides = dict(method.lopt)
     lr = spec["lr"]
@@ -71,11 +71,11 @@ def run_peer(spec: dict, method) -> dict:
     """LoRA or BAdam in a plain loop: the trainer's data order, warm-up + cosine schedule, clipping."""
     import torch
 
-    from lopt.data import StepSchedule, collate, eval_examples, load_rows, rows_to_conversations, tokenize_conversations
-    from lopt.evaluation import pad_id, task_score
-    from lopt.loading import load_model
-    from lopt.retention import RetentionProbe
-    from lopt.trainer import lr_factor
+    from lopt.data.sft import StepSchedule, collate, eval_examples, load_rows, rows_to_conversations, tokenize_conversations
+    from lopt.measures.evaluation import pad_id, task_score
+    from lopt.models.loading import load_model
+    from lopt.measures.retention import RetentionProbe
+    from lopt.training.trainer import lr_factor
 
     torch.manual_seed(spec["seed"])
     model, tokenizer, _ = load_model(spec["model"], seed=spec["seed"])

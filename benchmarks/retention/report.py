@@ -3,7 +3,7 @@
 Per method, over its seeds at the learning rate its sweep picked: held-out exact match and loss,
 the general-text NLL increase and the KL from the original model, the agreement of the model's own
 greedy answers with the original's and the share of the original's answer tokens kept (mean and
-standard deviation; "-" for runs made before ``lopt.retention`` measured own answers), tokens/s
+standard deviation; "-" for runs made before ``lopt.measures.retention`` measured own answers), tokens/s
 relative to end-to-end fine-tuning, trainable parameters and peak memory (the process's peak RSS on
 the CPU), and two of seed 0's own answers next to the original's. Writes ``retention-<date>.json``,
 ``.md`` and ``.png`` (task score against KL, and where measured against answer agreement, each method

@@ -38,7 +38,7 @@ def best_lr(results: list[dict]) -> float:
 
 
 def _write_data(results_dir: Path) -> tuple[str, str]:
-    from lopt.default_data import record_splits
+    from lopt.data.embedded import record_splits
 
     paths = []
     for name, rows in zip(("train", "held_out"), record_splits()):

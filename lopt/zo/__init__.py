@@ -1,7 +1,7 @@
 """Zeroth-order (ZO) fine-tuning: MeZO / LoZO reference steps (``lopt.zo.reference``), the oracles for
 a batched scoring engine."""
 
-from .reference import (
+from lopt.zo.reference import (
     CONSISTENT,
     MEZO_NO_DECAY,
     NO_DECAY,

@@ -1,0 +1,2 @@
+"""Training data: the conversation formats, tokenisation and batching (``sft``) and the embedded
+default task (``embedded``)."""

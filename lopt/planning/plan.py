@@ -1,0 +1,698 @@
+"""The memory planner: the fastest setting of a LoPT training step that fits a card.
+
+``plan`` searches micro-batch, gradient accumulation, recomputation, optimizer, the early lower-block
+step, the schedule and what is offloaded to the host, pricing each setting with
+``lopt.planning.memory_model.estimate_memory``; ``lopt plan`` prints the result and ``lopt train --recipe``
+applies it (``apply_recipe``). Offloading is priced in time too (``step_time``): the bytes it moves
+over PCIe against the step's compute, at an assumed bandwidth and FLOP rate that the flags override;
+so are the collectives of data parallel over ``nproc`` ranks (``torchrun``, sharded with ``shard``), at an
+assumed link bandwidth. With ranks the step's sequences stay what is asked: its micro-batches are shared
+out among the ranks, and the memory is one rank's.
+
+In order: the model (``load_model_config``); the card and the speed (``usable_bytes``, ``relative_speed``,
+``step_time``); the plan and its report (``Plan``); the search (``PlanInputs``, ``search_space``,
+``candidate_settings``, ``price``, ``choose``, ``plan``); ``lopt plan``'s flags and ``apply_recipe``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from lopt.config import (
+    MAX_BATCH,
+    MAX_COUNT,
+    MAX_GPU_MEM_GB,
+    MAX_SEQ_LEN,
+    OFFLOAD,
+    OPTIMIZERS,
+    RECIPES,
+    RECOMPUTE,
+    SCHEDULES,
+    TrainConfig,
+    check_int,
+    check_number,
+)
+from lopt.models.shapes import SHIPPED_CONFIGS_DIR, shipped_config, shipped_config_names
+from lopt.errors import UsageError
+from lopt.models.loading import TINY, load_config, resolve_model
+from lopt.planning.memory_model import GiB, MemoryEstimate, ModelShape, dtype_bytes, estimate_memory, model_shape, shard_conflict
+
+# What the plan keeps free: a fraction for the caching allocator's rounding and fragmentation, and
+# what the CUDA context and libraries take on a real card outside PyTorch's allocator.
+SAFETY_FRACTION = 0.10
+MAX_RATE = 1e6  # GB/s or TFLOP/s: past this a value is a typo
+MAX_RANKS = 1 << 16  # torchrun processes: past this a value is a typo
+CUDA_CONTEXT_BYTES = int(0.6 * GiB)
+# Relative speed the plan assumes, to rank the settings that fit (see ``plan``).
+RECOMPUTE_SPEED = {"none": 1.0, "selective": 0.85, "full": 0.75}
+OPTIMIZER_PREFERENCE = {"adamw": 1.0, "adamw-bf16": 0.97, "adamw-8bit": 0.95, "torch-adamw": 1.0}
+EARLY_STEP_PREFERENCE = 0.99  # per-block clipping: a small change of the arithmetic, used when it helps
+TOKENS_HALF_SPEED = 1024  # a micro-batch of this many tokens runs at about half the GPU's best rate
+# Interleaved stays the default until a GPU measurement says otherwise: the sequential schedule is the same
+# arithmetic (stale boundary) with one optimizer per block and a stash of boundary activations.
+SCHEDULE_PREFERENCE = {"interleaved": 1.0, "sequential": 0.99}
+# What the transfer-versus-compute estimate assumes (``lopt plan --pcie-bandwidth / --tflops``): a
+# PCIe 4.0 x16 link's effective host<->device rate, and a dense bf16 rate a 24 GB card sustains on large
+# matrix products; the step's compute is the usual 6 x parameters x tokens (forward 2, backward 4).
+PCIE_GB_S = 25.0
+TFLOPS = 150.0
+# ... and for the collectives of data parallel (``lopt plan --link-bandwidth``): the bus bandwidth
+# (nccl-tests' busbw) of GPUs within one NVLink node; PCIe-only cards reach about a tenth of it.
+LINK_GB_S = 150.0
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+def load_model_config(spec: str):
+    """A transformers config from a shipped config name (``llama-3.2-1b``), a ``config.json`` path, or
+    anything ``lopt train --model`` takes (a checkpoint directory, a ``.gguf`` file, ``smollm2-135m-instruct``,
+    ``tiny``, a hub id already in the local cache; see ``lopt.models.loading``)."""
+    if (SHIPPED_CONFIGS_DIR / f"{spec}.json").is_file():
+        config = shipped_config(spec)
+        config.name_or_path = spec
+        return config
+    path = Path(spec)
+    if path.is_file() and path.suffix != ".gguf":
+        try:
+            fields = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise UsageError(f"{spec}: not a readable config.json ({error})") from None
+        if "model_type" not in fields:
+            raise UsageError(f"{spec}: a config.json needs a model_type")
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        config.name_or_path = path.stem
+        return config
+    source = resolve_model(spec)  # what `lopt train --model` takes, or a one-line error
+    if source.kind != "hub":
+        config = load_config(source)
+        config.name_or_path = spec
+        return config
+    try:  # a hub id already in the local cache
+        return AutoConfig.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    known = ", ".join(shipped_config_names())
+    raise UsageError(f"--model {spec}: not a checkpoint directory, a config.json or a shipped config ({known}), "
+                     "nor a hub id in the local cache")
+
+
+def trainable_model(spec: str) -> bool:
+    """Whether ``lopt train --model spec`` can load weights from ``spec`` (a shipped shape or a config.json cannot)."""
+    try:
+        resolve_model(spec)
+    except UsageError:
+        return False
+    return not Path(spec).is_file() or Path(spec).suffix == ".gguf"
+
+
+# ---------------------------------------------------------------------------------------------- the card and the speed
+
+
+def bitsandbytes_available() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def usable_bytes(gpu_mem_gb: float, *, safety: float = SAFETY_FRACTION, context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
+    """What a plan may fill on a card of ``gpu_mem_gb`` GiB: minus the safety margin and the CUDA context."""
+    return int(gpu_mem_gb * GiB * (1 - safety)) - context_bytes
+
+
+def relative_speed(seq_len: int, batch_size: int, recompute: str, optimizer: str, early_lower_step: bool,
+                   schedule: str = "interleaved", transfer_factor: float = 1.0, ranks_busy: float = 1.0) -> float:
+    """The plan's ranking of settings: larger micro-batches fill the GPU better, recomputation costs a
+    forward of what it recomputes, and the exact optimizer is preferred where the others would gain little;
+    ``transfer_factor``: compute time over step time when offloading or talking to other ranks
+    (``step_time``); ``ranks_busy``: the share of the ranks' time in which they have a micro-batch to run."""
+    tokens = seq_len * batch_size
+    speed = tokens / (tokens + TOKENS_HALF_SPEED) * RECOMPUTE_SPEED[recompute] * OPTIMIZER_PREFERENCE[optimizer]
+    speed *= SCHEDULE_PREFERENCE[schedule] * transfer_factor * ranks_busy
+    return speed * (EARLY_STEP_PREFERENCE if early_lower_step else 1.0)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one optimizer step as the plan estimates them (a model, not a measurement)."""
+
+    compute: float  # FLOPs / rate
+    transfer: float  # host <-> device bytes / bandwidth, both directions
+    step: float  # block by block, the longer of its compute and its transfers, plus what the compute waits for
+    link: float = 0.0  # data parallel: this rank's collectives, its bytes sent / the link bandwidth
+
+    @property
+    def compute_fraction(self) -> float:
+        return self.compute / self.step if self.step else 1.0
+
+
+def step_flops(shape: ModelShape, num_blocks: int, recompute: str, tokens: int) -> list[float]:
+    """FLOPs of each block in one optimizer step: 6 x its matrix parameters x tokens (the input embeddings
+    are a lookup), plus the recomputed forward (2 x the layers', or the MLPs', parameters x tokens)."""
+    from lopt.engine.model import split_layers
+
+    ranges = split_layers(shape.layers, num_blocks)
+    mlp = 3 * shape.hidden * shape.intermediate
+    out = []
+    for b, (start, end) in enumerate(ranges):
+        layers = sum(shape.layer_params[start:end])
+        params = layers + (shape.decoder_params if b < num_blocks - 1 else shape.head_params)
+        again = {"none": 0, "selective": (end - start) * mlp, "full": layers}[recompute]
+        out.append((6 * params + 2 * again) * tokens)
+    return out
+
+
+def step_time(shape: ModelShape, estimate: MemoryEstimate, tokens: int, *, pcie_gb_s: float = PCIE_GB_S,
+              tflops: float = TFLOPS, link_gb_s: float = LINK_GB_S) -> StepTime:
+    """The step's compute (``tokens``: this rank's) against its transfers. Offloading overlaps each block's
+    transfers with its compute (``lopt.training.offload``), so a block takes the longer of the two; what the compute
+    waits for is added: block 0's weights under ``params``, all the state with ``stream_state``. Under data
+    parallel the gradient all-reduce is added (a bound: with one optimizer the lower blocks' sums overlap the
+    blocks above); FSDP2 overlaps its all-gathers and reduce-scatters with the compute, so a sharded step takes
+    the longer of the two. A lower bound in practice: kernels reach the FLOP rate only on large products."""
+    settings = estimate.settings
+    flops = step_flops(shape, settings["num_blocks"], settings["recompute"], tokens)
+    rate, bandwidth = tflops * 1e12, pcie_gb_s * 1e9
+    compute = sum(flops) / rate
+    offload, streamed = settings.get("offload", "none"), settings.get("stream_state", False)
+    several = len(estimate.per_block) > 1
+    moved = []  # what each block moves behind its compute
+    for block in estimate.per_block:
+        moved.append(2 * block["optimizer_state"] * (offload != "none" and not streamed)
+                     + 2 * block["parameters"] * (offload == "params" and several))
+    if offload == "params":  # block 0's upload is waited for; with one block, its weights only go back
+        moved[0] += -estimate.per_block[0]["parameters"] if several else estimate.per_block[0]["parameters"]
+    step = sum(max(f / rate, m / bandwidth) for f, m in zip(flops, moved)) + estimate.transfer_exposed / bandwidth
+    link = estimate.link / (link_gb_s * 1e9)
+    step = max(step, link) if settings.get("shard") else step + link
+    return StepTime(compute=compute, transfer=estimate.transfer / bandwidth, step=step, link=link)
+
+
+# ---------------------------------------------------------------------------------------------- the plan and its report
+
+
+@dataclass
+class Plan:
+    """A setting of the training step for a card, and its predicted memory."""
+
+    model: str
+    gpu_mem_gb: float
+    seq_len: int
+    num_blocks: int
+    batch_size: int
+    grad_accum: int
+    recompute: str
+    optimizer: str
+    early_lower_step: bool
+    kernels: bool
+    dtype: str
+    fits: bool
+    budget: int
+    estimate: MemoryEstimate
+    num_params: int
+    schedule: str = "interleaved"
+    offload: str = "none"
+    stream_state: bool = False
+    time: StepTime | None = None
+    pcie_gb_s: float = PCIE_GB_S
+    tflops: float = TFLOPS
+    nproc: int = 1  # data-parallel ranks (torchrun processes); the estimate is one rank's
+    shard: bool = False  # FSDP2 over the ranks (``lopt train --shard``)
+    link_gb_s: float = LINK_GB_S
+    alternatives: list[dict] = field(default_factory=list)
+    train_model: str | None = None  # what to give `lopt train --model`; None: the plan's model has no weights
+    fitting_num_blocks: int | None = None  # nothing fits: the fewest blocks with which something does (``run_plan``)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Of all ranks together: ``--grad-accum`` counts the step's micro-batches, which the ranks share."""
+        return self.seq_len * self.batch_size * self.grad_accum
+
+    @property
+    def rank_micro_batches(self) -> int:
+        """Micro-batches the busiest rank runs per step (rank r runs r, r+N, ... of them)."""
+        return math.ceil(self.grad_accum / self.nproc)
+
+    def command(self) -> str:
+        """The suggested ``lopt train`` command line, under ``torchrun`` (one node) for more than one rank."""
+        launcher = f"torchrun --nproc-per-node {self.nproc} -m lopt train" if self.nproc > 1 else "lopt train"
+        model = self.train_model if self.train_model is not None else "CHECKPOINT"
+        return f"{launcher} --model {model} {self.train_flags()}"
+
+    def train_flags(self) -> str:
+        flags = (f"--seq-len {self.seq_len} --num-blocks {self.num_blocks} --batch-size {self.batch_size} "
+                 f"--grad-accum {self.grad_accum} --recompute {self.recompute} --optimizer {self.optimizer}")
+        if self.schedule != "interleaved":
+            flags += f" --schedule {self.schedule}"
+        if self.offload != "none":
+            flags += f" --offload {self.offload}"
+        if self.stream_state:
+            flags += " --stream-state"
+        if self.early_lower_step:
+            flags += " --early-lower-step"
+        return flags + (" --shard" if self.shard else "")
+
+    def as_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("estimate", "time")}
+        out["estimate"] = self.estimate.as_dict()
+        out["time"] = dataclasses.asdict(self.time) if self.time is not None else None
+        out["tokens_per_step"] = self.tokens_per_step
+        out["rank_micro_batches"] = self.rank_micro_batches
+        out["command"] = self.command()
+        return out
+
+    def time_lines(self) -> list[str]:
+        """The transfer-versus-compute estimate, with what it assumes."""
+        t, est = self.time, self.estimate
+        if t is None:
+            return []
+        link = f", {self.pcie_gb_s:g} GB/s host<->device" if self.offload != "none" else ""
+        link += f", {self.link_gb_s:g} GB/s between ranks" if self.nproc > 1 else ""
+        lines = [f"time of a step (estimate: {self.tflops:g} TFLOP/s{link}; --tflops / --pcie-bandwidth / "
+                 "--link-bandwidth change them; 6 x parameters x tokens FLOPs):",
+                 f"  compute {t.compute:.2f} s" + (" per rank" if self.nproc > 1 else "")]
+        if self.offload != "none":
+            lines[-1] += (f", transfers {t.transfer:.2f} s ({est.transfer / 1e9:.1f} GB moved), "
+                          f"overlapped block by block: about {t.step:.2f} s per step "
+                          f"({t.compute_fraction:.0%} of it compute)")
+            lines.append(f"  host memory needed: {est.host / GiB:.2f} GiB pinned "
+                         f"({'optimizer state' if self.offload == 'optimizer' else 'weights + optimizer state'})")
+        if self.nproc > 1:
+            what = ("all-gathers and reduce-scatters, overlapped with the compute" if self.shard else
+                    "the gradient all-reduce, added to the compute")
+            lines.append(f"  collectives {t.link:.2f} s ({est.link / 1e9:.1f} GB sent per rank: {what}): about "
+                         f"{t.step:.2f} s per step ({t.compute_fraction:.0%} of it compute)")
+        return lines + [""]
+
+    def describe(self) -> str:
+        est = self.estimate
+        lines = [
+            f"model      {self.model}: {self.num_params / 1e9:.2f}B parameters under LoPT "
+            f"({self.num_blocks} blocks{'; lm_head untied' if self.num_blocks > 1 else ''}, "
+            f"{self.num_blocks - 1} aux decoder(s)), {self.dtype}",
+            f"card       {self.gpu_mem_gb:g} GiB -> {self.budget / GiB:.2f} GiB usable "
+            f"({SAFETY_FRACTION:.0%} margin for the allocator, {CUDA_CONTEXT_BYTES / GiB:.1f} GiB CUDA context)",
+            "",
+        ]
+        status = "fits" if self.fits else "DOES NOT FIT (the setting with the smallest peak is shown)"
+        lines += [
+            f"plan       {status}",
+            f"  micro-batch {self.batch_size} x grad-accum {self.grad_accum} = {self.batch_size * self.grad_accum} "
+            f"sequences of {self.seq_len} = {self.tokens_per_step:,} tokens per optimizer step",
+            *self.ranks_lines(),
+            f"  recompute {self.recompute}, optimizer {self.optimizer}, early lower-block step "
+            f"{'on' if self.early_lower_step else 'off'}, kernels {'on' if self.kernels else 'off'}",
+            f"  schedule {self.schedule}, offload {self.offload}"
+            + (", optimizer state streamed through each block's step" if self.stream_state else ""),
+            "",
+            f"predicted memory of a step (peak of memory_allocated on {'each rank' if self.nproc > 1 else 'the device'}"
+            "; the parts live at the peak):",
+            est.table(),
+            "",
+        ]
+        lines += self.time_lines()
+        if self.fitting_num_blocks is not None:
+            lines += [f"with --num-blocks {self.fitting_num_blocks} a setting fits (`lopt plan ... --num-blocks "
+                      f"{self.fitting_num_blocks}` shows it); the number of blocks changes what LoPT trains, so "
+                      "the plan does not choose it", ""]
+        lines += self.alternatives_lines()
+        lines.append(self.command())
+        if self.train_model is None:
+            lines.append(f"  (CHECKPOINT: a local Hugging Face directory or .gguf file of {self.model}; the plan "
+                         "used its shape, which has no weights)")
+        return "\n".join(lines)
+
+    def alternatives_lines(self) -> list[str]:
+        """The other settings that fit, as a table."""
+        if not self.alternatives:
+            return []
+        lines = ["other settings that fit, fastest first (relative speed is the plan's model, not a measurement):",
+                 f"  {'micro':>5} {'accum':>5}  {'recompute':<9}  {'optimizer':<10}  {'early':<5}  "
+                 f"{'schedule':<11}  {'offload':<9}  {'peak GiB':>8}  {'speed':>5}"]
+        for alt in self.alternatives:
+            lines.append(f"  {alt['batch_size']:>5} {alt['grad_accum']:>5}  {alt['recompute']:<9}  "
+                         f"{alt['optimizer']:<10}  {'on' if alt['early_lower_step'] else 'off':<5}  "
+                         f"{alt['schedule']:<11}  {alt['offload']:<9}  "
+                         f"{alt['peak'] / GiB:>8.2f}  {alt['speed']:>5.2f}")
+        return lines + [""]
+
+    def ranks_lines(self) -> list[str]:
+        """How the step is shared out among the ranks, and what each holds."""
+        if self.nproc == 1:
+            return []
+        share = (f"each runs {'' if self.shard else 'at most '}{self.rank_micro_batches} of the step's "
+                 f"{self.grad_accum} micro-batches")
+        if self.shard:
+            held = (f"sharded (FSDP2): each holds 1/{self.nproc} of the parameters, gradients and optimizer state "
+                    "(the aux decoders whole)\n  and gathers a unit's full weights while the unit runs")
+        else:
+            held = "plain data parallel: each holds all the parameters, gradients and optimizer state"
+        lines = [f"  {self.nproc} ranks, {held}; {share}"]
+        if self.grad_accum < self.nproc:
+            idle = " (the others run a copy at weight 0)" if self.shard else ""
+            lines.append(f"  only {self.grad_accum} of the {self.nproc} ranks get a micro-batch{idle}: a larger "
+                         "--tokens-per-step (or a smaller --batch-size) uses them all")
+        return lines
+
+
+# ---------------------------------------------------------------------------------------------- the search
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a plan is given rather than chooses: the model, the sequence, the blocks, the kernels and dtype, the
+    ranks, and the rates the step-time estimate assumes."""
+
+    shape: ModelShape
+    seq_len: int
+    num_blocks: int
+    kernels: bool
+    dtype: object
+    nproc: int
+    shard: bool
+    pcie_gb_s: float
+    tflops: float
+    link_gb_s: float
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The choices a plan searches; ``layouts``: the (schedule, offload, stream_state) combinations."""
+
+    examples_per_step: int
+    optimizers: tuple[str, ...]
+    recompute_modes: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    layouts: tuple[tuple[str, str, bool], ...]
+    allow_early_lower_step: bool
+
+
+def search_space(*, seq_len: int, tokens_per_step: int, examples_per_step: int | None, optimizers, recompute_modes,
+                 batch_sizes, schedules, offloads, stream_states, allow_early_lower_step: bool,
+                 shard: bool) -> SearchSpace:
+    """``plan``'s arguments with their defaults filled in (see ``plan``), less what the trainer does not run:
+    offload without the sequential schedule, stream_state without offload, and under ``shard`` what
+    ``shard_conflict`` names. ``ValueError`` when nothing is left."""
+    if examples_per_step is None:
+        examples_per_step = max(1, round(tokens_per_step / seq_len))
+    if optimizers is None:
+        optimizers = tuple(o for o in OPTIMIZERS if o != "adamw-8bit" or bitsandbytes_available())
+    if batch_sizes is None:
+        batch_sizes = tuple(b for b in range(examples_per_step, 0, -1) if examples_per_step % b == 0)
+    stream_states = (False, True) if stream_states is None else stream_states
+    layouts = [(schedule, offload, stream) for schedule in schedules or SCHEDULES for offload in offloads or OFFLOAD
+               for stream in stream_states
+               if (schedule == "sequential" or offload == "none") and (offload != "none" or not stream)]
+    if shard:
+        layouts = [lay for lay in layouts if not shard_conflict(schedule=lay[0], offload=lay[1])]
+        optimizers = tuple(o for o in optimizers if not shard_conflict(optimizer=o))
+    if not layouts or not optimizers:
+        raise ValueError("no setting to search: offload needs the sequential schedule, and shard neither of them "
+                         "nor adamw-8bit")
+    return SearchSpace(examples_per_step=examples_per_step, optimizers=tuple(optimizers),
+                       recompute_modes=tuple(recompute_modes or RECOMPUTE), batch_sizes=tuple(batch_sizes),
+                       layouts=tuple(layouts), allow_early_lower_step=allow_early_lower_step)
+
+
+def candidate_settings(space: SearchSpace, fixed: PlanInputs):
+    """Every setting of the space, in the order ties are broken: (optimizer, recompute, batch_size, grad_accum,
+    the busiest rank's micro-batches, the ranks' busy share, schedule, offload, stream_state, early_lower_step).
+    The step keeps its ``examples_per_step`` sequences, its micro-batches shared out among the ranks; the early
+    lower-block step needs one micro-batch per rank, blocks, and the interleaved schedule."""
+    for optimizer in space.optimizers:
+        for recompute in space.recompute_modes:
+            for batch_size in space.batch_sizes:
+                grad_accum = max(1, math.ceil(space.examples_per_step / batch_size))
+                rank_accum = math.ceil(grad_accum / fixed.nproc)  # the busiest rank's micro-batches
+                busy = grad_accum / (fixed.nproc * rank_accum)
+                for schedule, offload, stream in space.layouts:
+                    early_choices = (False, True) if (rank_accum == 1 and fixed.num_blocks > 1
+                                                      and space.allow_early_lower_step
+                                                      and schedule == "interleaved") else (False,)
+                    for early in early_choices:
+                        yield (optimizer, recompute, batch_size, grad_accum, rank_accum, busy, schedule, offload,
+                               stream, early)
+
+
+def price(fixed: PlanInputs, optimizer: str, recompute: str, batch_size: int, grad_accum: int, rank_accum: int,
+          busy: float, schedule: str, offload: str, stream: bool, early: bool) -> dict:
+    """A candidate (a setting from ``candidate_settings``) with its predicted memory, step time and speed."""
+    est = estimate_memory(
+        fixed.shape, seq_len=fixed.seq_len, batch_size=batch_size, num_blocks=fixed.num_blocks, recompute=recompute,
+        optimizer=optimizer, kernels=fixed.kernels, early_lower_step=early, grad_accum=rank_accum, dtype=fixed.dtype,
+        schedule=schedule, offload=offload, stream_state=stream, ranks=fixed.nproc, shard=fixed.shard,
+    )
+    time = step_time(fixed.shape, est, fixed.seq_len * batch_size * rank_accum, pcie_gb_s=fixed.pcie_gb_s,
+                     tflops=fixed.tflops, link_gb_s=fixed.link_gb_s)
+    return dict(
+        batch_size=batch_size, grad_accum=grad_accum, recompute=recompute, optimizer=optimizer,
+        early_lower_step=early, schedule=schedule, offload=offload, stream_state=stream, peak=est.peak,
+        estimate=est, time=time, speed=relative_speed(fixed.seq_len, batch_size, recompute, optimizer, early,
+                                                      schedule, time.compute_fraction, busy),
+    )
+
+
+def choose(candidates: list[dict], budget: int) -> tuple[dict, list[dict]]:
+    """The best candidate and those that fit, best first: without offload before with, prefetched state before
+    streamed, then the fastest, then the smallest peak. Nothing fits: the smallest peak, and no list."""
+    fitting = sorted((c for c in candidates if c["peak"] <= budget),
+                     key=lambda c: (c["offload"] != "none", c["stream_state"], -c["speed"], c["peak"]))
+    return (fitting[0] if fitting else min(candidates, key=lambda c: c["peak"])), fitting
+
+
+def plan(
+    config,
+    gpu_mem_gb: float,
+    seq_len: int,
+    *,
+    num_blocks: int = 2,
+    tokens_per_step: int = 16384,
+    examples_per_step: int | None = None,
+    kernels: bool = True,
+    dtype=torch.bfloat16,
+    optimizers: tuple[str, ...] | None = None,
+    recompute_modes: tuple[str, ...] | None = None,
+    batch_sizes: tuple[int, ...] | None = None,
+    allow_early_lower_step: bool = True,
+    schedules: tuple[str, ...] | None = None,
+    offloads: tuple[str, ...] | None = None,
+    stream_states: tuple[bool, ...] | None = None,
+    pcie_gb_s: float = PCIE_GB_S,
+    tflops: float = TFLOPS,
+    nproc: int = 1,
+    shard: bool = False,
+    link_gb_s: float = LINK_GB_S,
+    safety: float = SAFETY_FRACTION,
+    context_bytes: int = CUDA_CONTEXT_BYTES,
+    name: str | None = None,
+) -> Plan:
+    """The fastest setting (by ``relative_speed``) whose predicted peak fits the card.
+
+    An optimizer step takes ``examples_per_step`` sequences (default: ``tokens_per_step / seq_len``,
+    at least 1), split into ``grad_accum`` micro-batches of ``batch_size`` (``batch_size`` divides it,
+    so every setting trains on the same batch). Searched: the micro-batch, recomputation
+    (none / selective / full), the optimizer (adamw, adamw-bf16, and adamw-8bit where bitsandbytes is
+    installed), without accumulation the lower blocks' early optimizer step (interleaved), the schedule
+    (``schedules``, default both) and, for the sequential one, the offload (``offloads``, default all)
+    and whether its state streams through the step (``stream_states``, default both). A setting that
+    offloads is taken only when none without offload fits, one that streams only when none that
+    prefetches fits, and its speed counts the transfers (``step_time`` at ``pcie_gb_s`` and ``tflops``).
+    ``num_blocks``, ``kernels`` and ``dtype`` are given. Nothing fits: the setting with the smallest peak, ``fits=False``.
+
+    ``nproc`` ranks (torchrun) share the step's ``grad_accum`` micro-batches (rank r runs r, r+N, ...), so the
+    step keeps its sequences; the peak is the busiest rank's, which runs ``ceil(grad_accum / nproc)`` of them
+    (the early lower-block step needs one), and a rank without a micro-batch counts against the speed.
+    ``shard``: FSDP2 over the ranks, without the settings ``shard_conflict`` names; the speed counts the
+    collectives at ``link_gb_s``.
+    """
+    if shard and nproc < 2:
+        raise ValueError(f"shard splits the state across ranks: it needs nproc >= 2, got {nproc}")
+    fixed = PlanInputs(shape=model_shape(config), seq_len=seq_len, num_blocks=num_blocks, kernels=kernels,
+                       dtype=dtype, nproc=nproc, shard=shard, pcie_gb_s=pcie_gb_s, tflops=tflops, link_gb_s=link_gb_s)
+    space = search_space(
+        seq_len=seq_len, tokens_per_step=tokens_per_step, examples_per_step=examples_per_step, optimizers=optimizers,
+        recompute_modes=recompute_modes, batch_sizes=batch_sizes, schedules=schedules, offloads=offloads,
+        stream_states=stream_states, allow_early_lower_step=allow_early_lower_step, shard=shard)
+    budget = usable_bytes(gpu_mem_gb, safety=safety, context_bytes=context_bytes)
+    best, fitting = choose([price(fixed, *setting) for setting in candidate_settings(space, fixed)], budget)
+    chosen = ("batch_size", "grad_accum", "recompute", "optimizer", "early_lower_step", "schedule", "offload",
+              "stream_state", "estimate", "time")
+    return Plan(
+        model=name or fixed.shape.name or "model", gpu_mem_gb=gpu_mem_gb, seq_len=seq_len, num_blocks=num_blocks,
+        kernels=kernels, dtype="bf16" if dtype_bytes(dtype) == 2 else "fp32", fits=bool(fitting), budget=budget,
+        num_params=fixed.shape.total_params(num_blocks), pcie_gb_s=pcie_gb_s, tflops=tflops, nproc=nproc,
+        shard=shard, link_gb_s=link_gb_s,
+        alternatives=[{k: v for k, v in c.items() if k not in ("estimate", "time")} for c in fitting[1:6]],
+        **{key: best[key] for key in chosen},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- CLI and recipe
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``lopt plan``."""
+    parser.add_argument("--model", required=True, metavar="PATH_OR_NAME",
+                        help="what `lopt train --model` takes (a checkpoint directory, a .gguf file, "
+                             "smollm2-135m-instruct, tiny), a config.json, or a shipped shape: "
+                             + ", ".join(shipped_config_names()))
+    card = parser.add_mutually_exclusive_group(required=True)
+    card.add_argument("--gpu-mem", type=float, metavar="GB", help="memory of the card in GiB (e.g. 24)")
+    card.add_argument("--recipe", choices=tuple(RECIPES),
+                      help="a consumer card: 8gb, 12gb, 16gb or 24gb")
+    seq_len = TrainConfig.__dataclass_fields__["seq_len"].default  # lopt train's: one default for both
+    parser.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per sequence (default {seq_len})")
+    parser.add_argument("--num-blocks", type=int, default=2, help="LoPT blocks (default 2)")
+    parser.add_argument("--tokens-per-step", type=int, default=16384,
+                        help="tokens per optimizer step, split into micro-batches (default 16384)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="parameter dtype (default bf16)")
+    parser.add_argument("--no-kernels", action="store_true", help="plan for the pure-PyTorch path (no lopt_kernels)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="fix the optimizer instead of choosing one")
+    parser.add_argument("--recompute", choices=RECOMPUTE, help="fix the recomputation instead of choosing one")
+    parser.add_argument("--batch-size", type=int, help="fix the micro-batch instead of choosing one")
+    parser.add_argument("--schedule", choices=SCHEDULES,
+                        help="fix the schedule instead of choosing one: interleaved (each micro-batch through every "
+                             "block) or sequential (every micro-batch through one block at a time)")
+    parser.add_argument("--offload", choices=OFFLOAD,
+                        help="fix what the host keeps instead of choosing (only when nothing else fits): none, "
+                             "optimizer (the optimizer state) or params (weights and optimizer state); needs the "
+                             "sequential schedule")
+    parser.add_argument("--stream-state", action="store_true",
+                        help="with --offload: stream the optimizer state through each block's step one parameter "
+                             "at a time (the device holds one parameter's state; the transfers are not hidden)")
+    parser.add_argument("--pcie-bandwidth", type=float, default=PCIE_GB_S, metavar="GB_S",
+                        help=f"host<->device bandwidth the transfer estimate assumes, GB/s (default {PCIE_GB_S:g})")
+    parser.add_argument("--tflops", type=float, default=TFLOPS,
+                        help=f"compute rate the step-time estimate assumes, TFLOP/s (default {TFLOPS:g}, dense bf16)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="plan one rank of `torchrun --nproc-per-node N -m lopt train`: the ranks share the step's "
+                             "micro-batches (default 1, one process)")
+    parser.add_argument("--shard", action="store_true",
+                        help="with --nproc N >= 2: shard the parameters, gradients and optimizer state over the ranks "
+                             "(FSDP2, `lopt train --shard`); the plan gives one rank's memory")
+    parser.add_argument("--link-bandwidth", type=float, default=LINK_GB_S, metavar="GB_S",
+                        help="bus bandwidth of the collectives between ranks that the step-time estimate assumes, GB/s "
+                             f"(default {LINK_GB_S:g}, NVLink within a node; PCIe-only cards reach about a tenth)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return parser
+
+
+def check_plan_args(args: argparse.Namespace):
+    """``UsageError`` (one line) for a ``lopt plan`` flag value no plan can use; ``lopt train``'s bounds."""
+    if args.gpu_mem is not None:
+        check_number("--gpu-mem", args.gpu_mem, 0, MAX_GPU_MEM_GB, low_open=True)
+    check_int("--seq-len", args.seq_len, 2, MAX_SEQ_LEN)
+    check_int("--num-blocks", args.num_blocks, 1)
+    check_int("--tokens-per-step", args.tokens_per_step, 1, MAX_COUNT)
+    if args.batch_size is not None:
+        check_int("--batch-size", args.batch_size, 1, MAX_BATCH)
+    check_number("--pcie-bandwidth", args.pcie_bandwidth, 0, MAX_RATE, low_open=True)
+    check_number("--tflops", args.tflops, 0, MAX_RATE, low_open=True)
+    check_number("--link-bandwidth", args.link_bandwidth, 0, MAX_RATE, low_open=True)
+    check_int("--nproc", args.nproc, 1, MAX_RANKS)
+    if args.shard:
+        if args.nproc < 2:
+            raise UsageError(f"--shard splits the state over the ranks: it needs --nproc N with N >= 2, "
+                             f"got --nproc {args.nproc}")
+        conflict = "--stream-state" if args.stream_state else shard_conflict(
+            schedule=args.schedule or "interleaved", offload=args.offload or "none",
+            optimizer=args.optimizer or "adamw")
+        if conflict:
+            raise UsageError(f"lopt train --shard does not run with {conflict}: drop one of them")
+    if args.stream_state and args.offload == "none":
+        raise UsageError("--stream-state streams offloaded state: it needs --offload optimizer or params")
+    if args.offload not in (None, "none") and args.schedule == "interleaved":
+        raise UsageError(f"--offload {args.offload} pages one block at a time: it needs --schedule sequential")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """``lopt plan``: print the plan; exit status 0 when it fits, 1 when nothing fits."""
+    check_plan_args(args)
+    config = load_model_config(args.model)
+    if args.shard and args.num_blocks == 1 and model_shape(config).tied:
+        raise UsageError(f"--shard with --num-blocks 1 on {args.model}, whose head is its embedding matrix, is not "
+                         "supported by lopt train: use --num-blocks 2 or more (which unties the head), or drop --shard")
+    gpu_mem = args.gpu_mem if args.gpu_mem is not None else RECIPES[args.recipe]
+    offloading = args.offload not in (None, "none") or args.stream_state
+    schedule = "sequential" if args.schedule is None and offloading else args.schedule
+    offloads = (args.offload,) if args.offload else (("optimizer", "params") if args.stream_state else None)
+    search = dict(
+        tokens_per_step=args.tokens_per_step, kernels=not args.no_kernels, dtype=args.dtype,
+        optimizers=(args.optimizer,) if args.optimizer else None,
+        recompute_modes=(args.recompute,) if args.recompute else None,
+        batch_sizes=(args.batch_size,) if args.batch_size else None,
+        schedules=(schedule,) if schedule else None, offloads=offloads,
+        stream_states=(True,) if args.stream_state else None,
+        pcie_gb_s=args.pcie_bandwidth, tflops=args.tflops, nproc=args.nproc, shard=args.shard,
+        link_gb_s=args.link_bandwidth, name=args.model,
+    )
+    result = plan(config, gpu_mem, args.seq_len, num_blocks=args.num_blocks, **search)
+    if not result.fits:
+        result.fitting_num_blocks = fewest_fitting_blocks(config, gpu_mem, args.seq_len, args.num_blocks, **search)
+    result.train_model = args.model if trainable_model(args.model) else None
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, default=str))
+    else:
+        print(result.describe())
+    return 0 if result.fits else 1
+
+
+def fewest_fitting_blocks(config, gpu_mem_gb: float, seq_len: int, num_blocks: int, **search) -> int | None:
+    """The fewest blocks above ``num_blocks`` with which some setting fits, or None."""
+    shape = model_shape(config)
+    for k in range(num_blocks + 1, shape.layers + 1):
+        if plan(shape, gpu_mem_gb, seq_len, num_blocks=k, **search).fits:
+            return k
+    return None
+
+
+def _train_model_config(train_config):
+    """The transformers config of the model ``lopt train`` would train (the embedded default's when none)."""
+    return load_model_config(train_config.model if train_config.model is not None else TINY)
+
+
+def apply_recipe(config, recipe: str | None = None, gpu_mem: float | None = None):
+    """A copy of the trainer's ``TrainConfig`` with the plan for the card applied.
+
+    The card: ``gpu_mem`` GiB, else the ``recipe``'s (8gb | 12gb | 16gb | 24gb), else the config's own
+    ``gpu_mem`` / ``recipe``. The optimizer step keeps the configured number of sequences
+    (``batch_size * grad_accum``): the plan only splits it into micro-batches, so a recipe changes the
+    memory and the speed, not what is learned. Sets ``batch_size``, ``grad_accum``, ``recompute``,
+    ``optimizer``, ``early_lower_step``, ``schedule``, ``offload`` and ``stream_state``. Raises ``UsageError``
+    when nothing fits.
+    """
+    if config.batch_size is None:  # the run's default, filled in as the trainer would
+        config = dataclasses.replace(config, batch_size=config.resolved().batch_size)
+    recipe = recipe if recipe is not None else getattr(config, "recipe", None)
+    gpu_mem = gpu_mem if gpu_mem is not None else getattr(config, "gpu_mem", None)
+    if gpu_mem is None:
+        if recipe is None:
+            raise UsageError("a recipe needs --recipe 8gb|12gb|16gb|24gb or --gpu-mem GB")
+        if recipe not in RECIPES:
+            raise UsageError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        gpu_mem = RECIPES[recipe]
+    model_config = _train_model_config(config)
+    dtype = torch.float32 if getattr(config, "dtype", "auto") == "fp32" else torch.bfloat16
+    kernels = True if getattr(config, "kernels", None) is None else bool(config.kernels)
+    result = plan(
+        model_config, gpu_mem, config.seq_len, num_blocks=config.num_blocks,
+        examples_per_step=config.batch_size * config.grad_accum, kernels=kernels, dtype=dtype,
+        name=config.model or "the embedded default model",
+    )
+    if not result.fits:
+        raise UsageError(
+            f"no setting fits {gpu_mem:g} GiB at --seq-len {config.seq_len} with {config.num_blocks} blocks "
+            f"(smallest predicted peak {result.estimate.peak / GiB:.1f} GiB): try a shorter --seq-len or more "
+            f"--num-blocks; `lopt plan --model ... --gpu-mem {gpu_mem:g}` shows the breakdown")
+    chosen = dict(batch_size=result.batch_size, grad_accum=result.grad_accum, recompute=result.recompute,
+                  optimizer=result.optimizer, early_lower_step=result.early_lower_step, schedule=result.schedule,
+                  offload=result.offload, stream_state=result.stream_state)
+    return dataclasses.replace(config, **chosen)
+

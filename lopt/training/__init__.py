@@ -1,0 +1,2 @@
+"""``lopt train`` on one rank: the trainer and what it owns (optimizers, checkpoints, the run
+directory, host offload, self-replay)."""
