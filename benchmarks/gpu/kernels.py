@@ -35,9 +35,9 @@ from pathlib import Path
 
 from .common import REPO, Part, dry_run, log, time_left, work_dir
 
-FILES = ("tests/test_linear_cross_entropy.py", "tests/test_recon_loss.py", "tests/test_layer_ops.py",
-         "tests/test_adamw.py", "tests/test_boundary.py", "tests/test_extension.py", "tests/test_engine_kernels.py",
-         "tests/test_patch.py")
+FILES = ("tests/kernels/test_linear_cross_entropy.py", "tests/kernels/test_recon_loss.py", "tests/kernels/test_layer_ops.py",
+         "tests/kernels/test_adamw.py", "tests/kernels/test_boundary.py", "tests/kernels/test_extension.py", "tests/engine/test_engine_kernels.py",
+         "tests/kernels/test_patch.py")
 GROUP_OF_FILE = {"test_linear_cross_entropy.py": "linear_cross_entropy", "test_recon_loss.py": "recon_loss",
                  "test_adamw.py": "adamw", "test_boundary.py": "boundary", "test_extension.py": "boundary",
                  "test_engine_kernels.py": "engine", "test_patch.py": "patch"}
@@ -50,7 +50,7 @@ DRY_SELECTION = ("test_has_extension_is_a_bool or test_modes_resolve or test_rms
 # Tests whose failure is not a wrong number: memory bounds, torch.compile, host syncs, which backend runs.
 NOT_NUMERIC = ("compile", "memory", "working_set", "host_sync", "what_runs", "runs_the_kernel", "opcheck",
                "script_parses", "saves_only")
-EXTENSION_FILES = ("tests/test_boundary.py", "tests/test_extension.py")
+EXTENSION_FILES = ("tests/kernels/test_boundary.py", "tests/kernels/test_extension.py")
 OTHER_FILES = tuple(f for f in FILES if f not in EXTENSION_FILES)
 # name: pytest -m, files, what it is. In this order, unless the build is still running when the first is done:
 # then the others go first and the boundary tests wait for it.
