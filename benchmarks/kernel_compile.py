@@ -164,6 +164,24 @@ def exercise_ops(hidden: int, intermediate: int, q_heads: int, kv_heads: int, he
     adamw_step(param, grad, torch.zeros(hidden, 8), torch.zeros(hidden, 8), master, **steps)
     if dtype == torch.bfloat16:
         adamw_step(param, grad, torch.zeros_like(param), torch.zeros_like(param), None, **steps)
+    # Zeroth-order: one direction's +/- evaluations through a perturbed linear (a few rows, and the
+    # largest row tile), then an fp32 master updated along two directions.
+    from lopt_kernels.zo_matmul import apply_directions_, perturbed_linear
+
+    for rows in (tokens, 16 * tokens):
+        perturbed_linear(torch.randn(2, rows, hidden).to(dtype), torch.randn(intermediate, hidden).to(dtype), [1],
+                         1e-3, base=2**33)
+    apply_directions_(torch.randn(hidden, 8), [1, 2], [1e-3, -1e-3], base=2**33)
+    # The low-rank ZO term: 2 directions x +-eps (4 groups) at LoZO's rank and r = 128, into both widths,
+    # for a few rows and for full 64-row tiles.
+    from lopt_kernels.zo_lowrank import grouped_lowrank
+
+    index, eps = torch.tensor([0, 0, 1, 1]), torch.tensor([1e-3, -1e-3, 1e-3, -1e-3])
+    for rows in (tokens, 8 * tokens):
+        for r in (8, 128):
+            for n in (hidden, intermediate):
+                grouped_lowrank(torch.randn(4, rows, hidden).to(dtype), torch.randn(2, hidden, r).to(dtype),
+                                torch.randn(2, n, r).to(dtype), index, index, eps, torch.zeros(4, rows, n, dtype=dtype))
 
 
 def record(models: dict[str, tuple], dtypes: list[torch.dtype]) -> list[Launch]:
