@@ -17,17 +17,22 @@ from pathlib import Path
 from lopt.data.sft import EVAL_SPLIT_MAX_ROWS, EVAL_SPLIT_MIN_ROWS
 from lopt.errors import UsageError
 from lopt.models.loading import SMOLLM2, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, TINY
+from lopt.settings import (  # the flags' choices and how they combine: lopt.settings owns them
+    BOUNDARIES,
+    DEVICES,
+    DTYPES,
+    OFFLOAD,
+    OPTIMIZERS,
+    RECIPES,
+    RECOMPUTE,
+    SCHEDULES,
+    TRAIN,
+    help_note,
+    refuse,
+)
 
-OPTIMIZERS = ("adamw", "adamw-bf16", "adamw-8bit")
-RECOMPUTE = ("none", "full", "selective")
-RECIPES = {"8gb": 8.0, "12gb": 12.0, "16gb": 16.0, "24gb": 24.0}  # card memory in GiB
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "bf16", "fp32")
-BOUNDARIES = ("stale", "fresh")  # see LoPTModel.train_step
 # Data parallel sums gradients in flat buckets of up to this many bytes (lopt.parallel.world; lopt.planning.memory_model counts them).
 GRAD_BUCKET_BYTES = 64 * 2**20
-SCHEDULES = ("interleaved", "sequential")  # LoPTModel.train_step per micro-batch, or LoPTModel.sequential_step
-OFFLOAD = ("none", "optimizer", "params")  # what waits in host memory between its block's turns (lopt.training.offload)
 
 # What ``None`` resolves to where a default depends on the run (see ``TrainConfig.resolved``).
 PRETRAINED_LR = 2e-5  # fine-tuning a real checkpoint
@@ -152,27 +157,28 @@ class TrainConfig:
                        type=bool, group="model and data")
 
     # ---- LoPT
-    num_blocks: int = _flag(2, "number of blocks the layers are split into (1 = plain end-to-end training)",
-                            type=int, group="LoPT")
+    num_blocks: int = _flag(2, "number of blocks the layers are split into (1 = plain end-to-end training)"
+                            + help_note("num_blocks"), type=int, group="LoPT")
     lambda_aux: float = _flag(10.0, "weight of the blocks' reconstruction loss", type=float, group="LoPT")
     boundary: str = _flag(
         "stale", "what the block after a boundary trains on: stale (the lower block's output from before its "
         "update, as the paper's released code) or fresh (recomputed after the lower block has stepped, as the "
         "paper's text describes; one extra lower forward, each lower block stepped and clipped on its own at its "
-        "boundary; needs --grad-accum 1 or --schedule sequential)", type=str, choices=BOUNDARIES, group="LoPT")
+        "boundary)" + help_note("boundary"), type=str, choices=BOUNDARIES, group="LoPT")
     schedule: str = _flag(
         "interleaved", "the order of a step's work: interleaved (each micro-batch runs through every block in "
         "turn) or sequential (every micro-batch runs through block 0, which then steps, clipped on its own, and "
         "frees its gradients, then block 1, ...: one block's gradients at a time with any --grad-accum, at the "
-        "cost of keeping each micro-batch's boundary activations)", type=str, choices=SCHEDULES, group="LoPT")
+        "cost of keeping each micro-batch's boundary activations)" + help_note("schedule"), type=str,
+        choices=SCHEDULES, group="LoPT")
     offload: str = _flag(
-        "none", "with --schedule sequential, what waits in (pinned) host memory while other blocks run: none; "
-        "optimizer (each block's optimizer state comes to the device for that block's turn); params (its weights "
-        "too)", type=str, choices=OFFLOAD, group="LoPT")
+        "none", "what waits in (pinned) host memory while other blocks run: none; optimizer (each block's optimizer "
+        "state comes to the device for that block's turn); params (its weights too)" + help_note("offload"),
+        type=str, choices=OFFLOAD, group="LoPT")
     stream_state: bool = _flag(
-        False, "with --offload: bring a block's optimizer state in one parameter at a time during its step (the "
-        "device holds one parameter's state; the transfers are no longer hidden behind compute)", type=bool,
-        group="LoPT")
+        False, "bring a block's offloaded optimizer state in one parameter at a time during its step (the device "
+        "holds one parameter's state; the transfers are no longer hidden behind compute)"
+        + help_note("stream_state"), type=bool, group="LoPT")
     recompute: str = _flag("none", "activation recomputation of the layers: none, full, or selective (MLPs only)",
                            type=str, choices=RECOMPUTE, group="LoPT")
     kernels: bool | None = _flag(None, "use the fused lopt_kernels ops (default: on CUDA with Triton)",
@@ -189,11 +195,11 @@ class TrainConfig:
     weight_decay: float = _flag(0.0, "AdamW weight decay (matrices only; norms and biases get none)", type=float)
     optimizer: str = _flag(
         "adamw", "adamw: fp32 moments (and an fp32 master copy of bf16 weights); adamw-bf16: bf16 moments and "
-        "stochastic rounding, a third of the state; adamw-8bit: bitsandbytes' 8-bit AdamW",
-        type=str, choices=OPTIMIZERS)
+        "stochastic rounding, a third of the state; adamw-8bit: bitsandbytes' 8-bit AdamW"
+        + help_note("optimizer"), type=str, choices=OPTIMIZERS)
     early_lower_step: bool = _flag(
         False, "step each lower block's optimizer right after its local backward, so its gradients are freed "
-        "before the next block runs (needs --grad-accum 1; clipping is then per block)", type=bool)
+        "before the next block runs (clipping is then per block)" + help_note("early_lower_step"), type=bool)
     max_grad_norm: float = _flag(1.0, "clip the gradient norm to this (0 = no clipping)", type=float)
     warmup_steps: int | None = _flag(None, "linear warm-up steps before the cosine decay (default: 5%% of the steps)",
                                      type=int)
@@ -208,20 +214,22 @@ class TrainConfig:
         f"{EMBEDDED_MAX_STEPS} for tiny on its embedded set, else --epochs)", type=int)
     epochs: int | None = _flag(None, "passes over the data (default: 1 when --max-steps is not given)", type=int)
     recipe: str | None = _flag(None, "apply the memory plan for a consumer card (see `lopt plan`): sets batch "
-                               "size, accumulation, recomputation and optimizer", type=str, choices=RECIPES,
-                               group="memory recipe")
-    gpu_mem: float | None = _flag(None, "plan for a card with this many GB instead of a named --recipe", type=float,
-                                  group="memory recipe", metavar="GB")
+                               "size, accumulation, recomputation and optimizer" + help_note("recipe"), type=str,
+                               choices=RECIPES, group="memory recipe")
+    gpu_mem: float | None = _flag(None, "plan for a card with this many GB instead of a named --recipe"
+                                  + help_note("gpu_mem"), type=float, group="memory recipe", metavar="GB")
 
     # ---- run
     output_dir: str = _flag("runs/lopt", "where metrics.jsonl, checkpoints, loss.png, eval.json and final/ go",
                             type=str, group="run", metavar="DIR")
-    resume: bool = _flag(False, "continue from the latest checkpoint in --output-dir", type=bool, group="run")
+    resume: bool = _flag(False, "continue from the latest checkpoint in --output-dir" + help_note("resume"),
+                         type=bool, group="run")
     keep_checkpoint: bool = _flag(
         False, "keep the last checkpoint (model, optimizer and data position) after a finished run, to --resume it "
         "with a higher --max-steps; without it a finished run keeps final/, metrics.jsonl, loss.png and eval.json "
         "(an interrupted run always keeps its checkpoint)", type=bool, group="run")
-    overwrite: bool = _flag(False, "delete a non-empty --output-dir and start over", type=bool, group="run")
+    overwrite: bool = _flag(False, "delete a non-empty --output-dir and start over" + help_note("overwrite"),
+                            type=bool, group="run")
     device: str = _flag("auto", "cpu, cuda, or auto (cuda when available)", type=str, choices=DEVICES, group="run")
     dtype: str = _flag("auto", "parameter dtype: auto (bf16 on cuda, fp32 on cpu), bf16 or fp32", type=str,
                        choices=DTYPES, group="run")
@@ -248,11 +256,11 @@ class TrainConfig:
         "each step's micro-batches): rank r trains block r (lopt.parallel.pipeline); each "
         "micro-batch's boundary activations go forward to the next rank and nothing comes back, the micro-batches "
         "stream through the ranks, and each block is clipped and stepped on its own rank (the stale boundary: the "
-        "one-process step's result)", type=bool, group="run")
+        "one-process step's result)" + help_note("pipeline"), type=bool, group="run")
     shard: bool = _flag(
         False, "torchrun data parallel with each decoder layer's weights, gradients and optimizer state split "
-        "across the ranks (FSDP2, lopt.parallel.sharding): a rank holds 1/N of them plus the layer being computed",
-        type=bool, group="run")
+        "across the ranks (FSDP2, lopt.parallel.sharding): a rank holds 1/N of them plus the layer being computed"
+        + help_note("shard"), type=bool, group="run")
 
     @property
     def embedded_model(self) -> bool:
@@ -292,7 +300,8 @@ class TrainConfig:
         return resolved
 
     def validate(self):
-        """Raise ``UsageError`` (one line: the flag, the value, what is allowed) for a value no run can use.
+        """Raise ``UsageError`` (one line: the flag, the value, what is allowed) for a value no run can use, or
+        flags that do not combine (``lopt.settings``).
 
         Every bound is checked here, so ``lopt train`` refuses before it loads or writes anything."""
         for name, low, high in (("seq_len", 2, MAX_SEQ_LEN), ("num_blocks", 1, None), ("batch_size", 1, MAX_BATCH),
@@ -311,85 +320,18 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 check_number(_flag_name(name), getattr(self, name), low, high, low_open=low_open)
         for f in dataclasses.fields(self):
-            value, choices = getattr(self, f.name), f.metadata["choices"]
-            if choices and value is not None and value not in choices:
-                raise UsageError(f"{_flag_name(f.name)} must be one of {', '.join(choices)}, got {value!r}")
-            if f.metadata["type"] is str and value is not None and not (isinstance(value, str) and value.strip()):
+            value = getattr(self, f.name)
+            if f.metadata["type"] is str and not f.metadata["choices"] and value is not None \
+                    and not (isinstance(value, str) and value.strip()):
                 raise UsageError(f"{_flag_name(f.name)} must not be empty: give a path or name, or leave the flag out")
-        if self.resume and self.overwrite:
-            raise UsageError("--resume and --overwrite exclude each other: pick one")
-        if self.offload != "none" and self.schedule != "sequential" and not self.pipeline:  # --pipeline: below
-            raise UsageError(f"--offload {self.offload} pages one block at a time: it needs --schedule sequential")
-        if self.stream_state and self.offload == "none":
-            raise UsageError("--stream-state streams offloaded optimizer state: it needs --offload optimizer or params")
-        _, ranks, _ = launch_env()
-        if self.shard:
-            self._check_shard(ranks)
-        if self.pipeline:
-            self._check_pipeline(ranks)
-        elif self.schedule == "sequential":
-            if self.early_lower_step:
-                raise UsageError("--schedule sequential steps each block as soon as it is done already: "
-                                 "drop --early-lower-step")
-        # Interleaved, both step each lower block at its boundary, once per micro-batch: one micro-batch per
-        # process and step (fresh would need every micro-batch's lower backward before the lower step).
-        elif ranks == 1:
-            if self.early_lower_step and self.grad_accum > 1:
-                raise UsageError("--early-lower-step steps each block once per micro-batch, so it needs --grad-accum 1")
-            if self.boundary == "fresh" and self.grad_accum > 1:
-                raise UsageError("--boundary fresh steps each lower block before the next block sees its output, "
-                                 "once per micro-batch, so it needs --grad-accum 1 (raise --batch-size instead)")
-        elif (self.early_lower_step or self.boundary == "fresh") and self.grad_accum > ranks:
-            flag = "--early-lower-step" if self.early_lower_step else "--boundary fresh"
-            raise UsageError(f"{flag} steps each lower block once per step at its boundary, so each of the {ranks} "
-                             f"ranks runs at most one micro-batch: --grad-accum must be at most {ranks}, got "
-                             f"{self.grad_accum} (raise --batch-size instead)")
-        if self.optimizer == "adamw-8bit" and importlib.util.find_spec("bitsandbytes") is None:
-            raise UsageError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes")
+        refuse(self.settings(), TRAIN)  # the choices and their combinations (lopt.settings)
 
-    def _check_shard(self, ranks: int):
-        """--shard: FSDP2 data parallel, with the interleaved schedule and an optimizer that steps shards."""
-        if ranks == 1:
-            raise UsageError("--shard splits the model across torchrun's processes: start it with torchrun "
-                             "--nproc-per-node N (N >= 2), or leave it out")
-        for flag, value, allowed in (("--pipeline", self.pipeline, False), ("--schedule", self.schedule, "interleaved"),
-                                     ("--offload", self.offload, "none")):
-            if value != allowed:
-                shown = "" if isinstance(value, bool) else f" {value}"
-                raise UsageError(f"--shard with {flag}{shown} is not supported yet: drop one of them")
-        if self.optimizer == "adamw-8bit":
-            raise UsageError("--shard with --optimizer adamw-8bit is not supported (bitsandbytes steps whole "
-                             "tensors): use adamw or adamw-bf16")
-        if self.recipe is not None or self.gpu_mem is not None:
-            raise UsageError("--recipe and --gpu-mem plan one process that holds the whole model; with --shard set "
-                             "--batch-size, --grad-accum and --recompute yourself (lopt plan --nproc N --shard "
-                             "predicts a rank's memory)")
-
-    def _check_pipeline(self, ranks: int):
-        """--pipeline: one block per rank, each block's step once per optimizer step, on the stale boundary."""
-        if ranks == 1 or self.num_blocks < 2:
-            raise UsageError("--pipeline puts one block on each process: start it with torchrun --nproc-per-node K "
-                             "and --num-blocks K (K >= 2), or leave it out (--no-pipeline)")
-        if ranks % self.num_blocks:
-            raise UsageError(f"--pipeline runs one block per rank, in copies of --num-blocks ranks: the {ranks} ranks "
-                             f"must be a multiple of --num-blocks, got {self.num_blocks}")
-        if self.schedule == "sequential":
-            raise UsageError("--pipeline steps each block once per step on its own rank, as --schedule sequential "
-                             "does in one process: drop --schedule sequential")
-        if self.early_lower_step:
-            raise UsageError("--pipeline steps and clips each block on its own rank, and a rank holds only its "
-                             "block's gradients: drop --early-lower-step")
-        # Honest fresh would have each rank wait for the previous block's update before using its output:
-        # the stages would take turns instead of overlapping.
-        if self.boundary == "fresh":
-            raise UsageError("--boundary fresh would make each pipeline stage wait for the previous block's step, "
-                             "so the stages could not overlap: use --boundary stale with --pipeline, or --schedule "
-                             "sequential --boundary fresh without it")
-        if self.recipe is not None or self.gpu_mem is not None:
-            raise UsageError("--recipe and --gpu-mem plan one process that holds the whole step, not a pipeline "
-                             "rank: with --pipeline set --batch-size, --grad-accum and --recompute yourself")
-        if self.offload != "none":  # lopt.training.offload pages the blocks of one process; a pipeline steps its block itself
-            raise UsageError(f"--offload {self.offload} with --pipeline is not supported yet: drop --offload")
+    def settings(self) -> dict:
+        """What ``lopt.settings``' rules read: the fields, this job's torchrun processes, and whether
+        bitsandbytes is installed."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values.update(ranks=launch_env()[1], bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None)
+        return values
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

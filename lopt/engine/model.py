@@ -21,10 +21,13 @@ import torch.utils.checkpoint
 import lopt_kernels
 from lopt_kernels.boundary import BoundaryMemory
 
-from lopt.config import BOUNDARIES
-from lopt.config import RECOMPUTE as RECOMPUTE_MODES
+from lopt.settings import API, Say, refuse
 from lopt.models.shapes import SUPPORTED_FAMILIES
 from lopt.data.sft import IGNORE_INDEX
+
+# How the step functions' callbacks that step a lower block are named in their messages (lopt.settings).
+_ON_BOUNDARY = Say("api", {"block_step": "on_boundary"})
+_ON_BLOCK_DONE = Say("api", {"block_step": "on_block_done"})
 
 
 class StepOutput(NamedTuple):
@@ -137,10 +140,7 @@ class LoPTModel(nn.Module):
         super().__init__()
         _check_architecture(hf_model)
         num_layers = len(hf_model.model.layers)
-        if not 1 <= num_blocks <= num_layers:
-            raise ValueError(f"num_blocks must be between 1 and the model's {num_layers} layers, got {num_blocks}")
-        if recompute not in RECOMPUTE_MODES:
-            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {recompute!r}")
+        refuse(dict(num_blocks=num_blocks, layers=num_layers, recompute=recompute), API)
         if lambda_aux < 0:
             raise ValueError(f"lambda_aux must be >= 0, got {lambda_aux}")
 
@@ -204,11 +204,7 @@ class LoPTModel(nn.Module):
         after ``on_boundary(b)`` has stepped block b, its output is recomputed under no_grad from its
         input (block 0: the updated embeddings), one extra forward of the block without stored activations.
         """
-        if boundary not in BOUNDARIES:
-            raise ValueError(f"boundary must be one of {', '.join(BOUNDARIES)}, got {boundary!r}")
-        if boundary == "fresh" and on_boundary is None and self.num_blocks > 1:
-            raise ValueError("boundary='fresh' recomputes each lower block after its update: pass an on_boundary "
-                             "that steps the block's optimizer")
+        refuse(dict(boundary=boundary, block_step=on_boundary is not None, num_blocks=self.num_blocks), _ON_BOUNDARY)
         input_ids, attention_mask, labels, document_ids = self.unpack(batch)
         positions = attention_mask.bool() if attention_mask is not None else None
         num_tokens = (labels != IGNORE_INDEX).sum()
@@ -311,11 +307,8 @@ class LoPTModel(nn.Module):
         ``total_tokens`` / ``total_positions`` default to these micro-batches' own; pass the step's when the
         step's other micro-batches run elsewhere (another rank).
         """
-        if boundary not in BOUNDARIES:
-            raise ValueError(f"boundary must be one of {', '.join(BOUNDARIES)}, got {boundary!r}")
-        if boundary == "fresh" and on_block_done is None and self.num_blocks > 1:
-            raise ValueError("boundary='fresh' recomputes each lower block after its update: pass an on_block_done "
-                             "that steps the block's optimizer")
+        refuse(dict(boundary=boundary, block_step=on_block_done is not None, num_blocks=self.num_blocks),
+               _ON_BLOCK_DONE)
         parts = [self.unpack(mb) for mb in micro_batches]
         tokens = [(labels != IGNORE_INDEX).sum() for _, _, labels, _ in parts]
         positions = [torch.tensor(ids.numel(), device=ids.device) if mask is None else mask.sum()

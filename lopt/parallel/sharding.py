@@ -36,6 +36,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lopt.errors import UsageError
+from lopt.settings import TRAIN, refuse
 
 
 def shard_model(engine: nn.Module, world, device: torch.device) -> None:
@@ -43,10 +44,8 @@ def shard_model(engine: nn.Module, world, device: torch.device) -> None:
     holding this rank's shard (build optimizers after this)."""
     hf_model = engine.model
     decoder = hf_model.model
-    if hf_model.lm_head.weight is decoder.embed_tokens.weight:
-        raise UsageError("--shard with --num-blocks 1 on a model whose head shares the embedding matrix is not "
-                         "supported (the two would have to be one unit, gathered for the whole step): use "
-                         "--num-blocks 2 or more, which gives the head its own weight, or drop --shard")
+    tied = hf_model.lm_head.weight is decoder.embed_tokens.weight
+    refuse(dict(shard=True, num_blocks=engine.num_blocks, tied_head=tied), TRAIN)  # lopt train --shard calls this
     mesh = init_device_mesh(device.type, (world.size,))
     units = [decoder.embed_tokens, *decoder.layers]
     for unit in units:

@@ -6,7 +6,7 @@ optimizers and ``lopt.training.offload``'s paging, the host memory and traffic o
 data parallel (``ranks``; FSDP2 with ``shard``) holds and sends. ``model_shape`` reads what it needs of a
 transformers config; ``lopt.planning.plan`` searches the settings with it.
 
-The pieces, in the order the estimate uses them: ``StepSettings`` (the inputs, checked by ``check_settings``),
+The pieces, in the order the estimate uses them: ``StepSettings`` (the inputs, checked by ``check_step_settings``),
 ``count_sizes`` (parameters, gradients, optimizer state, per block), ``count_activations`` (per token, per
 micro-batch), ``decoder_bytes`` and ``head_bytes``, ``FsdpUnits``, then the phases of the step
 (``interleaved_phases`` / ``sequential_phases``) in a ``PhaseLog``, whose largest phase is the peak. Each
@@ -14,7 +14,7 @@ function's docstring derives its bytes. Notation: ``s`` bytes per element of the
 ``N = batch * seq_len`` tokens of a micro-batch, hidden size ``h``, ``H``/``Hkv`` query/key-value heads of size
 ``d`` (``qd = H*d``, ``kvd = Hkv*d``), MLP width ``I``, vocabulary ``V``, ``k`` blocks, ``M = grad_accum``.
 All sizes are exact byte counts of tensors; the CUDA caching allocator rounds blocks up (512 B) and fragments,
-which ``lopt.planning.plan`` covers with a safety margin. ``tests/test_plan.py`` checks the terms and the whole step's
+which ``lopt.planning.plan`` covers with a safety margin. ``tests/planning/test_plan.py`` checks the terms and the whole step's
 peak against bytes counted on the CPU.
 """
 
@@ -32,8 +32,9 @@ from lopt_kernels.adamw import STEP_CHUNK_ELEMENTS
 from lopt_kernels.linear_cross_entropy import logits_block_elements
 from lopt_kernels.recon_loss import tokens_per_chunk
 
-from lopt.config import GRAD_BUCKET_BYTES, OFFLOAD, OPTIMIZERS, RECOMPUTE, SCHEDULES
+from lopt.config import GRAD_BUCKET_BYTES
 from lopt.engine.model import split_layers
+from lopt.settings import OPTIMIZERS, refuse
 
 GiB = 1 << 30
 COUNTED_OPTIMIZERS = OPTIMIZERS + ("torch-adamw",)  # and torch's own AdamW, which the benchmarks run
@@ -223,7 +224,8 @@ def saved_per_layer(shape: ModelShape, s: int, recompute: str, *, kernels: bool,
         return parts["norms"] + parts["attention"]
     if recompute == "full":
         return s * shape.hidden
-    raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+    refuse({"recompute": recompute})  # a value outside lopt.settings.RECOMPUTE
+    raise AssertionError(f"lopt.settings.RECOMPUTE has a mode the byte model does not count: {recompute!r}")
 
 
 def input_saved_per_layer(shape: ModelShape, s: int, recompute: str, *, kernels: bool) -> int:
@@ -309,18 +311,6 @@ def optimizer_step_temp_bytes(optimizer: str, largest_tensor: int, largest_group
 
 
 # ---------------------------------------------------------------------------------------------- the result
-
-
-def shard_conflict(*, schedule: str = "interleaved", offload: str = "none", optimizer: str = "adamw") -> str | None:
-    """The setting, as its flag, that ``lopt train --shard`` (FSDP2) does not combine with; None when it takes
-    them all. Its owner is this function: ``estimate_memory``, ``lopt.planning.plan`` and its flags' checks ask it."""
-    if schedule == "sequential":
-        return "--schedule sequential"
-    if offload != "none":
-        return f"--offload {offload}"
-    if optimizer == "adamw-8bit":
-        return "--optimizer adamw-8bit"
-    return None
 
 
 PARTS = ("parameters", "optimizer_state", "gradients", "activations", "recompute", "workspace", "boundary",
@@ -480,33 +470,17 @@ class StepSettings:
                     offload=self.offload, stream_state=self.stream_state, ranks=self.ranks, shard=self.shard)
 
 
-def check_settings(shape: ModelShape, st: StepSettings) -> None:
-    """``ValueError`` for a setting the trainer does not run (or the estimate cannot count)."""
-    if st.recompute not in RECOMPUTE:
-        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {st.recompute!r}")
-    if st.schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {st.schedule!r}")
-    if st.offload not in OFFLOAD:
-        raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {st.offload!r}")
-    if not 1 <= st.num_blocks <= shape.layers:
-        raise ValueError(f"num_blocks must be between 1 and {shape.layers}, got {st.num_blocks}")
-    if st.early_lower_step and st.grad_accum > 1:
-        raise ValueError("early_lower_step needs grad_accum == 1")
-    if st.offload != "none" and not st.sequential:
-        raise ValueError("offload pages one block at a time: it needs schedule='sequential'")
-    if st.stream_state and st.offload == "none":
-        raise ValueError("stream_state streams offloaded state: it needs offload 'optimizer' or 'params'")
-    if st.early_lower_step and st.sequential:
-        raise ValueError("the sequential schedule steps every block as it finishes: early_lower_step is for the "
-                         "interleaved one")
-    if st.ranks < 1 or (st.shard and st.ranks < 2):
-        raise ValueError(f"ranks must be >= 1, and >= 2 to shard, got {st.ranks}")
-    conflict = shard_conflict(schedule=st.schedule, offload=st.offload, optimizer=st.optimizer) if st.shard else None
-    if conflict:
-        raise ValueError(f"shard (lopt train --shard) does not run with {conflict}")
-    if st.shard and not shape.own_head(st.num_blocks):
-        raise ValueError("shard with one block of a model whose head is its embedding matrix: lopt train refuses it "
-                         "(the two would be one unit, gathered for the whole step)")
+def check_step_settings(shape: ModelShape, st: StepSettings) -> None:
+    """``ValueError`` for a setting the trainer does not run (``lopt.settings``' rules) or the estimate cannot count."""
+    if st.ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {st.ranks}")
+    values = dict(recompute=st.recompute, schedule=st.schedule, offload=st.offload, stream_state=st.stream_state,
+                  num_blocks=st.num_blocks, layers=shape.layers, tied_head=shape.tied,
+                  early_lower_step=st.early_lower_step, rank_micro_batches=st.grad_accum, ranks=st.ranks,
+                  shard=st.shard, pipeline=False)
+    if st.optimizer in OPTIMIZERS:  # torch's AdamW (the benchmarks') is no lopt train setting
+        values["optimizer"] = st.optimizer
+    refuse(values)
 
 
 # ---------------------------------------------------------------------------------------------- parameters and state
@@ -1152,7 +1126,7 @@ def estimate_memory(
         padded=padded, foreach=foreach, fused_optimizer=fused_optimizer, schedule=schedule, offload=offload,
         stream_state=stream_state, ranks=ranks, shard=shard,
     )
-    check_settings(shape, st)
+    check_step_settings(shape, st)
     sizes = count_sizes(shape, st)
     step = StepBytes(shape=shape, st=st, sizes=sizes, acts=count_activations(shape, st),
                      head=count_head_and_decoder(shape, st), units=FsdpUnits.of(shape, st, sizes.ranges))

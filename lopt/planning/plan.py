@@ -27,24 +27,28 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from lopt.config import (
-    MAX_BATCH,
-    MAX_COUNT,
-    MAX_GPU_MEM_GB,
-    MAX_SEQ_LEN,
-    OFFLOAD,
-    OPTIMIZERS,
-    RECIPES,
-    RECOMPUTE,
-    SCHEDULES,
-    TrainConfig,
-    check_int,
-    check_number,
-)
+from lopt.config import MAX_BATCH, MAX_COUNT, MAX_GPU_MEM_GB, MAX_SEQ_LEN, TrainConfig, check_int, check_number
 from lopt.models.shapes import SHIPPED_CONFIGS_DIR, shipped_config, shipped_config_names
 from lopt.errors import UsageError
 from lopt.models.loading import TINY, load_config, resolve_model
-from lopt.planning.memory_model import GiB, MemoryEstimate, ModelShape, dtype_bytes, estimate_memory, model_shape, shard_conflict
+from lopt.planning.memory_model import GiB, MemoryEstimate, ModelShape, dtype_bytes, estimate_memory, model_shape
+from lopt.settings import (
+    API,
+    OFFLOAD,
+    OPTIMIZERS,
+    PLAN,
+    RECIPES,
+    RECOMPUTE,
+    SCHEDULES,
+    Say,
+    allowed,
+    check_settings,
+    help_note,
+    refuse,
+)
+
+# ``plan()``'s arguments: the ranks are its ``nproc``.
+PLAN_API = Say("api", {"ranks": "nproc"})
 
 # What the plan keeps free: a fraction for the caching allocator's rounding and fragmentation, and
 # what the CUDA context and libraries take on a real card outside PyTorch's allocator.
@@ -397,35 +401,35 @@ class SearchSpace:
 def search_space(*, seq_len: int, tokens_per_step: int, examples_per_step: int | None, optimizers, recompute_modes,
                  batch_sizes, schedules, offloads, stream_states, allow_early_lower_step: bool,
                  shard: bool) -> SearchSpace:
-    """``plan``'s arguments with their defaults filled in (see ``plan``), less what the trainer does not run:
-    offload without the sequential schedule, stream_state without offload, and under ``shard`` what
-    ``shard_conflict`` names. ``ValueError`` when nothing is left."""
+    """``plan``'s arguments with their defaults filled in (see ``plan``), less what ``lopt.settings``' rules
+    refuse (offload without the sequential schedule, ...; adamw-8bit by default only where bitsandbytes is
+    installed). ``ValueError`` when nothing is left."""
     if examples_per_step is None:
         examples_per_step = max(1, round(tokens_per_step / seq_len))
     if optimizers is None:
-        optimizers = tuple(o for o in OPTIMIZERS if o != "adamw-8bit" or bitsandbytes_available())
+        optimizers = tuple(o for o in OPTIMIZERS if allowed(dict(optimizer=o, bitsandbytes=bitsandbytes_available())))
     if batch_sizes is None:
         batch_sizes = tuple(b for b in range(examples_per_step, 0, -1) if examples_per_step % b == 0)
     stream_states = (False, True) if stream_states is None else stream_states
-    layouts = [(schedule, offload, stream) for schedule in schedules or SCHEDULES for offload in offloads or OFFLOAD
-               for stream in stream_states
-               if (schedule == "sequential" or offload == "none") and (offload != "none" or not stream)]
-    if shard:
-        layouts = [lay for lay in layouts if not shard_conflict(schedule=lay[0], offload=lay[1])]
-        optimizers = tuple(o for o in optimizers if not shard_conflict(optimizer=o))
-    if not layouts or not optimizers:
-        raise ValueError("no setting to search: offload needs the sequential schedule, and shard neither of them "
-                         "nor adamw-8bit")
-    return SearchSpace(examples_per_step=examples_per_step, optimizers=tuple(optimizers),
+    layouts = [dict(schedule=schedule, offload=offload, stream_state=stream, shard=shard)
+               for schedule in schedules or SCHEDULES for offload in offloads or OFFLOAD for stream in stream_states]
+    choices = [dict(optimizer=o, shard=shard) for o in optimizers]
+    kept_layouts, kept_optimizers = [lay for lay in layouts if allowed(lay)], [c for c in choices if allowed(c)]
+    if not kept_layouts or not kept_optimizers:
+        why = check_settings((layouts if not kept_layouts else choices)[0], API)[0].message
+        raise ValueError(f"no setting to search: {why}")
+    return SearchSpace(examples_per_step=examples_per_step,
+                       optimizers=tuple(c["optimizer"] for c in kept_optimizers),
                        recompute_modes=tuple(recompute_modes or RECOMPUTE), batch_sizes=tuple(batch_sizes),
-                       layouts=tuple(layouts), allow_early_lower_step=allow_early_lower_step)
+                       layouts=tuple((lay["schedule"], lay["offload"], lay["stream_state"]) for lay in kept_layouts),
+                       allow_early_lower_step=allow_early_lower_step)
 
 
 def candidate_settings(space: SearchSpace, fixed: PlanInputs):
     """Every setting of the space, in the order ties are broken: (optimizer, recompute, batch_size, grad_accum,
     the busiest rank's micro-batches, the ranks' busy share, schedule, offload, stream_state, early_lower_step).
     The step keeps its ``examples_per_step`` sequences, its micro-batches shared out among the ranks; the early
-    lower-block step needs one micro-batch per rank, blocks, and the interleaved schedule."""
+    lower-block step where ``lopt.settings`` allows it, and only with blocks (with one it changes nothing)."""
     for optimizer in space.optimizers:
         for recompute in space.recompute_modes:
             for batch_size in space.batch_sizes:
@@ -433,9 +437,10 @@ def candidate_settings(space: SearchSpace, fixed: PlanInputs):
                 rank_accum = math.ceil(grad_accum / fixed.nproc)  # the busiest rank's micro-batches
                 busy = grad_accum / (fixed.nproc * rank_accum)
                 for schedule, offload, stream in space.layouts:
-                    early_choices = (False, True) if (rank_accum == 1 and fixed.num_blocks > 1
-                                                      and space.allow_early_lower_step
-                                                      and schedule == "interleaved") else (False,)
+                    early_choices = (False, True) if (
+                        fixed.num_blocks > 1 and space.allow_early_lower_step
+                        and allowed(dict(schedule=schedule, early_lower_step=True, rank_micro_batches=rank_accum))
+                    ) else (False,)
                     for early in early_choices:
                         yield (optimizer, recompute, batch_size, grad_accum, rank_accum, busy, schedule, offload,
                                stream, early)
@@ -509,11 +514,10 @@ def plan(
     ``nproc`` ranks (torchrun) share the step's ``grad_accum`` micro-batches (rank r runs r, r+N, ...), so the
     step keeps its sequences; the peak is the busiest rank's, which runs ``ceil(grad_accum / nproc)`` of them
     (the early lower-block step needs one), and a rank without a micro-batch counts against the speed.
-    ``shard``: FSDP2 over the ranks, without the settings ``shard_conflict`` names; the speed counts the
+    ``shard``: FSDP2 over the ranks, without the settings ``lopt.settings`` refuses with it; the speed counts the
     collectives at ``link_gb_s``.
     """
-    if shard and nproc < 2:
-        raise ValueError(f"shard splits the state across ranks: it needs nproc >= 2, got {nproc}")
+    refuse(dict(shard=shard, ranks=nproc), PLAN_API)
     fixed = PlanInputs(shape=model_shape(config), seq_len=seq_len, num_blocks=num_blocks, kernels=kernels,
                        dtype=dtype, nproc=nproc, shard=shard, pcie_gb_s=pcie_gb_s, tflops=tflops, link_gb_s=link_gb_s)
     space = search_space(
@@ -549,24 +553,28 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                       help="a consumer card: 8gb, 12gb, 16gb or 24gb")
     seq_len = TrainConfig.__dataclass_fields__["seq_len"].default  # lopt train's: one default for both
     parser.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per sequence (default {seq_len})")
-    parser.add_argument("--num-blocks", type=int, default=2, help="LoPT blocks (default 2)")
+    parser.add_argument("--num-blocks", type=int, default=2,
+                        help="LoPT blocks" + help_note("num_blocks", PLAN) + " (default 2)")
     parser.add_argument("--tokens-per-step", type=int, default=16384,
                         help="tokens per optimizer step, split into micro-batches (default 16384)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="parameter dtype (default bf16)")
     parser.add_argument("--no-kernels", action="store_true", help="plan for the pure-PyTorch path (no lopt_kernels)")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="fix the optimizer instead of choosing one")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS,
+                        help="fix the optimizer instead of choosing one" + help_note("optimizer", PLAN))
     parser.add_argument("--recompute", choices=RECOMPUTE, help="fix the recomputation instead of choosing one")
     parser.add_argument("--batch-size", type=int, help="fix the micro-batch instead of choosing one")
     parser.add_argument("--schedule", choices=SCHEDULES,
                         help="fix the schedule instead of choosing one: interleaved (each micro-batch through every "
-                             "block) or sequential (every micro-batch through one block at a time)")
+                             "block) or sequential (every micro-batch through one block at a time)"
+                             + help_note("schedule", PLAN))
     parser.add_argument("--offload", choices=OFFLOAD,
                         help="fix what the host keeps instead of choosing (only when nothing else fits): none, "
-                             "optimizer (the optimizer state) or params (weights and optimizer state); needs the "
-                             "sequential schedule")
+                             "optimizer (the optimizer state) or params (weights and optimizer state)"
+                             + help_note("offload", PLAN))
     parser.add_argument("--stream-state", action="store_true",
-                        help="with --offload: stream the optimizer state through each block's step one parameter "
-                             "at a time (the device holds one parameter's state; the transfers are not hidden)")
+                        help="stream the offloaded optimizer state through each block's step one parameter at a "
+                             "time (the device holds one parameter's state; the transfers are not hidden)"
+                             + help_note("stream_state", PLAN))
     parser.add_argument("--pcie-bandwidth", type=float, default=PCIE_GB_S, metavar="GB_S",
                         help=f"host<->device bandwidth the transfer estimate assumes, GB/s (default {PCIE_GB_S:g})")
     parser.add_argument("--tflops", type=float, default=TFLOPS,
@@ -575,8 +583,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="plan one rank of `torchrun --nproc-per-node N -m lopt train`: the ranks share the step's "
                              "micro-batches (default 1, one process)")
     parser.add_argument("--shard", action="store_true",
-                        help="with --nproc N >= 2: shard the parameters, gradients and optimizer state over the ranks "
-                             "(FSDP2, `lopt train --shard`); the plan gives one rank's memory")
+                        help="shard the parameters, gradients and optimizer state over the --nproc ranks (FSDP2, "
+                             "`lopt train --shard`); the plan gives one rank's memory" + help_note("shard", PLAN))
     parser.add_argument("--link-bandwidth", type=float, default=LINK_GB_S, metavar="GB_S",
                         help="bus bandwidth of the collectives between ranks that the step-time estimate assumes, GB/s "
                              f"(default {LINK_GB_S:g}, NVLink within a node; PCIe-only cards reach about a tenth)")
@@ -597,38 +605,39 @@ def check_plan_args(args: argparse.Namespace):
     check_number("--tflops", args.tflops, 0, MAX_RATE, low_open=True)
     check_number("--link-bandwidth", args.link_bandwidth, 0, MAX_RATE, low_open=True)
     check_int("--nproc", args.nproc, 1, MAX_RANKS)
-    if args.shard:
-        if args.nproc < 2:
-            raise UsageError(f"--shard splits the state over the ranks: it needs --nproc N with N >= 2, "
-                             f"got --nproc {args.nproc}")
-        conflict = "--stream-state" if args.stream_state else shard_conflict(
-            schedule=args.schedule or "interleaved", offload=args.offload or "none",
-            optimizer=args.optimizer or "adamw")
-        if conflict:
-            raise UsageError(f"lopt train --shard does not run with {conflict}: drop one of them")
-    if args.stream_state and args.offload == "none":
-        raise UsageError("--stream-state streams offloaded state: it needs --offload optimizer or params")
-    if args.offload not in (None, "none") and args.schedule == "interleaved":
-        raise UsageError(f"--offload {args.offload} pages one block at a time: it needs --schedule sequential")
+    fixed = fixed_settings(args)
+    refuse(fixed, PLAN)
+    # The flags given may still leave no schedule and offload the rules allow together (--stream-state with
+    # --schedule interleaved): name the first completion's reason.
+    completions = [dict(fixed, schedule=schedule, offload=offload)
+                   for schedule in ((args.schedule,) if args.schedule else SCHEDULES)
+                   for offload in ((args.offload,) if args.offload else OFFLOAD)]
+    if not any(allowed(c) for c in completions):
+        refuse(completions[0], PLAN)
+
+
+def fixed_settings(args: argparse.Namespace) -> dict:
+    """The settings ``lopt plan``'s flags fix (what they leave out, the plan chooses)."""
+    fixed = dict(shard=args.shard, ranks=args.nproc, stream_state=args.stream_state)
+    for key in ("schedule", "offload", "optimizer", "recompute"):
+        if getattr(args, key) is not None:
+            fixed[key] = getattr(args, key)
+    return fixed
 
 
 def run_plan(args: argparse.Namespace) -> int:
     """``lopt plan``: print the plan; exit status 0 when it fits, 1 when nothing fits."""
     check_plan_args(args)
     config = load_model_config(args.model)
-    if args.shard and args.num_blocks == 1 and model_shape(config).tied:
-        raise UsageError(f"--shard with --num-blocks 1 on {args.model}, whose head is its embedding matrix, is not "
-                         "supported by lopt train: use --num-blocks 2 or more (which unties the head), or drop --shard")
+    shape = model_shape(config)
+    refuse(dict(fixed_settings(args), num_blocks=args.num_blocks, layers=shape.layers, tied_head=shape.tied), PLAN)
     gpu_mem = args.gpu_mem if args.gpu_mem is not None else RECIPES[args.recipe]
-    offloading = args.offload not in (None, "none") or args.stream_state
-    schedule = "sequential" if args.schedule is None and offloading else args.schedule
-    offloads = (args.offload,) if args.offload else (("optimizer", "params") if args.stream_state else None)
-    search = dict(
+    search = dict(  # what a flag leaves out is searched, less what lopt.settings refuses with the flags given
         tokens_per_step=args.tokens_per_step, kernels=not args.no_kernels, dtype=args.dtype,
         optimizers=(args.optimizer,) if args.optimizer else None,
         recompute_modes=(args.recompute,) if args.recompute else None,
         batch_sizes=(args.batch_size,) if args.batch_size else None,
-        schedules=(schedule,) if schedule else None, offloads=offloads,
+        schedules=(args.schedule,) if args.schedule else None, offloads=(args.offload,) if args.offload else None,
         stream_states=(True,) if args.stream_state else None,
         pcie_gb_s=args.pcie_bandwidth, tflops=args.tflops, nproc=args.nproc, shard=args.shard,
         link_gb_s=args.link_bandwidth, name=args.model,

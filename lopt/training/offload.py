@@ -12,7 +12,7 @@ and the caller steps each block with ``step_block(b)``::
     model.sequential_step(micro_batches, on_block_done=offload.step_block)   # lower blocks
     offload.step_block(model.num_blocks - 1)                                  # the last block
 
-Modes (``OFFLOAD``):
+Modes (``lopt.settings.OFFLOAD``):
 
 - ``"none"``: nothing moves; ``step_block`` only clips, steps and frees the block's gradients.
 - ``"optimizer"``: every block's optimizer state (moments, and the fp32 master of ``lopt.training.optim.AdamW``
@@ -66,7 +66,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from lopt.config import OFFLOAD
+from lopt.settings import refuse
 
 
 
@@ -77,17 +77,14 @@ class BlockOffload:
     Args:
         model: the ``LoPTModel`` (its blocks' entry modules get the hooks).
         optimizers: one per block, as ``model.block_param_groups`` splits the parameters.
-        mode: one of ``OFFLOAD``.
+        mode: one of ``lopt.settings.OFFLOAD``.
         device: where blocks run (default: where the parameters are now).
         stream_state: the state streams through each block's step one parameter at a time.
     """
 
     def __init__(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], mode: str = "optimizer",
                  device: torch.device | str | None = None, *, stream_state: bool = False):
-        if mode not in OFFLOAD:
-            raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {mode!r}")
-        if stream_state and mode == "none":
-            raise ValueError("stream_state streams offloaded state: it needs offload 'optimizer' or 'params'")
+        refuse(dict(offload=mode, stream_state=stream_state))  # lopt.settings: OFFLOAD and its rules
         if len(optimizers) != model.num_blocks:
             raise ValueError(f"one optimizer per block: {model.num_blocks} blocks, {len(optimizers)} optimizers")
         self.mode = mode
