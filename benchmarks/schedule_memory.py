@@ -13,7 +13,7 @@ Exact bytes of tensors, not an allocator's. Step time: the wall time of one unco
 warm-up, on this machine's CPU (the copies are memcpy, not PCIe), so it shows the schedule's own cost,
 not the transfers'. One run each. Writes ``benchmarks/results/schedule-memory-<date>.{json,md}``.
 
-``measure_windows`` is also the oracle of ``tests/test_plan.py``'s schedule and offload checks.
+``measure_windows`` is also the oracle of ``tests/planning/test_plan.py``'s schedule and offload checks.
 """
 
 from __future__ import annotations
