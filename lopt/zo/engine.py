@@ -103,17 +103,19 @@ class ZOEngine:
     ``kernels``: the Triton ops (``lopt_kernels.zo_lowrank`` / ``zo_matmul`` and LoPT's fused ops; they
     run where ``current_backend`` says so) or their PyTorch references; default: on CUDA with Triton.
     ``lowrank_draws``: where the lowrank kind takes V and U (default: the seed stream, ``SeededLowRank``).
+    ``select(name, module)``: which of the decoder layers' linears train (``trained_linears``; default: all;
+    ``lopt.zo.hf.build_engine`` selects a PEFT model's LoRA linears).
 
     Use: ``out = engine.step(micro_batches)`` per step; ``engine.scores(batch)`` for a clean evaluation;
     ``engine.merged_model()`` before saving the model; ``state_dict`` / ``load_state_dict`` to resume.
     """
 
     def __init__(self, model: nn.Module, settings: ZOSettings | None = None, *, kernels: bool | None = None,
-                 lowrank_draws: LowRankDraws | None = None):
+                 lowrank_draws: LowRankDraws | None = None, select=None):
         self.settings = settings = settings or ZOSettings()
         self.runner = LoPTModel(model, num_blocks=1, lambda_aux=0.0, kernels=kernels)
         self.model = model
-        self.linears = trained_linears(model, settings.first_layer)
+        self.linears = trained_linears(model, settings.first_layer, select)
         self.runner.block_ranges = [(0, settings.first_layer), (settings.first_layer, len(model.model.layers))]
         self.kernels = self.runner.kernels
         self.ops = linear_ops(self.kernels)

@@ -1,9 +1,10 @@
 """The linears a ZO run trains, and their forwards over the 2P stacked evaluations.
 
 Trained: the ``nn.Linear`` modules of the decoder layers at or above ``first_layer`` (their weights only),
-in ``named_modules`` order; embeddings, norms, biases and lm_head stay frozen, as in zo-vllm. Linear l's
-fullrank counters start at ``base`` = the numel of the trained linears before it, so one seed per
-direction covers the model.
+in ``named_modules`` order; embeddings, norms, biases and lm_head stay frozen, as in zo-vllm. ``select``
+narrows them (PEFT LoRA: the adapters' ``lora_A`` / ``lora_B`` linears; the wrapped base linear stays
+frozen). Linear l's fullrank counters start at ``base`` = the numel of the trained linears before it, so
+one seed per direction covers the model.
 
 During a scored forward each trained linear's ``forward`` is replaced (an instance attribute, removed on
 exit; ``installed``) by one that sees its input as G groups of M rows, G = 2P evaluations stacked along
@@ -57,19 +58,21 @@ def linear_ops(kernels: bool) -> LinearOps:
     return LinearOps(grouped_lowrank_reference, perturbed_linear_reference, apply_directions_reference_)
 
 
-def trained_linears(model: nn.Module, first_layer: int) -> list[TrainedLinear]:
-    """The ``nn.Linear`` modules of ``model.model.layers[first_layer:]``, with their counter bases."""
+def trained_linears(model: nn.Module, first_layer: int, select=None) -> list[TrainedLinear]:
+    """The ``nn.Linear`` modules of ``model.model.layers[first_layer:]``, with their counter bases.
+    ``select(name, module)``: keep only the linears it accepts (``name``: the module's in ``model``,
+    ``"model.layers.3.self_attn.q_proj"``); None keeps every one."""
     layers = model.model.layers
     if not 0 <= first_layer < len(layers):
         raise ValueError(f"first_layer must be in [0, {len(layers)}), got {first_layer}")
     out, base = [], 0
     for i in range(first_layer, len(layers)):
         for name, module in layers[i].named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and (select is None or select(f"model.layers.{i}.{name}", module)):
                 out.append(TrainedLinear(f"model.layers.{i}.{name}.weight", module, base))
                 base += module.weight.numel()
     if not out:
-        raise ValueError("no nn.Linear in the trained layers")
+        raise ValueError("no nn.Linear in the trained layers" + ("" if select is None else " that select accepts"))
     return out
 
 
