@@ -16,8 +16,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lopt.errors import UsageError
+
+if TYPE_CHECKING:  # collate's annotation; torch itself loads inside collate, after the --data checks
+    import torch
 
 IGNORE_INDEX = -100  # a label the losses skip (prompt, padding): PyTorch's cross_entropy default
 

@@ -21,7 +21,7 @@ from conftest import write_qa_file
 import torch
 from safetensors.torch import load_file
 
-import lopt.training.trainer  # noqa: F401  (the module, for the optimizer swap below)
+import lopt.training.optim  # noqa: F401  (the module, for the optimizer swap below)
 from lopt.cli import EXIT_USAGE, main
 from lopt.config import TrainConfig
 from lopt.errors import NonFiniteLossError
@@ -116,7 +116,7 @@ KILL_POINTS = [  # (where, the n-th call): each resumed process of the chain die
     ("shutil.rmtree", 1),  # removing a superseded checkpoint (or a partial write left by the last kill)
     ("lopt.training.checkpoint._Writer.write", 40),  # a later checkpoint, part-written
     ("os.replace", 9),
-    ("lopt.training.trainer.Trainer.save_final", 1),  # training done, final/ not written
+    ("lopt.training.keeper.CheckpointKeeper.save_final", 1),  # training done, final/ not written
 ]
 RANDOM_KILLS = 3  # plus SIGKILL from outside at random moments
 
@@ -180,7 +180,7 @@ class Killed(BaseException):
 def test_resume_is_exact_for_every_optimizer_with_bf16_weights(tmp_path, tiny_model_dir, qa_file, optimizer,
                                                               monkeypatch):
     if optimizer == "torch-adamw":  # not a --optimizer choice: the trainer's optimizer swapped for torch's
-        monkeypatch.setattr(sys.modules["lopt.training.trainer"], "build_optimizer",
+        monkeypatch.setattr(sys.modules["lopt.training.optim"], "build_optimizer",
                             lambda name, groups: torch.optim.AdamW(groups))
         optimizer = "adamw"
     flags = run_flags(tiny_model_dir, qa_file, tmp_path / "straight", dtype="bf16", optimizer=optimizer,

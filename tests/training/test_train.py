@@ -342,7 +342,7 @@ def test_each_supported_family_trains_and_reloads(tmp_path, qa_file, family, tie
 def test_an_all_ones_mask_is_dropped_on_the_host_with_the_same_gradients():
     """The trainer drops an all-ones attention mask before the transfer (no device sync in the engine);
     the engine's gradients without it equal those with it."""
-    from lopt.training.trainer import _to_device
+    from lopt.training.steps import to_device as _to_device
 
     padded = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5, [1] * 4 + [0]])}
     assert "attention_mask" in _to_device(padded, torch.device("cpu"))
