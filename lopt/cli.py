@@ -29,7 +29,7 @@ EXIT_TERMINATED = 143  # SIGTERM (15)
 EXIT_STATUS = ("Exit status: 0 done, 2 bad input (one line on stderr), 130 stopped by Ctrl-C and 143 by SIGTERM, "
                "each after saving a checkpoint (continue with --resume).")
 
-GROUPS = ("model and data", "LoPT", "training", "memory recipe", "run")
+GROUPS = ("model and data", "LoPT", "zeroth-order", "training", "memory recipe", "run")
 
 
 def _flag_name(field_name: str) -> str:

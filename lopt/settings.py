@@ -27,8 +27,16 @@ BOUNDARIES = ("stale", "fresh")  # see LoPTModel.train_step
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp32")
 RECIPES = {"8gb": 8.0, "12gb": 12.0, "16gb": 16.0, "24gb": 24.0}  # card memory in GiB
+METHODS = ("lopt", "zo")  # backpropagation with LoPT's local losses, or zeroth-order (forward passes only, lopt.zo)
+ZO_KINDS = ("lowrank", "highrank", "fullrank")  # lopt.zo.directions
 CHOICES = {"optimizer": OPTIMIZERS, "recompute": RECOMPUTE, "schedule": SCHEDULES, "offload": OFFLOAD,
-           "boundary": BOUNDARIES, "device": DEVICES, "dtype": DTYPES, "recipe": tuple(RECIPES)}
+           "boundary": BOUNDARIES, "device": DEVICES, "dtype": DTYPES, "recipe": tuple(RECIPES), "method": METHODS,
+           "zo_kind": ZO_KINDS}
+# The settings only one method reads: given with the other method, they are refused rather than ignored.
+ZO_ONLY = ("zo_kind", "zo_eps", "zo_directions", "zo_rank", "zo_interval", "zo_first_layer")
+LOPT_ONLY = ("num_blocks", "lambda_aux", "boundary", "schedule", "offload", "stream_state", "recompute", "lr_lower",
+             "optimizer", "early_lower_step", "max_grad_norm", "recipe", "gpu_mem", "pipeline", "shard", "pack",
+             "replay")
 OFFLOADING = ("optimizer", "params")
 
 # Values that are no flag: what a caller knows about the run.
@@ -39,9 +47,11 @@ FACTS = {
     "tied_head": "the model's head is its input embedding matrix",
     "bitsandbytes": "bitsandbytes is installed",
     "block_step": "the caller passes a callback that steps each lower block at its boundary",
+    "given": "the settings given a value other than their default (lopt train: the flags on its command line)",
+    "min_width": "the narrowest side of a linear layer ZO trains",
 }
 # What a setting a rule reads but does not need means when it is not given: off.
-NEUTRAL = {"pipeline": False, "shard": False, "ranks": 1, "grad_accum": 1, "schedule": "interleaved",
+NEUTRAL = {"method": "lopt", "given": (), "pipeline": False, "shard": False, "ranks": 1, "grad_accum": 1, "schedule": "interleaved",
            "offload": "none", "stream_state": False, "early_lower_step": False, "boundary": "stale",
            "recipe": None, "gpu_mem": None}
 
@@ -164,7 +174,25 @@ def _recipe_plans_one_process(key: str, what: str, instead: Callable[[Say], str]
         lambda s: f"{s('recipe')} and {s('gpu_mem')} not with {s(key)}", readers=("train",))
 
 
+def _other_method(v: Values) -> list[str]:
+    """The given settings that ``v.method`` does not read."""
+    return [key for key in (ZO_ONLY if v.method == "lopt" else LOPT_ONLY) if key in v.given]
+
+
 RULES: tuple[Rule, ...] = (
+    Rule("settings_of_the_other_method", ("method", "given"), lambda v: bool(_other_method(v)),
+         lambda v, s: (f"{s.name(_other_method(v)[0])} is a setting of {s('method', 'zo')}: add {s('method', 'zo')} "
+                       "or leave it out") if v.method == "lopt" else
+                      (f"{s.name(_other_method(v)[0])} is a setting of {s('method', 'lopt')} (backpropagation); "
+                       f"{s('method', 'zo')} trains with forward passes only: leave it out"),
+         lambda s: f"each of {s.name('method')}'s settings only with its method", readers=("train",)),
+    Rule("zo_rank_within_width", ("zo_rank", "min_width"), lambda v: v.zo_rank is not None and v.zo_rank > v.min_width,
+         lambda v, s: f"{s.name('zo_rank')} must be at most the narrowest trained layer's width, {v.min_width}, "
+                      f"got {v.zo_rank}", lambda s: f"{s.name('zo_rank')} at most the trained layers' width"),
+    Rule("zo_first_layer_within_layers", ("zo_first_layer", "layers"),
+         lambda v: v.zo_first_layer is not None and not 0 <= v.zo_first_layer < v.layers,
+         lambda v, s: f"{s.name('zo_first_layer')} must be a layer of the model, 0 to {v.layers - 1}, got "
+                      f"{v.zo_first_layer}", lambda s: f"{s.name('zo_first_layer')} below the model's layers"),
     Rule("num_blocks_within_layers", ("num_blocks", "layers"), lambda v: not 1 <= v.num_blocks <= v.layers,
          lambda v, s: f"{s.name('num_blocks')} must be between 1 and the model's {v.layers} layers, got {v.num_blocks}",
          lambda s: f"{s.name('num_blocks')} from 1 to the model's layers"),

@@ -51,6 +51,8 @@ class ClassificationExample:
     candidate_ids: list[int]
     label: int
 
+    num_label_tokens = 1  # one scored answer: a step's examples weigh alike (lopt.training.steps.StepBatch)
+
 
 # ---------------------------------------------------------------------------------------------- loading
 
@@ -70,6 +72,23 @@ def load_classification(source: str | Path, template: str = SST2_TEMPLATE,
     if not placed:
         raise UsageError(f"data file is empty: {source}")
     return parse_rows(placed, template, label_words, source=str(source))
+
+
+def looks_like_classification(source: str | Path) -> bool:
+    """Whether ``source``'s first row is a classification row (``candidates``, or ``text`` and ``label``): how
+    ``lopt train --method zo`` tells this format from the chat and question/answer ones. A hub dataset, a file
+    that is not JSON, or an unreadable one: False (the other loader says what is wrong)."""
+    path = Path(source).expanduser()
+    if not path.is_file() or path.suffix not in (".json", ".jsonl"):
+        return False
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 20)
+        first = read_json_rows(head.split(b"\n", 1)[0] if path.suffix == ".jsonl" else head, str(source))
+    except (OSError, UsageError):
+        return False
+    keys = set(first[0][1]) if first and isinstance(first[0][1], dict) else set()
+    return "candidates" in keys or {"text", "label"} <= keys
 
 
 def read_json_rows(data: bytes, name: str) -> list[tuple[str, dict]]:

@@ -227,7 +227,7 @@ class RetentionProbe:
 
 
 # What each measure is called in the log, and how it is printed.
-MEASURES = (("exact match", "exact_match", "{:.1%}"), ("task loss", "loss", "{:.4f}"),
+MEASURES = (("exact match", "exact_match", "{:.1%}"), ("accuracy", "accuracy", "{:.1%}"), ("task loss", "loss", "{:.4f}"),
             ("general-text NLL", "general_nll", "{:.4f}"), ("KL from the original", "kl", "{:.4f}"),
             ("NLL of the original's answers", "answer_nll", "{:.4f}"),
             (f"own answers agreeing with the original's (first {AGREEMENT_TOKENS} tokens)", "answer_agreement",

@@ -100,6 +100,25 @@ class Whole:
         return None
 
 
+class Folded(Whole):
+    """``--method zo``: the whole model on every rank, as ``Whole``; the ZO engine (``lopt.zo``) keeps a low-rank
+    update beside the weights, folded into them (on every rank alike) before the model is evaluated or saved."""
+
+    def __init__(self, model, optimizers, world, device: torch.device, engine):
+        super().__init__(model, optimizers, world, device)
+        self.engine = engine
+
+    def describe(self) -> str:
+        return "ZO data parallel: the ranks exchange only the step's losses"
+
+    def gather_for_evaluation(self, step: int):
+        self.engine.merged_model()
+
+    def final_weights(self) -> dict | None:
+        self.engine.merged_model()
+        return None
+
+
 class Paged(Whole):
     """``--offload``: every rank holds the whole state, but the blocks not running wait on the host; the
     offload (``lopt.training.offload.BlockOffload``) steps each block and pages it back."""

@@ -9,6 +9,7 @@ The kind follows the placement, chosen once at setup.
 
 from __future__ import annotations
 
+from lopt.measures.classification import accuracy
 from lopt.measures.evaluation import task_score
 from lopt.measures.retention import RetentionProbe
 
@@ -103,3 +104,30 @@ class TogetherEvaluator(Evaluator):
 
     def final_after_parting(self, step: int, result: dict | None) -> dict | None:
         return result
+
+
+class ClassificationEvaluator(Evaluator):
+    """Classification data (``--method zo``): the task score is the accuracy of the candidates scored at the
+    prompt's last position, and the mean cross-entropy over them (``lopt.measures.classification``)."""
+
+    def __init__(self, model, tokenizer, held_out, config, is_main: bool, log):
+        super().__init__(model, tokenizer, held_out, config, is_main, log)
+        self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+
+    def row(self, step: int) -> dict:
+        if not self.takes_part:
+            return {}
+        result = self.evaluate(step, self.synced)
+        return {"eval_loss": result["loss"], "accuracy": result["accuracy"]}
+
+    def evaluate(self, step: int, synced: bool) -> dict:
+        score = accuracy(self.model.model, self.held_out, self.config.batch_size, pad_token_id=self.pad_id)
+        self.log.say(f"held-out at step {step}: accuracy {score.accuracy:.1%} of {score.count}, candidate loss "
+                     f"{score.loss:.4f}")
+        return dict(step=step, loss=score.loss, accuracy=score.accuracy, num_examples=score.count)
+
+    def _work(self) -> str:
+        work = [f"{len(self.held_out)} held-out examples scored"] if self.held_out is not None else []
+        if self.config.retention:
+            work.append("retention on general text and prompts")
+        return "; ".join(work)

@@ -120,13 +120,14 @@ def start_lines(cfg, model, *, mode: str, world_size: int, device, step: int, to
     """What a run says as it starts: what trains on what, where, for how long; the fused ops; a data note."""
     n_params = sum(p.numel() for p in model.model.parameters())
     source = "embedded default model" if cfg.model is None else cfg.model
-    data = cfg.data or ("the embedded SFT set" if cfg.embedded_model else "the embedded record task")
+    data = cfg.data or ("the embedded sentiment task" if cfg.method == "zo" else
+                        "the embedded SFT set" if cfg.embedded_model else "the embedded record task")
     if cfg.replay:
         data += f" with {cfg.replay:.0%} self-replay"
     dtype = next(model.parameters()).dtype
     where = f"resuming at step {step}" if step else "starting"
     ranks = f" x {world_size} ranks ({mode})" if world_size > 1 else ""
-    lines = [f"{where}: {source} ({n_params / 1e6:.1f}M parameters, blocks {model.block_ranges}) on {device}{ranks} "
+    lines = [f"{where}: {source} ({n_params / 1e6:.1f}M parameters, {_method(cfg, model)}) on {device}{ranks} "
              f"in {str(dtype).removeprefix('torch.')}; {data}: {num_examples} examples, {total_steps} steps of "
              f"{cfg.batch_size}x{cfg.grad_accum}; output: {out}",
              describe_fused_ops(model)]
@@ -136,6 +137,15 @@ def start_lines(cfg, model, *, mode: str, world_size: int, device, step: int, to
                      f"pass over them {epochs:.1f} times: a small set trained many times is learned by heart (more "
                      "data, or fewer --max-steps / --epochs)")
     return lines
+
+
+def _method(cfg, model) -> str:
+    """What trains: LoPT's blocks, or ZO's directions and the layers it perturbs."""
+    if cfg.method != "zo":
+        return f"blocks {model.block_ranges}"
+    rank = f" r {cfg.zo_rank}" if cfg.zo_kind != "fullrank" else ""
+    return (f"ZO {cfg.zo_kind}{rank}, eps {cfg.zo_eps:g}, {cfg.zo_directions} direction(s) a step, layers "
+            f"{cfg.zo_first_layer}-{len(model.model.model.layers) - 1} trained")
 
 
 def describe_fused_ops(model) -> str:

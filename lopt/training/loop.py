@@ -43,7 +43,7 @@ class Trainer:
     ``placement`` and ``step_kind`` come built from setup (``lopt.training.setup.build_trainer``)."""
 
     def __init__(self, config: TrainConfig, model, tokenizer, data: tuple, run_dir: RunDir, world, optimizers,
-                 placement, step_kind):
+                 placement, step_kind, evaluator=None):
         self.config, self.model, self.tokenizer, self.run_dir, self.world = config, model, tokenizer, run_dir, world
         self.examples, self.held_out = data
         self.optimizers, self.placement, self.step_kind = optimizers, placement, step_kind
@@ -54,7 +54,7 @@ class Trainer:
         self.log = RunLog(run_dir, world.is_main, self.device)
         self.signals = StopSignals(world.size, self.log.say)
         self.keeper = CheckpointKeeper(run_dir)
-        evaluator = TogetherEvaluator if placement.evaluates_together else Evaluator
+        evaluator = evaluator or (TogetherEvaluator if placement.evaluates_together else Evaluator)
         self.evaluator = evaluator(model, tokenizer, self.held_out, config, world.is_main, self.log)
         # Position: optimizer steps done, and where the data order stands.
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0

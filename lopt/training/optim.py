@@ -159,3 +159,37 @@ def build_optimizers(cfg: TrainConfig, model) -> Optimizers:
     per_block_steps = (cfg.early_lower_step or cfg.boundary == "fresh" or cfg.schedule == "sequential"
                        or cfg.pipeline)
     return BlockOptimizers(cfg, model) if per_block_steps and model.num_blocks > 1 else OneOptimizer(cfg, model)
+
+
+class ZOUpdate:
+    """``--method zo``'s optimizer: the engine (``lopt.zo.ZOEngine``) updates the weights itself from the step's
+    scores, so there is no optimizer state; this holds the rate the schedule sets and the engine's state
+    (fp32 update, low-rank basis, seed position) for checkpoints. It poses as the run's one optimizer."""
+
+    per_block = False
+
+    def __init__(self, cfg: TrainConfig, engine):
+        self.engine = engine
+        self.param_groups = [{"lr": cfg.lr, "initial_lr": cfg.lr, "params": []}]
+        self.state: dict = {}  # no optimizer state: the finite check reads the weights
+        self.all = [self]
+
+    def __len__(self) -> int:
+        return 1
+
+    def set_lr(self, factor: float):
+        group = self.param_groups[0]
+        group["lr"] = group["initial_lr"] * factor
+
+    @property
+    def lr(self) -> float:
+        return self.param_groups[0]["lr"]
+
+    def state_dicts(self) -> list[dict]:
+        return [self.engine.state_dict()]
+
+    def load(self, states: list[dict]):
+        try:
+            self.engine.load_state_dict(states[0])
+        except (ValueError, KeyError) as error:
+            raise UsageError(f"the checkpoint's ZO state does not fit this run: {error}") from None

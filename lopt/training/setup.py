@@ -15,18 +15,30 @@ import torch
 from tqdm.auto import tqdm
 
 from lopt.config import TrainConfig
+from lopt.data.classification import (
+    SST2_LABEL_WORDS,
+    ClassificationExample,
+    load_classification,
+    looks_like_classification,
+    parse_rows,
+    tokenize_classification,
+)
 from lopt.data.embedded import default_rows
+from lopt.data.sentiment import TRAIN_SIZE as SENTIMENT_TRAIN_ROWS
+from lopt.data.sentiment import sentiment_rows
 from lopt.data.sft import eval_examples, load_rows, rows_to_conversations, split_rows, tokenize_conversations
 from lopt.engine.model import LoPTModel
 from lopt.errors import UsageError
+from lopt.settings import TRAIN, refuse
 from lopt.models.loading import TINY, load_tokenizer_and_config, load_weights, resolve_model
 from lopt.parallel.pipeline import Pipeline
-from lopt.parallel.placement import Paged, Sharded, Staged, Whole
+from lopt.parallel.placement import Folded, Paged, Sharded, Staged, Whole
 from lopt.parallel.world import World
 from lopt.training.offload import BlockOffload
-from lopt.training.optim import Optimizers, build_optimizers
+from lopt.training.optim import Optimizers, ZOUpdate, build_optimizers
 from lopt.training.run_dir import RunDir, read_saved_config
-from lopt.training.steps import Collator, StepParts, choose_step
+from lopt.training.evaluator import ClassificationEvaluator
+from lopt.training.steps import ClassificationCollator, Collator, StepParts, choose_step
 from lopt.training.loop import Trainer
 
 # Settings a resumed run may change without changing its trajectory (the step count sets the schedule).
@@ -41,11 +53,25 @@ RUN_CONTROL_FIELDS = {"resume", "overwrite", "output_dir", "log_every", "save_ev
 def build_trainer(config: TrainConfig, model: LoPTModel, tokenizer, data: tuple, run_dir: RunDir, device,
                   world: World) -> Trainer:
     """The Trainer over ``data`` (training examples, held-out set), its parts chosen here, once."""
+    if config.method == "zo":
+        return _zo_trainer(config, model, tokenizer, data, run_dir, device, world)
     optimizers = build_optimizers(config, model)
     placement = choose_placement(config, model, optimizers, world, device)
     collate = Collator(_pad_id(tokenizer), config.seq_len if config.pack else None, device)
     parts = StepParts(model, world, placement, optimizers, collate, config.max_grad_norm, config.boundary)
     return Trainer(config, model, tokenizer, data, run_dir, world, optimizers, placement, choose_step(config, parts))
+
+
+def _zo_trainer(config: TrainConfig, engine, tokenizer, data: tuple, run_dir: RunDir, device, world: World) -> Trainer:
+    """``--method zo``: the engine (``zo_engine``) updates the weights itself; its runner is the Trainer's model."""
+    model, updates = engine.runner, ZOUpdate(config, engine)
+    placement = Folded(model, updates, world, device, engine)
+    classification = isinstance(data[0][0], ClassificationExample)
+    collate = (ClassificationCollator(_pad_id(tokenizer), device) if classification else
+               Collator(_pad_id(tokenizer), None, device))
+    parts = StepParts(model, world, placement, updates, collate, 0.0, config.boundary)
+    return Trainer(config, model, tokenizer, data, run_dir, world, updates, placement,
+                   choose_step(config, parts, engine), ClassificationEvaluator if classification else None)
 
 
 def choose_placement(cfg: TrainConfig, model: LoPTModel, optimizers: Optimizers, world: World, device) -> Whole:
@@ -123,11 +149,13 @@ def model_weights(cfg: TrainConfig, model_config, device, dtype):
 
 
 def _check_num_blocks(num_blocks: int, num_layers: int):
-    if not 1 <= num_blocks <= num_layers:
-        raise UsageError(f"--num-blocks must be between 1 and the model's {num_layers} layers, got {num_blocks}")
+    refuse(dict(num_blocks=num_blocks, layers=num_layers), TRAIN)
 
 
-def wrap_model(hf_model, cfg: TrainConfig) -> LoPTModel:
+def wrap_model(hf_model, cfg: TrainConfig):
+    """The model as the run trains it: the LoPT engine (``LoPTModel``), or with ``--method zo`` the ZO engine."""
+    if cfg.method == "zo":
+        return zo_engine(hf_model, cfg)
     try:
         model = LoPTModel(hf_model, num_blocks=cfg.num_blocks, lambda_aux=cfg.lambda_aux, recompute=cfg.recompute,
                           kernels=cfg.kernels)
@@ -137,9 +165,29 @@ def wrap_model(hf_model, cfg: TrainConfig) -> LoPTModel:
     return model
 
 
+def zo_engine(hf_model, cfg: TrainConfig):
+    """``--method zo``'s engine over the decoder layers from ``--zo-first-layer`` on (``lopt.zo``)."""
+    from lopt.zo import ZOEngine, ZOSettings
+    from lopt.zo.linears import trained_linears
+
+    refuse(dict(zo_first_layer=cfg.zo_first_layer, layers=len(hf_model.model.layers)), TRAIN)
+    if cfg.zo_kind != "fullrank":
+        width = min(min(lin.module.weight.shape) for lin in trained_linears(hf_model, cfg.zo_first_layer))
+        refuse(dict(zo_rank=cfg.zo_rank, min_width=width), TRAIN)
+    settings = ZOSettings(kind=cfg.zo_kind, eps=cfg.zo_eps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          directions=cfg.zo_directions, rank=cfg.zo_rank, interval=cfg.zo_interval,
+                          first_layer=cfg.zo_first_layer, seed=cfg.seed)
+    try:
+        return ZOEngine(hf_model, settings, kernels=cfg.kernels)
+    except ValueError as error:  # the engine's own checks: architecture
+        raise UsageError(str(error)) from None
+
+
 def training_data(cfg: TrainConfig, tokenizer, notes: bool = True):
     """Tokenised training examples, and the held-out ``(examples, prompts)`` or None. ``notes``: print the
     notes on skipped rows (one rank of a torchrun job does)."""
+    if cfg.method == "zo" and (cfg.data is None or looks_like_classification(cfg.data)):
+        return classification_data(cfg, tokenizer, notes)
     if cfg.data is None:
         train_rows, held_out_rows = default_rows(cfg)
         train_name = "the embedded SFT set" if cfg.embedded_model else "the embedded record task"
@@ -175,6 +223,28 @@ def training_data(cfg: TrainConfig, tokenizer, notes: bool = True):
         held_out = (tokenize_conversations(held_conversations, tokenizer, cfg.seq_len),
                     eval_examples(held_conversations, tokenizer, cfg.seq_len))
     return examples, held_out
+
+
+BYTE_LABEL_WORDS = ("-", "+")  # the embedded sentiment task's answers for the toy, whose tokens are bytes
+
+
+def classification_data(cfg: TrainConfig, tokenizer, notes: bool = True):
+    """``--method zo`` on classification rows: the embedded sentiment task (no ``--data``; its held-out words are
+    never trained) or a file's rows with a held-out share; the held-out examples are a list."""
+    if cfg.data is None:
+        words = BYTE_LABEL_WORDS if cfg.embedded_model else SST2_LABEL_WORDS  # the toy's tokens are bytes
+        train_rows = parse_rows(sentiment_rows("train", SENTIMENT_TRAIN_ROWS, seed=cfg.seed), label_words=words)
+        held_rows = parse_rows(sentiment_rows("eval", cfg.eval_max_examples, seed=cfg.seed), label_words=words)
+    else:
+        train_rows, held_rows = split_rows(load_classification(cfg.data), cfg.eval_split, cfg.seed)
+        if held_rows is not None and notes:
+            print(f"lopt: note: held out {len(held_rows)} of {len(train_rows) + len(held_rows)} rows of {cfg.data} "
+                  f"for the evaluation (--eval-split {cfg.eval_split:g})", file=sys.stderr)
+    if cfg.eval_data is not None:
+        held_rows = load_classification(cfg.eval_data)
+    held_out = None if not held_rows else tokenize_classification(held_rows[: cfg.eval_max_examples], tokenizer,
+                                                                   cfg.seq_len)
+    return tokenize_classification(train_rows, tokenizer, cfg.seq_len), held_out
 
 
 def replay_examples(cfg: TrainConfig, hf_model, tokenizer, num_task_examples: int, notes: bool) -> list:

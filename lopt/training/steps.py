@@ -16,6 +16,7 @@ import dataclasses
 import torch
 
 from lopt.config import TrainConfig
+from lopt.data.classification import collate_classification
 from lopt.data.sft import collate
 from lopt.training.health import all_finite
 
@@ -38,6 +39,19 @@ class Collator:
 
     def __call__(self, examples) -> dict[str, torch.Tensor]:
         return to_device(collate(examples, self.pad_id, self.pack_to), self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationCollator:
+    """``--method zo`` on classification data: a micro-batch's examples as the ZO engine's scoring batch
+    (``lopt.data.classification.collate_classification``) on the device."""
+
+    pad_id: int
+    device: torch.device
+
+    def __call__(self, examples) -> dict[str, torch.Tensor]:
+        batch = collate_classification(examples, self.pad_id)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,8 +248,41 @@ class PipelineStage:
         return StepResult(task, aux, norm / self.pipeline.copies, bad_grads == 0, bad_updates == 0)
 
 
-def choose_step(cfg: TrainConfig, parts: StepParts):
+class ZOStep:
+    """``--method zo``: no gradients. Each rank scores its micro-batches under the step's 2P perturbations (one
+    stacked forward each, ``lopt.zo.ZOEngine``), the ranks sum 2P + 1 numbers (the count-weighted losses and the
+    count), and every rank applies the same update, its directions drawn from the shared seed: no weights or
+    gradients cross between ranks. The engine's step numbers start at 0 (the trainer's at 1)."""
+
+    def __init__(self, parts: StepParts, engine):
+        self.parts, self.engine = parts, engine
+
+    def run(self, batch: StepBatch, step: int) -> StepResult:
+        parts, engine = self.parts, self.engine
+        perturbation = engine.draw(step - 1)
+        count = len(batch.parts)
+        mine = [parts.collate(batch.parts[i]) for i in parts.placement.micro_batches(count) if i < count]
+        if mine:
+            loss_sums, _, scored = engine.score_sums(mine, perturbation)
+        else:  # a rank left without a micro-batch (an epoch's short last step) adds zeros
+            loss_sums = torch.zeros(2 * perturbation.directions, dtype=torch.float64, device=parts.collate.device)
+            scored = 0.0
+        sums = parts.world.sum(torch.cat([loss_sums, torch.as_tensor(scored, dtype=torch.float64,
+                                                                     device=loss_sums.device).reshape(1)]),
+                               f"summing the ZO losses of step {step}")
+        g, loss_plus, loss_minus = engine.projected_gradients(sums[:-1], sums[-1])
+        loss = torch.cat([loss_plus, loss_minus]).mean()
+        if torch.isfinite(loss):  # else no update: the Trainer stops on the loss
+            engine.update(perturbation, g, parts.optimizers.lr)
+        engine.next_step = step
+        finite = bool(all_finite(parts.placement.state_tensors()))
+        return StepResult(float(loss), 0.0, float(g.abs().mean()), True, finite)
+
+
+def choose_step(cfg: TrainConfig, parts: StepParts, engine=None):
     """The run's step kind, chosen once at setup. A new kind is a class above and one line here."""
+    if cfg.method == "zo":
+        return ZOStep(parts, engine)
     if cfg.pipeline:
         return PipelineStage(parts)
     if cfg.schedule == "sequential":

@@ -211,18 +211,31 @@ class ZOEngine:
 
     # ------------------------------------------------------------------ the step
 
-    def estimate(self, micro_batches, perturbation: Perturbation):
-        """(g (P,), L+ (P,), L− (P,), accuracy (G,) or None, count): L± token-weighted over the micro-batches."""
+    def score_sums(self, micro_batches, perturbation: Perturbation) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Σ count·loss (G,), Σ count·accuracy (G,) or None, and Σ count over ``micro_batches``: sums, so that
+        ranks scoring different micro-batches add theirs up before ``projected_gradients``. In float64: the
+        sums of fp32 losses are then exact in any order, and g = (L+ − L−)/2ε, which magnifies a rounding by
+        1/2ε, is the same however the micro-batches are split."""
         results = [self.scores(mb, perturbation) for mb in micro_batches]
-        counts = torch.stack([r.count for r in results]).float()
-        weights = counts / counts.sum().clamp(min=1)
-        loss = sum(w * r.loss for w, r in zip(weights, results))
+        counts = [r.count.double() for r in results]
+        loss = sum(c * r.loss.double() for c, r in zip(counts, results))
         accuracy = None
         if results[0].accuracy is not None:
-            accuracy = sum(w * r.accuracy for w, r in zip(weights, results))
+            accuracy = sum(c * r.accuracy.double() for c, r in zip(counts, results))
+        return loss, accuracy, sum(counts)
+
+    def projected_gradients(self, loss_sums: torch.Tensor, count: torch.Tensor):
+        """(g (P,), L+ (P,), L− (P,)) from ``score_sums``' loss sums and count: L± count-weighted means."""
+        loss = loss_sums / count.clamp(min=1)
         loss_plus, loss_minus = loss[0::2], loss[1::2]
-        g = (loss_plus - loss_minus) / (2 * self.settings.eps)
-        return g, loss_plus, loss_minus, accuracy, counts.sum()
+        return (loss_plus - loss_minus) / (2 * self.settings.eps), loss_plus, loss_minus
+
+    def estimate(self, micro_batches, perturbation: Perturbation):
+        """(g (P,), L+ (P,), L− (P,), accuracy (G,) or None, count): L± token-weighted over the micro-batches."""
+        loss_sums, accuracy_sums, count = self.score_sums(micro_batches, perturbation)
+        g, loss_plus, loss_minus = self.projected_gradients(loss_sums, count)
+        accuracy = None if accuracy_sums is None else accuracy_sums / count.clamp(min=1)
+        return g, loss_plus, loss_minus, accuracy, count
 
     def update(self, perturbation: Perturbation, g: torch.Tensor, lr: float | None = None) -> None:
         """θ ← θ − lr·((1/P)·Σ_p g_p·Z_p + wd·θ) on the trained weights, in fp32 (wd where ``decays``)."""
