@@ -10,7 +10,8 @@
 #            persistent and transient memory, MFU, the planner's predicted peak beside the measured one
 #   micro    linear cross-entropy: fused vs eager, torch.compile of a chunked version, Liger; recon_loss: fused vs
 #            eager and compiled
-#   zo       the ZO step vs MeZO's loop (records "skipped" until lopt.zo exists)
+#   zo       the ZO step (lopt.zo: lowrank, highrank, fullrank) vs MeZO's loop and the best plain loop, Llama-3.2-1B
+#            shape, batch 16, bf16: ms per step, tokens/s, peak memory
 #   capped   tokens/s under a 24 GB cap at each method's largest fitting batch (sized from the e2e rows)
 #   offload  the offloaded Llama-3.1-8B step under 24 GB against the planner's prediction
 # A part's limit is its budget plus whatever the parts before it left unused, never more than keeps every later
@@ -27,12 +28,12 @@ cd "$(dirname "$0")/.."
 
 # name, budget in seconds, what it measures
 PARTS=(
-  "kernels 150 build lopt_kernels._C; kernel tests on CUDA, bf16 at real shapes first"
+  "kernels 145 build lopt_kernels._C; kernel tests on CUDA, bf16 at real shapes first"
   "e2e 120 Llama-3.2-1B seq 2048 batch 4: hf, hf+liger, lopt-paper, lopt, lopt+kernels"
-  "micro 70 linear cross-entropy and recon_loss against eager, compiled and Liger"
-  "zo 15 the ZO step against MeZO's loop (skipped until lopt.zo exists)"
-  "capped 55 tokens/s under a 24 GB cap at each method's largest fitting batch"
-  "offload 55 the offloaded Llama-3.1-8B step under 24 GB against the planner"
+  "micro 55 linear cross-entropy and recon_loss against eager, compiled and Liger"
+  "zo 60 the ZO step (lowrank, highrank, fullrank) against MeZO's loop and the best plain loop"
+  "capped 35 tokens/s under a 24 GB cap at each method's largest fitting batch"
+  "offload 50 the offloaded Llama-3.1-8B step under 24 GB against the planner"
 )
 TOTAL_S=480     # the whole command, wall time
 SUMMARY_S=5     # kept back at the end for summary.md

@@ -234,12 +234,16 @@ def grouped_lowrank_reference(x, V, U, v_index, u_index, scale, out=None) -> tor
     """The op (module docstring) in plain PyTorch: the CPU path and the test oracle.
 
     Computes in fp32 (float64 stays float64) and rounds once; groups with a zero scale leave ``out``
-    untouched. Holds [G, K, r], [G, N, r] copies of the factors and [G, M, N] of the term.
+    untouched. Holds [G, K, r], [G, N, r] copies of the factors, and [G, M, N] of the term unless ``out``
+    is in the compute dtype and no scale is zero (then it adds in place).
     """
     _check_args(x, V, U, v_index, u_index, scale, out)
     compute = torch.promote_types(x.dtype, torch.float32)
     h = torch.bmm(x.to(compute), V.to(compute)[v_index]) * scale.to(compute)[:, None, None]
-    term = torch.bmm(h, U.to(compute)[u_index].transpose(1, 2))
+    u = U.to(compute)[u_index].transpose(1, 2)
+    if out is not None and out.dtype == compute and bool((scale != 0).all()):
+        return out.baddbmm_(h, u)  # in place: no [G, M, N] temporaries (the CPU path of every ZO forward)
+    term = torch.bmm(h, u)
     if out is None:
         return term.to(x.dtype)
     total = (out.to(compute) + term).to(out.dtype)
