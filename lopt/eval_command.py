@@ -1,28 +1,13 @@
 """``lopt eval``: a model's held-out task score and retention, and for a ``lopt train`` run, its own task.
 
 ``--model`` is a run directory (it holds the ``config.json`` that ``lopt train`` wrote, and ``final/``), a
-run's ``final/``, or any model ``lopt train --model`` takes. For a run, the defaults are the run's:
-
-- the held-out rows it was evaluated on: its ``--eval-data``; else, with its own ``--data``, the rows
-  ``--eval-split`` held out of that data (none for a run that trained on every row: then ``--data`` is
-  needed); else the held-out split of the embedded task it trained (the toy's SFT set for ``tiny``, the
-  record task for a real model: ``lopt.data.embedded.default_rows``);
-- its ``--seq-len``, ``--batch-size`` and ``--eval-max-examples`` (a flag given here wins);
-- the KL reference: the model the run started from (its ``--model``), when that loads offline (the toy,
-  a local directory or GGUF, a hub id already in the local cache); else a note, and no KL.
-  ``--reference`` names another, ``--no-reference`` skips it. The reference is loaded, asked its answers
-  and freed before the measured model loads, so the two are never in memory together; it costs one more
-  model load and 24 short generations (about as long as the measured model's own retention measures), so
-  it stays on by default: it is what makes the KL comparable with the run's ``eval.json``.
-
-So ``lopt eval --model RUN`` repeats the run's final evaluation (``eval.json``) on its ``final/`` weights:
-the same numbers for a run trained on the CPU; for a bf16 run on a GPU, close (lopt eval runs fp32 on the CPU).
-Any other model needs ``--data``, except ``tiny`` (the embedded toy), whose own SFT held-out split is its
-task, as for ``lopt train --model tiny``.
-
-Every phase that can take a while says on stderr what it does before it starts and how long it took after
-(``lopt eval: scoring 200 held-out examples ... 4.1 s``), with a progress bar where it loops over many
-items and stderr is a terminal.
+run's ``final/``, or any model ``lopt train --model`` takes. For a run, the defaults are the run's: its
+held-out rows (``_held_out``), its ``--seq-len``, ``--batch-size`` and ``--eval-max-examples``, and as the
+KL reference the model it started from, when that loads offline (``_reference``). So ``lopt eval --model
+RUN`` repeats the run's final evaluation (``eval.json``) on its ``final/`` weights. ``plan`` settles all of
+that before any model loads; the reference is loaded, asked its answers and freed before the measured
+model loads, so the two are never in memory together. Every phase that can take a while says on stderr
+what it does and how long it took (``Phases``, ``counting``). For users: docs/cli.md.
 """
 
 from __future__ import annotations
@@ -214,7 +199,11 @@ def _refuse_training_checkpoint(model: ModelSource):
 
 
 def _held_out(args, run: Run | None, model: ModelSource):
-    """``(description, () -> rows)`` of the held-out rows, their source checked (not read) now."""
+    """``(description, () -> rows)`` of the held-out rows, their source checked (not read) now: ``--data``;
+    else, for a run, its ``--eval-data``; else, with its own ``--data``, the rows ``--eval-split`` held out of
+    that data (none for a run that trained on every row: then ``--data`` is needed); else the held-out split
+    of the embedded task it trained (``lopt.data.embedded.default_rows``). Without a run only ``tiny`` has a
+    task of its own (its SFT held-out split, as for ``lopt train --model tiny``)."""
     from lopt.data.sft import check_data_source, load_rows
 
     if args.data is not None:
@@ -269,7 +258,12 @@ def _split_held_out(cfg: TrainConfig, where: Path) -> list[dict]:
 
 
 def _reference(args, run: Run | None) -> tuple[ModelSource | None, int, str]:
-    """``(source, seed, in words)`` of the KL reference, or ``(None, 0, why not)``."""
+    """``(source, seed, in words)`` of the KL reference, or ``(None, 0, why not)``.
+
+    For a run, by default its original model (its ``--model``) when that loads offline: the toy, a local
+    directory or GGUF, a hub id already in the local cache; else a note and no KL. It costs one more model
+    load and 24 short generations (about as long as the measured model's own retention measures), and stays
+    on by default because it is what makes the KL comparable with the run's ``eval.json``."""
     if args.reference is not None:
         return resolve_model(args.reference), 0, f"{args.reference} (--reference)"
     if args.no_reference:

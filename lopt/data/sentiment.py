@@ -7,16 +7,10 @@ sentence about a subject ("Honestly, the hotel was dismal."); some rows negate i
 hotel dismal."), which flips the label, and some contrast two adjectives of opposite polarity, the second
 one deciding ("At first the hotel seemed dismal, but in the end it was superb.").
 
-The words come from ``vader_polar_words.txt`` beside this file: the VADER lexicon's strongly polar
-adjectives (how they were filtered, the source and its MIT license are in its header; ``python -m
-lopt.data.sentiment PATH/vader_lexicon.txt`` rebuilds it). They are split once, with a fixed seed, into
-training and evaluation words: whole families (words sharing their first five letters, e.g.
-"cheerful"/"cheery") go to one side, so no evaluation word or close relative of it is trained on. Rows
-are deterministic in ``(split, n, seed)`` and balanced (``n // 2`` negative rows).
-
-SmolLM2-135M-Instruct scores 200 evaluation rows (seeds 0 / 1 / 2) at 0.70 / 0.74 / 0.70 accuracy zero-shot
-(training rows: 0.65): it answers " great" for ~80% of rows (a threshold on the logit gap would reach
-~0.84), and negated rows are harder than plain ones, so ZO has both a bias and negation to learn.
+The words come from ``vader_polar_words.txt`` beside this file (its header says how they were filtered,
+the source and its MIT license; ``python -m lopt.data.sentiment PATH/vader_lexicon.txt`` rebuilds it),
+split once into training and evaluation words by whole families (``split_words``). Rows are deterministic
+in ``(split, n, seed)`` and balanced (``sentiment_rows``). How SmolLM2 scores them zero-shot: docs/zo.md.
 """
 
 from __future__ import annotations

@@ -2,33 +2,13 @@
 
 The stop-gradient at each boundary means a lower block's backward needs nothing from above it, so it can
 run during the forward. After ``apply``, a training-mode forward with grad enabled runs, for each lower
-block: its layers, its reconstruction loss and that loss's backward (lower weights get their gradients
-there and then), and hands the detached output on. The upper block runs as usual and the model returns
-its normal output (logits, and a loss when given labels): the caller's ``loss.backward()`` reaches the
-upper block only. A trainer that calls ``model(**batch)`` and ``loss.backward()`` so gets the LoPT step and
-its memory (lower blocks' activations die at their boundary) without knowing it. Under ``torch.no_grad()``,
-in eval mode and in ``generate`` the forward is the model's own.
-
-How the reconstruction loss is scaled, since its backward ran before the trainer scales the task loss:
-
-- given ``labels`` and ``num_items_in_batch`` (the Hugging Face Trainer passes the optimizer step's
-  label-token count to causal LMs with labels; the model then sums its cross-entropy and divides by it),
-  each micro-batch's mean reconstruction loss is weighted by its share of those tokens,
-  ``label tokens in this micro-batch / num_items_in_batch``;
-- otherwise ``1 / gradient_accumulation_steps``, set by ``apply`` or by ``LoPTCallback`` from the
-  trainer's args. That is TRL 1.16's case: SFTTrainer and GRPOTrainer call the model through TRL's fused
-  head with no token count and normalise their loss themselves (SFT by the step's label tokens, GRPO's
-  default ``dapo`` by its completion tokens), so micro-batches are weighted equally here. The two agree
-  when micro-batches hold equal numbers of label tokens (packed rows of one length nearly do). In a
-  window cut short at an epoch's end the Trainer divides by the window's length, LoPT by the full count.
-
-``LoPTModel.train_step`` weights each micro-batch's reconstruction loss by its share of the step's
-*positions*; with ``num_items_in_batch`` the two agree whenever label tokens are the same fraction of
-positions in every micro-batch (always with one micro-batch per step).
-
-The decoders sit in the model as ``lopt_decoders`` so optimizers, ``.to()`` and DDP see them, and are
-listed in ``_keys_to_ignore_on_save``: ``save_pretrained`` writes a plain checkpoint. ``LoPTCallback``
-also keeps them in the Trainer's checkpoints (``lopt_decoders.safetensors``) and loads them on resume.
+block, its layers, its reconstruction loss and that loss's backward (lower weights get their gradients
+there and then), and hands the detached output on; the upper block runs as usual and the model returns its
+normal output, so the caller's ``loss.backward()`` reaches the upper block only. A trainer that calls
+``model(**batch)`` and ``loss.backward()`` so gets the LoPT step and its memory (lower blocks' activations
+die at their boundary) without knowing it. Under ``torch.no_grad()``, in eval mode and in ``generate`` the
+forward is the model's own. How the reconstruction loss is scaled: ``_weigh_local_loss``; how to use it
+with the Trainer, TRL, PEFT and DDP: docs/integration.md.
 """
 
 from __future__ import annotations
@@ -61,7 +41,11 @@ def apply(
     """Make ``model`` (a Llama / Qwen2 / Qwen3 / Mistral causal LM, or a PEFT model around one) train with
     LoPT, in place. Returns the engine: ``.aux_decoders``, ``.lower_parameters()``, ``.param_groups()``,
     ``.train_step()``. ``remove(model)`` undoes it. With PEFT, apply to the model ``get_peft_model`` returns:
-    applied before it, PEFT freezes the decoders."""
+    applied before it, PEFT freezes the decoders.
+
+    The decoders sit in the model as ``lopt_decoders``, so optimizers, ``.to()`` and DDP see them, and are
+    listed in ``_keys_to_ignore_on_save``: ``save_pretrained`` writes a plain checkpoint. ``LoPTCallback``
+    keeps them in the Trainer's checkpoints (``lopt_decoders.safetensors``) and loads them on resume."""
     hf_model = _causal_lm(model)
     if DECODERS in hf_model._modules:
         raise ValueError("LoPT is already applied to this model; lopt.remove(model) first to change its settings")
@@ -137,7 +121,24 @@ def _training(engine: LoPTModel) -> bool:
 
 
 def _weigh_local_loss(module, args, kwargs):
-    """Before the causal LM's forward: this micro-batch's weight for the reconstruction loss."""
+    """Before the causal LM's forward: this micro-batch's weight for the reconstruction loss.
+
+    Its backward runs inside the forward, before the trainer scales the task loss, so it is scaled here:
+
+    - given ``labels`` and ``num_items_in_batch`` (the Hugging Face Trainer passes the optimizer step's
+      label-token count to causal LMs with labels; the model then sums its cross-entropy and divides by it),
+      each micro-batch's mean reconstruction loss is weighted by its share of those tokens,
+      ``label tokens in this micro-batch / num_items_in_batch``;
+    - otherwise ``1 / gradient_accumulation_steps``, set by ``apply`` or by ``LoPTCallback`` from the
+      trainer's args. That is TRL 1.16's case: SFTTrainer and GRPOTrainer call the model through TRL's fused
+      head with no token count and normalise their loss themselves (SFT by the step's label tokens, GRPO's
+      default ``dapo`` by its completion tokens), so micro-batches are weighted equally here. The two agree
+      when micro-batches hold equal numbers of label tokens (packed rows of one length nearly do). In a
+      window cut short at an epoch's end the Trainer divides by the window's length, LoPT by the full count.
+
+    ``LoPTModel.train_step`` weights each micro-batch by its share of the step's *positions*; with
+    ``num_items_in_batch`` the two agree whenever label tokens are the same fraction of positions in every
+    micro-batch (always with one micro-batch per step)."""
     engine = module.__dict__["_lopt"]
     if not _training(engine):
         return

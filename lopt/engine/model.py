@@ -9,14 +9,12 @@ activations die at the boundary: peak activation memory is the largest block's, 
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 import lopt_kernels
 from lopt_kernels.boundary import BoundaryMemory
@@ -24,6 +22,11 @@ from lopt_kernels.boundary import BoundaryMemory
 from lopt.settings import API, Say, refuse
 from lopt.models.shapes import SUPPORTED_FAMILIES
 from lopt.data.sft import IGNORE_INDEX
+from lopt.engine import attention
+from lopt.engine.batch import unpack_batch
+from lopt.engine.head import head_loss
+from lopt.engine.param_groups import adamw_groups, split_by_block
+from lopt.engine.recompute import apply_recompute, hf_checkpoints
 
 # How the step functions' callbacks that step a lower block are named in their messages (lopt.settings).
 _ON_BOUNDARY = Say("api", {"block_step": "on_boundary"})
@@ -102,18 +105,6 @@ def _untie_embeddings(hf_model: nn.Module) -> None:
         text_config.tie_word_embeddings = False
 
 
-def _checkpointed(forward):
-    """Wrap a module's forward so its activations are recomputed in backward instead of stored."""
-
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run
-
-
 class LoPTModel(nn.Module):
     """Wraps a Hugging Face causal LM (in place) for LoPT training.
 
@@ -163,7 +154,7 @@ class LoPTModel(nn.Module):
         if self.kernels:
             lopt_kernels.patch(hf_model)
         self.boundary = BoundaryMemory(boundary_memory)
-        self._apply_recompute()
+        apply_recompute(hf_model.model.layers, recompute)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None, **kwargs):
@@ -316,8 +307,19 @@ class LoPTModel(nn.Module):
         total_tokens = sum(tokens) if total_tokens is None else total_tokens
         total_positions = sum(positions) if total_positions is None else total_positions
         layer_inputs = [self.layer_inputs(ids.shape, ids.device, mask, docs) for ids, mask, _, docs in parts]
-        masks = [None if mask is None else mask.bool() for _, mask, _, _ in parts]
+        stash, aux_loss = self._lower_blocks_in_turn(parts, layer_inputs, positions, total_positions, loss_scale,
+                                                     on_block_done, boundary)
+        task_loss = self._upper_block_in_turn(parts, stash, layer_inputs, tokens, total_tokens, loss_scale)
+        # the inputs' device: under weight offload the embeddings may be on the host by now
+        device = parts[0][0].device if parts else self.model.model.embed_tokens.weight.device
+        task_loss, aux_loss = (torch.as_tensor(x, device=device, dtype=torch.float32) for x in (task_loss, aux_loss))
+        return StepOutput(task_loss + self.lambda_aux * aux_loss, task_loss, aux_loss, torch.as_tensor(sum(tokens)))
 
+    def _lower_blocks_in_turn(self, parts, layer_inputs, positions, total_positions, loss_scale, on_block_done,
+                              boundary):
+        """``sequential_step``'s lower blocks, each over every micro-batch (weighted by its share of the
+        positions); returns the last block's inputs (the stash) and the aux loss."""
+        masks = [None if mask is None else mask.bool() for _, mask, _, _ in parts]
         stash = [None] * len(parts)  # each micro-batch's input to the current block (None: the embeddings)
         aux_loss = 0.0
         for b in range(self.num_blocks - 1):
@@ -337,7 +339,11 @@ class LoPTModel(nn.Module):
                     stash = [self.run_block(b, self.model.model.embed_tokens(ids) if b == 0 else inputs[i],
                                              layer_inputs[i]) for i, (ids, *_) in enumerate(parts)]
             del inputs  # block b's inputs are not held through block b+1
+        return stash, aux_loss
 
+    def _upper_block_in_turn(self, parts, stash, layer_inputs, tokens, total_tokens, loss_scale):
+        """``sequential_step``'s last block over every micro-batch (weighted by its share of the label tokens),
+        each input freed from ``stash`` as it is used; returns the weighted task loss."""
         task_loss = 0.0
         for i, (input_ids, _, labels, _) in enumerate(parts):
             hidden = self.model.model.embed_tokens(input_ids) if self.num_blocks == 1 else stash[i]
@@ -348,10 +354,7 @@ class LoPTModel(nn.Module):
             if task.requires_grad:
                 (task * (loss_scale * weight)).backward()
             task_loss = task_loss + task.detach() * weight
-        # the inputs' device: under weight offload the embeddings may be on the host by now
-        device = parts[0][0].device if parts else self.model.model.embed_tokens.weight.device
-        task_loss, aux_loss = (torch.as_tensor(x, device=device, dtype=torch.float32) for x in (task_loss, aux_loss))
-        return StepOutput(task_loss + self.lambda_aux * aux_loss, task_loss, aux_loss, torch.as_tensor(sum(tokens)))
+        return task_loss
 
     def lopt_loss(self, task_loss, aux_losses):
         """The objective's formula, its one definition: ``(task + lambda_aux * mean_b(aux_b), task, mean aux)``."""
@@ -364,19 +367,7 @@ class LoPTModel(nn.Module):
     def unpack(self, batch):
         """``(input_ids, attention_mask, labels, document_ids)`` of a batch, the labels shifted (position t's is
         token t+1) and ignored (-100) past each row's end and across packed examples' borders."""
-        if "input_ids" not in batch:
-            raise ValueError("batch needs 'input_ids'")
-        input_ids = batch["input_ids"]
-        attention_mask = batch.get("attention_mask")
-        labels = batch.get("labels")
-        if labels is None:
-            labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        # Position t predicts token t+1: shift left and ignore the last position.
-        labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
-        document_ids = batch.get("document_ids")
-        if document_ids is not None:  # nor does an example's last token predict the next example's first
-            labels[:, :-1].masked_fill_(document_ids[:, 1:] != document_ids[:, :-1], IGNORE_INDEX)
-        return input_ids, attention_mask, labels, document_ids
+        return unpack_batch(batch)
 
     def layer_inputs(self, shape, device, attention_mask, document_ids=None, position_ids=None) -> dict:
         """What every decoder layer takes besides the hidden states: positions, rotary cos/sin, mask.
@@ -384,56 +375,27 @@ class LoPTModel(nn.Module):
         Positions count from 0 in each row, restart where a packed example starts (``document_ids``), or
         are the caller's ``position_ids``.
         """
-        batch_size, seq_len = shape
-        idx = torch.arange(seq_len, device=device)
-        if position_ids is not None:
-            position_ids = position_ids.expand(batch_size, -1)
-        elif document_ids is None:
-            position_ids = idx.unsqueeze(0).expand(batch_size, -1)
-        else:
-            starts = torch.ones_like(document_ids, dtype=torch.bool)
-            starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-            position_ids = idx - torch.where(starts, idx, 0).cummax(dim=1).values
-        dtype = self.model.model.embed_tokens.weight.dtype
+        decoder = self.model.model
+        position_ids = attention.position_ids(shape, device, document_ids, position_ids)
+        dtype = decoder.embed_tokens.weight.dtype
         with torch.no_grad():
             probe = torch.empty(0, device=device, dtype=dtype)
-            position_embeddings = self.model.model.rotary_emb(probe, position_ids)
-        kinds = {_layer_type(self.model.config, i) for i in range(len(self.model.model.layers))}
-        masks = {kind: self._attention_mask(kind, attention_mask, document_ids, seq_len, device, dtype)
-                 for kind in kinds}
+            position_embeddings = decoder.rotary_emb(probe, position_ids)
+        masks = attention.layer_masks(self.model.config, len(decoder.layers), attention_mask, document_ids, shape[1],
+                                      device, dtype)
         return dict(position_ids=position_ids, position_embeddings=position_embeddings, masks=masks)
-
-    def _attention_mask(self, kind, attention_mask, document_ids, seq_len, device, dtype):
-        """Additive [B, 1, T, T] mask, or None where SDPA's own causal path is exact (no padding or packing)."""
-        window = getattr(self.model.config, "sliding_window", None) if kind == "sliding_attention" else None
-        # One host sync per step (not per layer) buys SDPA's fused causal path for unpadded batches.
-        no_padding = attention_mask is None or bool(attention_mask.all())
-        sdpa = self.model.config._attn_implementation == "sdpa"
-        if no_padding and document_ids is None and window is None and sdpa:
-            return None
-        idx = torch.arange(seq_len, device=device)
-        allowed = idx[None, :] <= idx[:, None]
-        if window is not None:
-            allowed &= idx[:, None] - idx[None, :] < window
-        allowed = allowed[None, None]
-        if attention_mask is not None:
-            allowed = allowed & attention_mask.bool()[:, None, None, :]
-        if document_ids is not None:
-            allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
-        # A fully masked query row (padding) would give NaN under -inf; the dtype's min keeps it finite.
-        return torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
     def run_block(self, b: int, hidden, layer_inputs):
         """Block b's layers on ``hidden``; ``layer_inputs`` from ``layer_inputs``. No loss, no backward."""
         start, end = self.block_ranges[b]
-        if torch.is_grad_enabled() and not hidden.requires_grad and _checkpoints(self.model.model.layers[start]):
+        if torch.is_grad_enabled() and not hidden.requires_grad and hf_checkpoints(self.model.model.layers[start]):
             # A reentrant checkpoint (Hugging Face's, with use_reentrant=True) gives a layer's weights gradients
             # only when its input requires grad; a detached boundary does not, and the block would not learn.
             hidden = hidden.detach().requires_grad_()
         for i in range(start, end):
             out = self.model.model.layers[i](
                 hidden,
-                attention_mask=layer_inputs["masks"][_layer_type(self.model.config, i)],
+                attention_mask=layer_inputs["masks"][attention.layer_type(self.model.config, i)],
                 position_ids=layer_inputs["position_ids"],
                 position_embeddings=layer_inputs["position_embeddings"],
             )
@@ -441,27 +403,9 @@ class LoPTModel(nn.Module):
         return hidden
 
     def task_loss(self, normed_hidden, labels):
-        """Mean cross-entropy over the label tokens. A plain linear head goes through the fused
-        linear_cross_entropy (or its reference); any other head (a LoRA adapter, a quantised linear) runs as
-        a module, so what it adds to the weight is never skipped, at the price of materialised logits."""
-        hidden, labels = normed_hidden.reshape(-1, normed_hidden.shape[-1]), labels.reshape(-1)
-        head = self.model.lm_head
-        try:
-            weight, bias = lopt_kernels.lm_head_weight(head)
-        except ValueError:
-            logits = head(hidden).float()
-            losses = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-            return losses.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
-        op = lopt_kernels.linear_cross_entropy if self.kernels else lopt_kernels.linear_cross_entropy_reference
-        return op(hidden, weight, labels, bias=bias)
-
-    def _apply_recompute(self):
-        """Wrap layer (or MLP) forwards in activation checkpointing, per instance."""
-        if self.recompute == "none":
-            return
-        for layer in self.model.model.layers:
-            module = layer if self.recompute == "full" else layer.mlp
-            module.forward = _checkpointed(module.forward)
+        """Mean cross-entropy over the label tokens (``lopt.engine.head``: a plain linear head fused, any other
+        head, a LoRA adapter or a quantised linear, run as a module)."""
+        return head_loss(self.model.lm_head, normed_hidden, labels, fused=self.kernels)
 
     # ------------------------------------------------------------------ inference, optimizer, saving
 
@@ -484,16 +428,8 @@ class LoPTModel(nn.Module):
 
     def param_groups(self, lr: float, lr_lower: float | None = None, weight_decay: float = 0.0):
         """AdamW groups: lower half at ``lr_lower`` (default ``lr``); no decay on vectors (norms, biases)."""
-        groups = []
-        for name, params, group_lr in (("upper", self.upper_parameters(), lr),
-                                       ("lower", self.lower_parameters(), lr if lr_lower is None else lr_lower)):
-            params = [p for p in params if p.requires_grad]
-            decay = [p for p in params if p.ndim >= 2]
-            no_decay = [p for p in params if p.ndim < 2]
-            for suffix, members, wd in (("", decay, weight_decay), ("/no_decay", no_decay, 0.0)):
-                if members:
-                    groups.append({"name": name + suffix, "params": members, "lr": group_lr, "weight_decay": wd})
-        return groups
+        return adamw_groups((("upper", self.upper_parameters(), lr),
+                             ("lower", self.lower_parameters(), lr if lr_lower is None else lr_lower)), weight_decay)
 
     def block_param_groups(self, lr: float, lr_lower: float | None = None, weight_decay: float = 0.0):
         """``param_groups`` split by the block that owns each parameter: one list of groups per block.
@@ -508,28 +444,11 @@ class LoPTModel(nn.Module):
             if b == 0:
                 members += list(self.model.model.embed_tokens.parameters())
             owner.update({id(p): b for p in members})
-        last = self.num_blocks - 1
-        per_block = [[] for _ in range(self.num_blocks)]
-        for group in self.param_groups(lr, lr_lower, weight_decay):
-            for b in range(self.num_blocks):
-                params = [p for p in group["params"] if owner.get(id(p), last) == b]
-                if params:
-                    per_block[b].append({**group, "params": params})
-        return per_block
+        return split_by_block(self.param_groups(lr, lr_lower, weight_decay), owner, self.num_blocks)
 
     def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
         """A plain Hugging Face checkpoint: the decoders are dropped, the kernels' patches are not saved."""
         self.model.save_pretrained(directory, **kwargs)
-
-
-def _checkpoints(layer: nn.Module) -> bool:
-    """Whether Hugging Face's gradient checkpointing is on for this layer (``gradient_checkpointing_enable``)."""
-    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training
-
-
-def _layer_type(config, index: int) -> str:
-    layer_types = getattr(config, "layer_types", None)
-    return layer_types[index] if layer_types else "full_attention"
 
 
 def share(part: torch.Tensor, total) -> torch.Tensor | float:

@@ -1,29 +1,15 @@
 """What post-training keeps: two retention measures of a causal LM, deterministic and offline.
 
-``general_nll``: the mean next-token negative log-likelihood (nats per token) on general English
-text that ships with every Python, the language reference in ``pydoc_data.topics``: its topics in
-sorted order, joined by blank lines, the first ``GENERAL_TEXT_TOKENS`` tokens (rounded down to whole
-chunks), cut into chunks of ``chunk_len`` tokens (the run's ``--seq-len``, at most
-``MAX_CHUNK_LEN``). Each chunk is scored on its own: positions 1 .. L-1, each from the tokens before
-it.
+``general_nll``: the mean next-token negative log-likelihood (nats per token) on general English text that
+ships with every Python, the language reference in ``pydoc_data.topics`` (``general_text``, ``text_nll``).
+``kl_from_reference``: on ``GENERAL_PROMPTS`` with the reference model's own greedy answers appended, the
+full-vocabulary KL(reference || model) at every position that predicts an answer token, and ``answer_nll``;
+the reference's log-probabilities are computed once (``Reference``), so no second model stays in memory.
 
-``kl_from_reference``: on ``GENERAL_PROMPTS`` (general chat questions, rendered through the chat
-template with the generation prompt), the reference model's own greedy answer, up to
-``ANSWER_TOKENS`` tokens including its end-of-sequence token, is appended to each prompt. At every
-position that predicts an answer token, ``KL(p_ref || p_model) = sum_v p_ref(v) (log p_ref(v) -
-log p_model(v))`` over the whole vocabulary; the measure is the mean over all those positions of all
-prompts (so 0 for the reference itself). ``answer_nll`` is the mean ``-log p_model`` of those answer
-tokens. The reference's log-probabilities at those positions are computed once (``Reference``), so no
-second model stays in memory.
-
-Both are teacher-forced on the reference's answers, so they cannot see the model's *own* answers change
-(a model that now answers every prompt in a task's format can keep a small KL). ``own_answers`` does:
-the model's greedy answers to the same prompts, against the reference's. ``answer_agreement`` is the
-share of prompts whose first ``AGREEMENT_TOKENS`` answer tokens are the reference's (all of them for a
-shorter answer); ``first_token_agreement`` the share that still start with the reference's first token
-(a model that now answers in a task's format changes that token: ``name=`` for ``The``);
-``answer_kept`` the mean share of the reference's answer tokens reproduced before the first difference;
-a few prompts with both answers are kept as samples.
+Both are teacher-forced on the reference's answers, so they cannot see the model's *own* answers change (a
+model that now answers every prompt in a task's format can keep a small KL). ``own_answers`` does: the
+model's greedy answers to the same prompts, against the reference's (``answers_agreement``).
+``RetentionProbe`` takes them all; what they read as and what runs measured: docs/real-model.md.
 """
 
 from __future__ import annotations
@@ -71,7 +57,9 @@ GENERAL_PROMPTS = (
 
 
 def general_text(tokenizer, chunk_len: int, num_tokens: int = GENERAL_TEXT_TOKENS) -> torch.Tensor:
-    """``[num_chunks, chunk_len]`` token ids of the fixed slice of ``pydoc_data.topics`` (see the module)."""
+    """``[num_chunks, chunk_len]`` token ids of a fixed slice of ``pydoc_data.topics``: its topics in sorted
+    order, joined by blank lines, the first ``num_tokens`` tokens (rounded down to whole chunks), cut into
+    chunks of ``chunk_len`` tokens (the run's ``--seq-len``, at most ``MAX_CHUNK_LEN``)."""
     from pydoc_data.topics import topics
 
     chunk_len = min(chunk_len, MAX_CHUNK_LEN)
@@ -91,7 +79,8 @@ def general_text(tokenizer, chunk_len: int, num_tokens: int = GENERAL_TEXT_TOKEN
 
 @torch.no_grad()
 def text_nll(hf_model, chunks: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token NLL (nats) over every predicted position of every chunk."""
+    """Mean next-token NLL (nats) over every predicted position of every chunk. Each chunk is scored on its
+    own: positions 1 .. L-1, each from the tokens before it."""
     was_training = hf_model.training
     hf_model.eval()
     device = next(hf_model.parameters()).device
@@ -143,7 +132,9 @@ def _answer_log_probs(hf_model, sequences, answer_starts, batch_size, pad) -> tu
 @torch.no_grad()
 def reference(hf_model, tokenizer, batch_size: int, prompts: Sequence[str] = GENERAL_PROMPTS,
               answer_tokens: int = ANSWER_TOKENS) -> Reference:
-    """What ``kl_from_reference`` compares against: computed once, on the model as loaded."""
+    """What ``kl_from_reference`` compares against: computed once, on the model as loaded. Each prompt is
+    rendered through the chat template with the generation prompt, and the model's own greedy answer, up to
+    ``answer_tokens`` tokens including its end-of-sequence token, is appended to it."""
     was_training = hf_model.training
     hf_model.eval()
     prompt_ids = chat_prompt_ids(tokenizer, prompts)
@@ -160,7 +151,11 @@ def reference(hf_model, tokenizer, batch_size: int, prompts: Sequence[str] = GEN
 
 @torch.no_grad()
 def kl_from_reference(hf_model, ref: Reference, batch_size: int, pad: int = 0) -> dict:
-    """``kl`` (mean KL(reference || model) per answer position, nats) and ``answer_nll`` (see the module)."""
+    """``kl`` (mean KL(reference || model) per answer position, nats) and ``answer_nll``.
+
+    At every position that predicts an answer token, ``KL(p_ref || p_model) = sum_v p_ref(v) (log p_ref(v) -
+    log p_model(v))`` over the whole vocabulary; ``kl`` is the mean over all those positions of all prompts
+    (so 0 for the reference itself). ``answer_nll`` is the mean ``-log p_model`` of those answer tokens."""
     was_training = hf_model.training
     hf_model.eval()
     log_q, targets = _answer_log_probs(hf_model, ref.sequences, ref.answer_starts, batch_size, pad)
@@ -178,8 +173,13 @@ def _kept_share(answer: list[int], original: list[int]) -> float:
 
 
 def answers_agreement(answers: Sequence[list[int]], originals: Sequence[list[int]]) -> dict:
-    """``answer_agreement``, ``first_token_agreement`` and ``answer_kept`` (see the module) of ``answers``
-    against ``originals``."""
+    """``answer_agreement``, ``first_token_agreement`` and ``answer_kept`` of ``answers`` against ``originals``.
+
+    ``answer_agreement``: the share of prompts whose first ``AGREEMENT_TOKENS`` answer tokens are the
+    original's (all of them for a shorter answer); ``first_token_agreement``: the share that still start with
+    the original's first token (a model that now answers in a task's format changes that token: ``name=`` for
+    ``The``); ``answer_kept``: the mean share of the original's answer tokens reproduced before the first
+    difference."""
     agree = sum(a[:AGREEMENT_TOKENS] == o[:AGREEMENT_TOKENS] for a, o in zip(answers, originals))
     first = sum(a[:1] == o[:1] for a, o in zip(answers, originals))
     kept = sum(_kept_share(a, o) for a, o in zip(answers, originals))
@@ -189,7 +189,8 @@ def answers_agreement(answers: Sequence[list[int]], originals: Sequence[list[int
 
 @torch.no_grad()
 def own_answers(hf_model, tokenizer, ref: Reference, batch_size: int, synced: bool = False) -> dict:
-    """The model's own greedy answers to the reference's prompts, against the reference's (see the module)."""
+    """The model's own greedy answers to the reference's prompts, against the reference's
+    (``answers_agreement``); a few prompts with both answers are kept as samples."""
     was_training = hf_model.training
     hf_model.eval()
     originals = ref.answer_ids()

@@ -2,29 +2,17 @@
 
 ``torchrun --nproc-per-node N -m lopt train --shard ...`` runs the data-parallel step of ``lopt.parallel.world``
 (rank r runs micro-batches r, r+N, ... with the step's global token counts) on a model that PyTorch's
-``fully_shard`` has cut into units, each holding 1/N of its parameters on every rank:
+``fully_shard`` has cut into units (``shard_model``), each holding 1/N of its parameters on every rank.
 
-- one unit per decoder layer, one for the input embedding, and one for the final norm and the head together;
-- the LoPT decoders (tiny) stay whole on every rank and their gradients are summed (``World.sum_grads``).
-
-A unit gathers its full weights for its forward and again for its backward, and frees them after; its
-backward ends with a reduce-scatter that leaves each rank the sum of the ranks' gradients for its shard.
-That fits LoPT's several backward passes per step as they are: each lower block's local backward reduces
-that block's gradients at its boundary (so ``--early-lower-step`` steps the block there, sharded), and the
-task backward reduces the upper block's. The reduction is a plain sum (FSDP's default divides by N): every
-rank weights its micro-batches by the whole step's token counts, so the sum is the one-process gradient.
-
-The units are called one by one (the engine runs layers, not the model's forward), so FSDP's one root
-(the causal LM) is initialised here rather than by its first forward. The norm and head form one unit that
-stays gathered from the norm's forward to the end of its backward: the fused loss reads the head's weight
-directly, between the two.
-
-Every collective must be entered by every rank, so each rank runs the same number of micro-batches per step
-(a rank short of one runs a copy with zero weight: its gradients are zeros). Evaluation runs on every rank.
+Why FSDP2: a unit's gradients are reduce-scattered at the end of its own backward, which fits LoPT's several
+backward passes per step as they are: each lower block's local backward reduces that block's gradients at
+its boundary (so ``--early-lower-step`` steps the block there, sharded), and the task backward reduces the
+upper block's. Every collective must be entered by every rank, so each rank runs the same number of
+micro-batches per step (a rank short of one runs a copy with zero weight: its gradients are zeros).
 
 Checkpoints stay whole and one-process shaped (``full_state``: each tensor gathered in turn, rank 0 keeps
-it), so a sharded run resumes on any number of ranks, sharded or not, and vice versa (``shard_state``
-takes a rank's slice of a saved tensor).
+it), so a sharded run resumes on any number of ranks, sharded or not, and vice versa (``shard_of``,
+``shard_optimizer_state``: a rank's slice of a saved tensor). Usage and limits: docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -41,7 +29,17 @@ from lopt.settings import TRAIN, refuse
 
 def shard_model(engine: nn.Module, world, device: torch.device) -> None:
     """Split ``engine``'s causal LM across ``world``'s ranks in place: afterwards its parameters are DTensors
-    holding this rank's shard (build optimizers after this)."""
+    holding this rank's shard (build optimizers after this).
+
+    Units: one per decoder layer, one for the input embedding, and one for the final norm and the head
+    together; the LoPT decoders (tiny) stay whole on every rank and their gradients are summed
+    (``World.sum_grads``). A unit gathers its full weights for its forward and again for its backward, and
+    frees them after. The norm and head unit stays gathered from the norm's forward to the end of its
+    backward: the fused loss reads the head's weight directly, between the two. The reduction is a plain
+    sum (FSDP's default divides by N): every rank weights its micro-batches by the whole step's token
+    counts, so the sum is the one-process gradient. The units are called one by one (the engine runs
+    layers, not the model's forward), so FSDP's one root (the causal LM) is initialised here rather than by
+    its first forward."""
     hf_model = engine.model
     decoder = hf_model.model
     tied = hf_model.lm_head.weight is decoder.embed_tokens.weight

@@ -1,24 +1,17 @@
 """Data parallel over the processes ``torchrun`` starts: the ranks, their process group, the few collectives
 (and the point-to-point sends of ``lopt.parallel.pipeline``).
 
-``torchrun --nproc-per-node N -m lopt train ...`` starts N processes with RANK, WORLD_SIZE and LOCAL_RANK
-set (``lopt.config.launch_env``). Every rank builds the same model, data and step schedule; in each
-optimizer step rank r runs micro-batches r, r+N, r+2N, ... of the step, and the ranks sum their gradients
-before the update, so all ranks apply the same update to the same weights. Outside torchrun the
-``World`` is one process and every collective here returns at once.
+Every rank builds the same model, data and step schedule; in each optimizer step rank r of N runs
+micro-batches r, r+N, r+2N, ... of the step, and the ranks sum their gradients before the update, so all
+ranks apply the same update to the same weights. Outside torchrun the ``World`` is one process and every
+collective here returns at once.
 
 Why not DDP: DDP sums gradients from hooks that fire during one backward per forward, and needs
 ``no_sync`` to accumulate. A LoPT step runs one backward per block and micro-batch, each over its own
 parameters, and ``--early-lower-step`` steps a lower block's optimizer at its boundary, in the middle of
-the step. Summing the finished ``.grad`` tensors explicitly (``sum_grads``: at the end of the step, or
-for one block at its boundary) is exact, needs no hooks and no unused-parameter search, and costs one
-all-reduce per bucket, as DDP's does.
-
-Failure: ``init_process_group`` gets a ``timeout`` (``--dist-timeout``), so no collective waits forever
-for a rank that hangs. A rank that exits closes its connections, and a gloo collective waiting on it fails
-at once; torchrun also stops the other ranks when one exits. Either way a collective that fails raises
-``PeerLost``, one line that names this rank and says a peer is gone; the trainer adds the last complete
-checkpoint (rank 0 writes each one whole, so whichever rank dies, the last one written is complete).
+the step. Summing the finished ``.grad`` tensors explicitly (``sum_grads``: at the end of the step, or for
+one block at its boundary) is exact, needs no hooks and no unused-parameter search, and costs one
+all-reduce per bucket, as DDP's does. Failures: ``PeerLost``; usage: docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -41,7 +34,13 @@ from lopt.parallel.sharding import is_sharded
 
 
 class PeerLost(UsageError):
-    """A collective failed: another rank exited, or did not answer within ``--dist-timeout``."""
+    """A collective failed: another rank exited, or did not answer within ``--dist-timeout``.
+
+    ``init_process_group`` gets a ``timeout`` (``--dist-timeout``), so no collective waits forever for a rank
+    that hangs. A rank that exits closes its connections, and a gloo collective waiting on it fails at once;
+    torchrun also stops the other ranks when one exits. Either way the failed collective raises this: one
+    line that names this rank and says a peer is gone; the trainer adds the last complete checkpoint (rank 0
+    writes each one whole, so whichever rank dies, the last one written is complete)."""
 
     silent = False  # every rank that sees it says so: which one is left to report it cannot be known
 
@@ -62,6 +61,8 @@ class World:
 
     @classmethod
     def from_env(cls) -> World:
+        """The ranks ``torchrun --nproc-per-node N`` started, from the RANK, WORLD_SIZE and LOCAL_RANK it sets
+        (``lopt.config.launch_env``); outside torchrun, one process."""
         rank, size, local_rank = launch_env()
         return cls(rank, size, local_rank) if size > 1 else cls()
 

@@ -2,20 +2,17 @@
 
 ``estimate_memory`` predicts the peak of ``memory_allocated`` during one optimizer step of
 ``LoPTModel.train_step`` (+ the trainer's optimizer), or of ``LoPTModel.sequential_step`` with per-block
-optimizers and ``lopt.training.offload``'s paging, the host memory and traffic of that paging, and what one rank of
-data parallel (``ranks``; FSDP2 with ``shard``) holds and sends. ``model_shape`` reads what it needs of a
-transformers config; ``lopt.planning.plan`` searches the settings with it.
+optimizers and ``lopt.training.offload``'s paging, the host memory and traffic of that paging, and what one
+rank of data parallel (``ranks``; FSDP2 with ``shard``) holds and sends. ``model_shape`` reads what it needs
+of a transformers config; ``lopt.planning.plan`` searches the settings with it.
 
-The pieces, in the order the estimate uses them: ``StepSettings`` (the inputs, checked by ``check_step_settings``),
-``count_sizes`` (parameters, gradients, optimizer state, per block), ``count_activations`` (per token, per
-micro-batch), ``decoder_bytes`` and ``head_bytes``, ``FsdpUnits``, then the phases of the step
-(``interleaved_phases`` / ``sequential_phases``) in a ``PhaseLog``, whose largest phase is the peak. Each
-function's docstring derives its bytes. Notation: ``s`` bytes per element of the parameter dtype,
-``N = batch * seq_len`` tokens of a micro-batch, hidden size ``h``, ``H``/``Hkv`` query/key-value heads of size
-``d`` (``qd = H*d``, ``kvd = Hkv*d``), MLP width ``I``, vocabulary ``V``, ``k`` blocks, ``M = grad_accum``.
-All sizes are exact byte counts of tensors; the CUDA caching allocator rounds blocks up (512 B) and fragments,
-which ``lopt.planning.plan`` covers with a safety margin. ``tests/planning/test_plan.py`` checks the terms and the whole step's
-peak against bytes counted on the CPU.
+The pieces, in the order the estimate uses them: ``StepSettings``, ``count_sizes``, ``count_activations``,
+``decoder_bytes`` and ``head_bytes``, ``FsdpUnits``, then the phases of the step (``interleaved_phases`` /
+``sequential_phases``) in a ``PhaseLog``, whose largest phase is the peak; each function's docstring derives
+its bytes. Notation: ``s`` bytes per element of the parameter dtype, ``N = batch * seq_len`` tokens of a
+micro-batch, hidden size ``h``, ``H``/``Hkv`` query/key-value heads of size ``d`` (``qd = H*d``, ``kvd =
+Hkv*d``), MLP width ``I``, vocabulary ``V``, ``k`` blocks, ``M = grad_accum``. All sizes are exact byte
+counts of tensors: the allocator's rounding is the plan's margin (docs/plan.md).
 """
 
 from __future__ import annotations

@@ -1,61 +1,16 @@
 """Paging one block at a time: optimizer state, and for the largest models the weights, live on the host.
 
 Under the sequential schedule (``LoPTModel.sequential_step``) block b runs every micro-batch of the
-optimizer step and is stepped before block b+1 starts. Only block b then needs gradients, and only
-block b needs its optimizer state on the device, so the rest can wait in (pinned) host memory.
-``BlockOffload`` does the paging, driven by two things: a forward pre-hook on each block's entry modules
-(embeddings, its first layer, final norm and head) calls ``before_block(b)`` when block b starts to run,
-and the caller steps each block with ``step_block(b)``::
+optimizer step and is stepped before block b+1 starts, so only block b needs gradients and optimizer state
+on the device; the rest can wait in (pinned) host memory. ``BlockOffload`` does the paging: a forward
+pre-hook on each block's entry modules calls ``before_block(b)`` when block b starts, and the caller steps
+each block with ``step_block(b)``. Modes (``lopt.settings.OFFLOAD``): ``"none"`` moves nothing,
+``"optimizer"`` keeps every block's optimizer state on the host, ``"params"`` the weights too; with
+``stream_state`` a block's state streams through its step one parameter at a time.
 
-    optimizers = [build_optimizer(name, groups) for groups in model.block_param_groups(lr, lr_lower)]
-    offload = BlockOffload(model, optimizers, "params")
-    model.sequential_step(micro_batches, on_block_done=offload.step_block)   # lower blocks
-    offload.step_block(model.num_blocks - 1)                                  # the last block
-
-Modes (``lopt.settings.OFFLOAD``):
-
-- ``"none"``: nothing moves; ``step_block`` only clips, steps and frees the block's gradients.
-- ``"optimizer"``: every block's optimizer state (moments, and the fp32 master of ``lopt.training.optim.AdamW``
-  over bf16 weights) stays on the host; the block's state is on the device from the start of the block
-  until the end of its step.
-- ``"params"``: the weights too; only the running block's weights are on the device.
-
-``stream_state=True`` (either offload mode): a block's state is not uploaded when the block starts but
-streams through its step one parameter at a time (upload, step that parameter, write back), so the device
-holds one parameter's state instead of the block's, and the transfers are not hidden behind compute.
-
-The order of the transfers (on CUDA one copy stream, beside the compute stream; on the CPU the same
-order, synchronous), for block b of the step:
-
-1. block b starts (``before_block(b)``, from the hook): ``params``: the weights of the block that ran
-   before are dropped from the device (their host copy was written at that block's step); block b's
-   weights are uploaded unless the previous step already prefetched them, and the compute stream waits
-   for them. Block b's state is uploaded on the copy stream, overlapping block b's forward and
-   backward (not under ``torch.no_grad()``: an evaluation pass moves weights only).
-2. ``step_block(b)``: the compute stream waits for the state; the gradients are clipped (optional), the
-   optimizer steps and the gradients are freed (``stream_state``: the step goes parameter by parameter,
-   each one's state uploaded, stepped and written back before the next one's). ``params``: block b+1's
-   weights are uploaded at once (they do not wait for the step, which they overlap), then, after the
-   step, block b's weights and state are written back to the host and the state's device copies are
-   dropped.
-
-So what is on the device during block b: ``none``: all weights and state, block b's gradients;
-``optimizer``: all weights, block b's state (``stream_state``: one parameter's, during the step) and
-gradients; ``params``: block b's weights, state (likewise) and gradients, plus block b+1's weights from
-block b's step until block b+1 starts (block b's are dropped then, not at its step: a fresh boundary
-recomputes block b after its step). The last block's weights stay on the device between steps, until the
-next step's block 0 starts. Host<->device bytes per step: the state of every block up and down
-(``optimizer``), plus every block's weights up and down (``params``).
-
-The numbers do not change: a paged tensor is copied whole and the optimizer steps the same tensors in
-the same order (tested bitwise against the unpaged sequential schedule). Checkpoints: between steps
-every block's state is on the host and ``optimizer.state_dict()`` reads those tensors (after
-``synchronize()``, which ``state_dict()`` here does); after ``load_state_dict`` (or
-``lopt.training.checkpoint.load_optimizer_state``, or ``model.load_state_dict``) call ``page_out()``, which puts
-whatever the load left wherever it left it back on the host. ``close()`` brings everything back onto the
-device and removes the hooks. Only parameters an optimizer holds are paged (frozen ones stay); 0-dim
-state (torch's ``step`` counters) stays where the optimizer keeps it. Under ``params`` code that finds the
-device from ``next(model.parameters())`` sees the host for blocks that are not running: pass the device.
+The numbers do not change: a paged tensor is copied whole and the optimizer steps the same tensors in the
+same order (tested bitwise against the unpaged sequential schedule). How to drive it from Python, and
+checkpoints: docs/plan.md; the order of the transfers and what is on the device when: ``BlockOffload``.
 """
 
 from __future__ import annotations
@@ -72,7 +27,23 @@ from lopt.settings import refuse
 
 class BlockOffload:
     """Optimizer state (``"optimizer"``) or weights and optimizer state (``"params"``) of the blocks that
-    are not running, kept on the host; ``"none"`` only steps blocks. See the module docstring.
+    are not running, kept on the host; ``"none"`` only steps blocks.
+
+    The transfers go on one copy stream beside the compute stream on CUDA (on the CPU: the same order,
+    synchronous); ``before_block`` and ``step_block`` give their order within block b. What is on the
+    device during block b: ``none``: all weights and state, block b's gradients; ``optimizer``: all weights,
+    block b's state (``stream_state``: one parameter's, during the step) and gradients; ``params``: block b's
+    weights, state (likewise) and gradients, plus block b+1's weights from block b's step until block b+1
+    starts (block b's are dropped then, not at its step: a fresh boundary recomputes block b after its
+    step). The last block's weights stay on the device between steps, until the next step's block 0
+    starts. Host<->device bytes per step: the state of every block up and down (``optimizer``), plus every
+    block's weights up and down (``params``). With ``stream_state`` a block's state is not uploaded when the
+    block starts: the device holds one parameter's state instead of the block's, and the transfers are not
+    hidden behind compute.
+
+    Only parameters an optimizer holds are paged (frozen ones stay); 0-dim state (torch's ``step``
+    counters) stays where the optimizer keeps it. Under ``params``, code that finds the device from
+    ``next(model.parameters())`` sees the host for blocks that are not running: pass the device.
 
     Args:
         model: the ``LoPTModel`` (its blocks' entry modules get the hooks).
@@ -123,7 +94,13 @@ class BlockOffload:
 
     def before_block(self, b: int, *, state: bool = True) -> None:
         """Make block b ready to run: its weights on the device (``params``) and, with ``state``, its
-        optimizer state on its way there. Idempotent; the hooks call it when block b starts."""
+        optimizer state on its way there. Idempotent; the hooks call it when block b starts.
+
+        ``params``: the weights of the block that ran before are dropped from the device (their host copy
+        was written at that block's step); block b's are uploaded unless the previous step already
+        prefetched them, and the compute stream waits for them. Block b's state is uploaded on the copy
+        stream, overlapping block b's forward and backward (the hooks pass ``state`` only with grad
+        enabled: an evaluation pass moves weights only)."""
         if self.mode == "none":
             return
         if self.mode == "params" and self._resident != b:
@@ -142,7 +119,13 @@ class BlockOffload:
 
     def step_block(self, b: int, max_grad_norm: float | None = None):
         """Clip (when ``max_grad_norm`` is given), step and free the gradients of block b, then send its state
-        (and, ``params``, its weights) back to the host. Returns the gradient norm before clipping, or None."""
+        (and, ``params``, its weights) back to the host. Returns the gradient norm before clipping, or None.
+
+        The compute stream first waits for the state (``stream_state``: the step goes parameter by
+        parameter, each one's state uploaded, stepped and written back before the next one's). ``params``:
+        block b+1's weights are uploaded at once (they do not wait for the step, which they overlap), then,
+        after the step, block b's weights and state are written back to the host and the state's device
+        copies are dropped."""
         params = self.blocks[b]
         if self.mode == "params" and self._resident != b:
             raise RuntimeError(f"block {b}'s weights are not on the device: it has not run")
@@ -172,8 +155,11 @@ class BlockOffload:
     # ------------------------------------------------------------------ checkpoints, inspection, teardown
 
     def page_out(self) -> None:
-        """Every block's optimizer state onto its host buffers, wherever it is now (after loading a state dict,
-        say); ``params``: the running block's weights written back too (they stay on the device)."""
+        """Every block's optimizer state onto its host buffers, wherever it is now; ``params``: the running
+        block's weights written back too (they stay on the device). Call it after ``load_state_dict`` (or
+        ``lopt.training.checkpoint.load_optimizer_state``, or ``model.load_state_dict``), which leave what they
+        load wherever they put it. Between steps every block's state is on the host, and
+        ``optimizer.state_dict()`` reads those tensors (after ``synchronize()``; ``state_dicts`` does both)."""
         if self.mode == "none":
             return
         if self.mode == "params" and self._resident is not None:

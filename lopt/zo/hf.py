@@ -2,61 +2,15 @@
 
 ``ZOTrainer`` is a ``transformers.Trainer`` whose optimizer step is one ``ZOEngine.step``: the same code,
 settings, seed stream and batches as a direct run of the engine (what ``lopt train --method zo`` runs), so
-the two give the same weights. Everything else is the Trainer's: data loading, ``max_steps`` / epochs,
-``learning_rate`` with ``lr_scheduler_type`` and warmup, ``weight_decay``, logging, evaluation, checkpoints,
-resume and callbacks.
+the two give the same weights. Everything else is the Trainer's: data loading, epochs, the learning-rate
+schedule, logging, evaluation, checkpoints, resume and callbacks.
 
 Why a subclass and not a callback (LoPT's ``LoPTCallback`` pattern): a callback runs around the Trainer's
-step, never instead of it. ZO must replace the step's core: no forward with autograd, no ``backward``, no
-optimizer update, and no AdamW state (2 fp32 tensors per trained parameter: the memory ZO exists to avoid).
-A callback could only undo those after they cost their time and memory. ``training_step`` and
-``create_optimizer`` are the Trainer's documented extension points ("subclass and override"), and MeZO's
-own code is a Trainer subclass. A user's script changes one line: ``Trainer(...)`` -> ``ZOTrainer(...)``.
-
-How the Trainer's parts map onto the engine:
-
-- **Gradient accumulation.** Transformers 5.x fetches an optimizer step's micro-batches first
-  (``get_batch_samples``: ``gradient_accumulation_steps`` of them, fewer in an epoch's short last step,
-  ``current_gradient_accumulation_steps``), then calls ``training_step`` once per micro-batch. ZOTrainer
-  keeps the micro-batches (the Trainer already holds them all, so no memory is added) and on the step's last
-  one runs ``engine.step(micro_batches)``: the micro-batches share the step's directions and their L± are
-  token-weighted (examples, for classification), the g of one batch holding them all. The earlier calls
-  return a loss of 0 and the last the step's loss, so the Trainer's logged loss is the step's.
-- **Learning rate.** The Trainer's scheduler drives a parameterless optimizer (``ZONoOptimizer``: it holds
-  the learning rate and nothing else; ``step`` does nothing) and each ZO step takes
-  ``lr=self._get_learning_rate()``, read before the scheduler steps, as AdamW would use it. Weight decay is
-  ``args.weight_decay`` (on the trained weights only: biases, norms and embeddings are not trained). The
-  learning rate and weight decay of a ``zo=ZOSettings(...)`` are therefore the Trainer's; a different
-  non-default value there is refused rather than silently overridden.
-- **Seed.** ``ZOSettings.seed`` (the direction stream); without ``zo=``, ``args.seed``.
-- **Saving.** ``save_model`` (and every checkpoint) writes ``engine.merged_model()``: the lowrank update
-  A·Vᵀ folded into the weights, so the directory is a plain Hugging Face checkpoint (or, for PEFT, the
-  adapter ``save_pretrained`` writes) with no lopt key. Folding between refreshes changes the rounding of
-  later steps only (fp32 ulps); highrank and fullrank weights are always current. ``train()`` folds at its
-  end too, so ``trainer.model`` then holds the whole update for ``generate`` and the like. Checkpoints also
-  keep ``zo_state.pt`` (``engine.state_dict()``: the fp32 masters, the lowrank A, V and the stream position)
-  beside the Trainer's optimizer and scheduler files, and ``resume_from_checkpoint`` loads it.
-- **Evaluation.** ``prediction_step`` scores with ``engine.scores(batch)`` (the engine's loss: causal LM,
-  or the candidates' cross-entropy for classification batches, which the model's own forward cannot take).
-- **Batches.** The engine's: causal LM (``input_ids``, ``attention_mask``, ``labels``) or classification
-  (``input_ids``, ``attention_mask``, ``last_index``, ``candidate_ids``, ``label``; ``lopt.data.
-  classification.collate_classification``). These columns are kept by ``remove_unused_columns``; a
-  collator's ``labels`` in a classification batch (``default_data_collator`` renames ``label``) is read as
-  ``label``.
-
-PEFT LoRA (``build_engine`` on a ``PeftModel``): the trained linears are the adapters' ``lora_A`` /
-``lora_B`` ``nn.Linear`` modules (the ones PEFT leaves trainable), found inside the PEFT-wrapped decoder
-layers; the wrapped base linears, embeddings and head stay bit-identical. Both A and B are perturbed (B
-starts at zero, so the first steps' signal comes through B; A moves too, by g·Z_A). A trainable parameter the
-engine would not train (a LoRA bias, DoRA's magnitude, ``modules_to_save``, an embedding adapter, an adapter
-below ``first_layer``) is refused, as are merged adapters and LoRA variants (the engine perturbs lora_A / lora_B
-as plain linears). ``save_model`` writes the adapter (``adapter_model.safetensors``, ``adapter_config.json``),
-which ``PeftModel.from_pretrained`` loads.
-
-Not supported: several processes or GPUs (data-parallel ZO needs the ranks' losses summed before the
-update; ``world_size`` > 1 and ``n_gpu`` > 1 are refused), DeepSpeed / FSDP, ``fp16`` (its GradScaler wants
-gradients: load the model in the dtype to train in), ``model_init``, ``compute_loss_func`` and a user
-optimizer. ``bf16=True`` is ignored (a warning): the engine scores in the model's own dtype.
+step, never instead of it, and ZO must replace the step's core: no autograd forward, no ``backward``, no
+optimizer update and no AdamW state (the memory ZO exists to avoid). ``training_step`` and
+``create_optimizer`` are the Trainer's documented extension points, and MeZO's own code is a Trainer
+subclass. Over a ``PeftModel`` (``build_engine``) only the adapters' ``lora_A`` / ``lora_B`` linears train.
+How the Trainer's settings map onto the engine, the batches it takes, what is refused: docs/zo-integration.md.
 """
 
 from __future__ import annotations
@@ -131,7 +85,7 @@ class ZONoOptimizer(torch.optim.Optimizer):
 
 class ZOTrainer(Trainer):
     """A ``transformers.Trainer`` that trains ``model`` (a causal LM, or a PEFT LoRA model) by zeroth-order
-    steps of a ``ZOEngine`` (``self.engine``) under ``zo`` settings; see the module docstring.
+    steps of a ``ZOEngine`` (``self.engine``) under ``zo`` settings; see docs/zo-integration.md.
     ``kernels``: the engine's (default: the Triton kernels on CUDA)."""
 
     def __init__(self, model: nn.Module | None = None, args=None, *, zo: ZOSettings | None = None,
@@ -183,7 +137,14 @@ class ZOTrainer(Trainer):
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """Keep the micro-batch; on the optimizer step's last one, one ZO step over them all."""
+        """Keep the micro-batch; on the optimizer step's last one, one ZO step over them all.
+
+        Transformers 5.x fetches a step's micro-batches first (``current_gradient_accumulation_steps`` of
+        them, fewer in an epoch's short last step) and then calls this once per micro-batch, so keeping them
+        adds no memory. They share the step's directions and their L± are token-weighted (examples, for
+        classification): the g of one batch holding them all. The earlier calls return 0 and the last the
+        step's loss, so the Trainer logs the step's. The learning rate is read before the scheduler steps,
+        as AdamW would use it."""
         step = self.state.global_step
         if self._zo_pending_step != step:  # a step left unfinished (training stopped inside it) is dropped
             self._zo_pending, self._zo_pending_step = [], step
