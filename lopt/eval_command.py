@@ -204,6 +204,7 @@ def _held_out(args, run: Run | None, model: ModelSource):
     that data (none for a run that trained on every row: then ``--data`` is needed); else the held-out split
     of the embedded task it trained (``lopt.data.embedded.default_rows``). Without a run only ``tiny`` has a
     task of its own (its SFT held-out split, as for ``lopt train --model tiny``)."""
+    from lopt.data.classification import looks_like_classification
     from lopt.data.sft import check_data_source, load_rows
 
     if args.data is not None:
@@ -216,6 +217,10 @@ def _held_out(args, run: Run | None, model: ModelSource):
         return ("the toy's SFT held-out split (what lopt train --model tiny trains on)",
                 lambda: _default_rows(TrainConfig(model=TINY)))
     cfg, where = run.config, run.path
+    if cfg.method == "zo" and (cfg.data is None or looks_like_classification(cfg.data)):
+        raise UsageError(f"the run in {where} trained a classification task (lopt train --method zo), which lopt eval "
+                         f"does not score yet: {where / 'eval.json'} holds its accuracy and retention before and after; "
+                         "--data FILE with held-out rows in lopt train's SFT formats evaluates it on those")
     if cfg.eval_data is not None:
         _check_run_data(cfg.eval_data, "--eval-data", where)
         return f"{cfg.eval_data} (the run's --eval-data)", lambda: load_rows(cfg.eval_data)

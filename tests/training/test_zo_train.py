@@ -112,3 +112,12 @@ def test_bad_zo_flags_are_one_line_with_exit_2_and_touch_nothing(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0], err
     assert not out.exists()
+
+
+def test_lopt_eval_on_a_zo_run_says_where_its_scores_are(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(zo_config(tmp_path, "run", max_steps=2, eval_max_examples=8))
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lopt eval does not score yet" in err[0] and "eval.json" in err[0]
