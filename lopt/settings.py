@@ -33,7 +33,8 @@ CHOICES = {"optimizer": OPTIMIZERS, "recompute": RECOMPUTE, "schedule": SCHEDULE
            "boundary": BOUNDARIES, "device": DEVICES, "dtype": DTYPES, "recipe": tuple(RECIPES), "method": METHODS,
            "zo_kind": ZO_KINDS}
 # The settings only one method reads: given with the other method, they are refused rather than ignored.
-ZO_ONLY = ("zo_kind", "zo_eps", "zo_directions", "zo_rank", "zo_interval", "zo_first_layer")
+ZO_ONLY = ("zo_kind", "zo_eps", "zo_directions", "zo_rank", "zo_interval", "zo_first_layer",
+           "zo_loss", "zo_candidates")  # the last two: lopt plan's (what a ZO step scores)
 LOPT_ONLY = ("num_blocks", "lambda_aux", "boundary", "schedule", "offload", "stream_state", "recompute", "lr_lower",
              "optimizer", "early_lower_step", "max_grad_norm", "recipe", "gpu_mem", "pipeline", "shard", "pack",
              "replay")
@@ -185,7 +186,7 @@ RULES: tuple[Rule, ...] = (
                        "or leave it out") if v.method == "lopt" else
                       (f"{s.name(_other_method(v)[0])} is a setting of {s('method', 'lopt')} (backpropagation); "
                        f"{s('method', 'zo')} trains with forward passes only: leave it out"),
-         lambda s: f"each of {s.name('method')}'s settings only with its method", readers=("train",)),
+         lambda s: f"each of {s.name('method')}'s settings only with its method", readers=("train", "plan")),
     Rule("zo_rank_within_width", ("zo_rank", "min_width"), lambda v: v.zo_rank is not None and v.zo_rank > v.min_width,
          lambda v, s: f"{s.name('zo_rank')} must be at most the narrowest trained layer's width, {v.min_width}, "
                       f"got {v.zo_rank}", lambda s: f"{s.name('zo_rank')} at most the trained layers' width"),

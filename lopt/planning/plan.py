@@ -11,7 +11,9 @@ out among the ranks, and the memory is one rank's.
 
 In order: the model (``load_model_config``); the card and the speed (``usable_bytes``, ``relative_speed``,
 ``step_time``); the plan and its report (``Plan``); the search (``PlanInputs``, ``search_space``,
-``candidate_settings``, ``price``, ``choose``, ``plan``); ``lopt plan``'s flags and ``apply_recipe``.
+``candidate_settings``, ``price``, ``choose``, ``plan``); ``lopt plan``'s flags and ``apply_recipe``; last,
+``lopt plan --method zo`` (``zo_plan``: a ZO run's micro-batch and directions, priced by
+``lopt.planning.zo_memory.estimate_zo_memory``).
 """
 
 from __future__ import annotations
@@ -32,14 +34,17 @@ from lopt.models.shapes import SHIPPED_CONFIGS_DIR, shipped_config, shipped_conf
 from lopt.errors import UsageError
 from lopt.models.loading import TINY, load_config, resolve_model
 from lopt.planning.memory_model import GiB, MemoryEstimate, ModelShape, dtype_bytes, estimate_memory, model_shape
+from lopt.planning.zo_memory import LOSSES, ZOMemoryEstimate, estimate_zo_memory, layer_linears
 from lopt.settings import (
     API,
     OFFLOAD,
     OPTIMIZERS,
     PLAN,
     RECIPES,
+    METHODS,
     RECOMPUTE,
     SCHEDULES,
+    ZO_KINDS,
     Say,
     allowed,
     check_settings,
@@ -589,7 +594,28 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="bus bandwidth of the collectives between ranks that the step-time estimate assumes, GB/s "
                              f"(default {LINK_GB_S:g}, NVLink within a node; PCIe-only cards reach about a tenth)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_zo_plan_arguments(parser)
     return parser
+
+
+def add_zo_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """``lopt plan --method zo``'s flags (``run_zo_plan``): what a ZO step is, the rest searched."""
+    parser.add_argument("--method", choices=METHODS, default="lopt",
+                        help="plan LoPT's backpropagation (lopt, the default) or zeroth-order training (zo: the "
+                             "micro-batch and the directions per step that fit)" + help_note("method", PLAN))
+    zo = parser.add_argument_group("zeroth-order (--method zo)")
+    zo.add_argument("--zo-kind", choices=ZO_KINDS, help="the directions: lowrank (default), highrank or fullrank")
+    zo.add_argument("--zo-rank", type=int, help="rank r of lowrank / highrank directions (default 2 / 128)"
+                    + help_note("zo_rank", PLAN))
+    zo.add_argument("--zo-first-layer", type=int, help="the first trained decoder layer (default 0)"
+                    + help_note("zo_first_layer", PLAN))
+    zo.add_argument("--zo-directions", type=int,
+                    help="fix the directions per step instead of choosing them (the plan tries 1 to "
+                         f"{ZO_MAX_DIRECTIONS})")
+    zo.add_argument("--zo-loss", choices=LOSSES,
+                    help="what a step scores: causal-lm (every label token; the default) or classification "
+                         "(single-token answers at one position, lopt train's embedded sentiment task)")
+    zo.add_argument("--zo-candidates", type=int, help="classification: the candidate answers per example (default 2)")
 
 
 def check_plan_args(args: argparse.Namespace):
@@ -627,6 +653,9 @@ def fixed_settings(args: argparse.Namespace) -> dict:
 
 def run_plan(args: argparse.Namespace) -> int:
     """``lopt plan``: print the plan; exit status 0 when it fits, 1 when nothing fits."""
+    refuse(dict(method=args.method, given=zo_given(args)), PLAN)  # each method's flags only with it
+    if args.method == "zo":
+        return run_zo_plan(args)
     check_plan_args(args)
     config = load_model_config(args.model)
     shape = model_shape(config)
@@ -705,3 +734,205 @@ def apply_recipe(config, recipe: str | None = None, gpu_mem: float | None = None
                   offload=result.offload, stream_state=result.stream_state)
     return dataclasses.replace(config, **chosen)
 
+
+
+# ---------------------------------------------------------------------------------------------- ZO (--method zo)
+
+ZO_MAX_DIRECTIONS = 16  # the directions `lopt plan --method zo` searches up to, unless --zo-directions fixes them
+ZO_PLAN_FLAGS = ("zo_kind", "zo_rank", "zo_first_layer", "zo_directions", "zo_loss", "zo_candidates")
+
+
+@dataclass
+class ZOPlan:
+    """A ZO run's micro-batch and directions for a card, and its predicted memory (``zo_plan``)."""
+
+    model: str
+    gpu_mem_gb: float
+    seq_len: int
+    kind: str
+    rank: int
+    first_layer: int
+    directions: int
+    batch_size: int
+    grad_accum: int
+    loss: str
+    candidates: int
+    dtype: str
+    kernels: bool
+    fits: bool
+    budget: int
+    estimate: ZOMemoryEstimate
+    num_params: int
+    trained_params: int
+    alternatives: list[dict] = field(default_factory=list)
+    train_model: str | None = None
+    fitting_first_layer: int | None = None  # nothing fits: the lowest --zo-first-layer with which something does
+    last_layer_peak: int | None = None  # nothing fits at any first layer: the smallest peak, the last layer trained
+
+    def train_flags(self) -> str:
+        flags = (f"--method zo --seq-len {self.seq_len} --batch-size {self.batch_size} --grad-accum {self.grad_accum} "
+                 f"--zo-kind {self.kind} --zo-directions {self.directions}")
+        if self.kind != "fullrank":
+            flags += f" --zo-rank {self.rank}"
+        return flags + (f" --zo-first-layer {self.first_layer}" if self.first_layer else "")
+
+    def command(self) -> str:
+        model = self.train_model if self.train_model is not None else "CHECKPOINT"
+        return f"lopt train --model {model} {self.train_flags()}"
+
+    def as_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "estimate"}
+        out.update(method="zo", estimate=self.estimate.as_dict(), command=self.command(),
+                   examples_per_step=self.batch_size * self.grad_accum)
+        return out
+
+    def describe(self) -> str:
+        what = {"causal-lm": "causal-LM loss on every label token",
+                "classification": f"classification: {self.candidates} candidates scored at one position"}[self.loss]
+        status = "fits" if self.fits else "DOES NOT FIT (the setting with the smallest peak is shown)"
+        rank = "" if self.kind == "fullrank" else f" rank {self.rank},"
+        lines = [
+            f"model      {self.model}: {self.num_params / 1e9:.2f}B parameters, {self.dtype}; ZO trains the linears of "
+            f"layers {self.first_layer} and up ({self.trained_params / 1e9:.2f}B)",
+            f"card       {self.gpu_mem_gb:g} GiB -> {self.budget / GiB:.2f} GiB usable "
+            f"({SAFETY_FRACTION:.0%} margin for the allocator, {CUDA_CONTEXT_BYTES / GiB:.1f} GiB CUDA context)", "",
+            f"plan       {status}",
+            f"  micro-batch {self.batch_size} x grad-accum {self.grad_accum} = {self.batch_size * self.grad_accum} "
+            f"sequences of {self.seq_len} per step, {self.directions} direction(s): each micro-batch scored under "
+            f"{2 * self.directions} perturbations in one forward",
+            f"  {self.kind},{rank} first layer {self.first_layer}; {what}; padded batches; kernels "
+            f"{'on' if self.kernels else 'off'}", "",
+            "predicted memory of a ZO step (peak of memory_allocated; the parts live at the peak):",
+            self.estimate.table(), ""]
+        if self.fitting_first_layer is not None:
+            k = self.fitting_first_layer
+            lines += [f"with --zo-first-layer {k} a setting fits (`lopt plan ... --zo-first-layer {k}` shows it); the "
+                      "first trained layer changes what ZO trains, so the plan does not choose it", ""]
+        if self.last_layer_peak is not None:
+            lines += [f"no --zo-first-layer fits: training the last layer alone, one sequence per micro-batch and one "
+                      f"direction, needs {self.last_layer_peak / GiB:.2f} GiB (the weights alone "
+                      f"{self.estimate.weights / GiB:.2f} GiB)", ""]
+        if self.alternatives:
+            lines.append("other settings that fit (per micro-batch, the most directions):")
+            lines += [f"  micro-batch {a['batch_size']:>4} x {a['grad_accum']:<4} up to {a['directions']:>2} "
+                      f"direction(s)  {a['peak'] / GiB:8.2f} GiB" for a in self.alternatives]
+            lines.append("")
+        lines.append(self.command())
+        if self.train_model is None:
+            lines.append(f"  (CHECKPOINT: a local Hugging Face directory or .gguf file of {self.model}; the plan "
+                         "used its shape, which has no weights)")
+        return "\n".join(lines)
+
+
+def zo_plan(
+    config,
+    gpu_mem_gb: float,
+    seq_len: int,
+    *,
+    tokens_per_step: int = 16384,
+    examples_per_step: int | None = None,
+    kind: str = "lowrank",
+    rank: int | None = None,
+    first_layer: int = 0,
+    directions: int | None = None,
+    batch_sizes: tuple[int, ...] | None = None,
+    loss: str = "causal-lm",
+    candidates: int = 2,
+    padded: bool = True,
+    dtype=torch.bfloat16,
+    kernels: bool = True,
+    safety: float = SAFETY_FRACTION,
+    context_bytes: int = CUDA_CONTEXT_BYTES,
+    name: str | None = None,
+) -> ZOPlan:
+    """The micro-batch and the number of directions of a ZO run (``lopt.zo``) that fit the card.
+
+    The step scores ``examples_per_step`` sequences (default ``tokens_per_step / seq_len``, at least 1), split
+    into ``grad_accum`` micro-batches of ``batch_size`` (a divisor, so every setting scores the same examples: the
+    micro-batches share the step's directions and L± are weighted over all of them). The rule: the largest
+    micro-batch that fits (the most examples per stacked forward: fewer, larger forwards), then with it the most
+    directions that fit, up to ``ZO_MAX_DIRECTIONS`` (``directions`` fixes them). More directions cost a forward
+    of the micro-batch per direction and sign, so they are taken only where the largest micro-batch leaves room.
+    ``kind``, ``rank``, ``first_layer`` (they change what is trained), ``loss`` and ``padded`` are given; each
+    setting is priced by ``estimate_zo_memory``. Nothing fits: the smallest peak, ``fits=False``."""
+    shape = model_shape(config)
+    if examples_per_step is None:
+        examples_per_step = max(1, round(tokens_per_step / seq_len))
+    if batch_sizes is None:
+        batch_sizes = tuple(b for b in range(examples_per_step, 0, -1) if examples_per_step % b == 0)
+    budget = usable_bytes(gpu_mem_gb, safety=safety, context_bytes=context_bytes)
+    priced = []
+    for batch_size in batch_sizes:
+        grad_accum = max(1, math.ceil(examples_per_step / batch_size))
+        for p in (directions,) if directions else range(1, ZO_MAX_DIRECTIONS + 1):
+            est = estimate_zo_memory(shape, seq_len=seq_len, batch_size=batch_size, kind=kind, directions=p,
+                                     rank=rank, first_layer=first_layer, micro_batches=grad_accum, loss=loss,
+                                     candidates=candidates, padded=padded, dtype=dtype, kernels=kernels)
+            priced.append(dict(batch_size=batch_size, grad_accum=grad_accum, directions=p, peak=est.peak, estimate=est))
+    fitting = sorted((c for c in priced if c["peak"] <= budget),
+                     key=lambda c: (-c["batch_size"], -c["directions"], c["peak"]))
+    best = fitting[0] if fitting else min(priced, key=lambda c: c["peak"])
+    most = {}  # per micro-batch, the most directions that fit
+    for c in fitting:
+        most.setdefault(c["batch_size"], c)
+    est = best["estimate"]
+    trained = (shape.layers - first_layer) * sum(lin.numel for lin in layer_linears(shape))
+    return ZOPlan(
+        model=name or shape.name or "model", gpu_mem_gb=gpu_mem_gb, seq_len=seq_len, kind=kind,
+        rank=est.settings["rank"], first_layer=first_layer, directions=best["directions"],
+        batch_size=best["batch_size"], grad_accum=best["grad_accum"], loss=loss, candidates=candidates,
+        dtype="bf16" if dtype_bytes(dtype) == 2 else "fp32", kernels=kernels, fits=bool(fitting), budget=budget,
+        estimate=est, num_params=shape.total_params(1), trained_params=trained,
+        alternatives=[{k: v for k, v in c.items() if k != "estimate"} for c in list(most.values())[1:6]])
+
+
+def lowest_fitting_first_layer(config, gpu_mem_gb: float, seq_len: int, first_layer: int, **search) -> int | None:
+    """The lowest first trained layer above ``first_layer`` with which some setting fits, or None."""
+    shape = model_shape(config)
+    for k in range(first_layer + 1, shape.layers):
+        if zo_plan(shape, gpu_mem_gb, seq_len, first_layer=k, **search).fits:
+            return k
+    return None
+
+
+def zo_given(args: argparse.Namespace) -> tuple[str, ...]:
+    """The settings of one method that ``lopt plan``'s flags give (``lopt.settings``' rule refuses the other's)."""
+    zo = [key for key in ZO_PLAN_FLAGS if getattr(args, key) is not None]
+    lopt = [key for key in ("optimizer", "recompute", "schedule", "offload") if getattr(args, key) is not None]
+    lopt += [key for key in ("stream_state", "shard") if getattr(args, key)]
+    return tuple(zo + lopt + (["num_blocks"] if args.num_blocks != 2 else []))
+
+
+def run_zo_plan(args: argparse.Namespace) -> int:
+    """``lopt plan --method zo``: print the ZO plan; exit status 0 when it fits, 1 when nothing fits."""
+    if args.gpu_mem is not None:
+        check_number("--gpu-mem", args.gpu_mem, 0, MAX_GPU_MEM_GB, low_open=True)
+    check_int("--seq-len", args.seq_len, 2, MAX_SEQ_LEN)
+    check_int("--tokens-per-step", args.tokens_per_step, 1, MAX_COUNT)
+    for flag, value, low, high in (("--batch-size", args.batch_size, 1, MAX_BATCH),
+                                   ("--zo-directions", args.zo_directions, 1, MAX_BATCH),
+                                   ("--zo-rank", args.zo_rank, 1, None),
+                                   ("--zo-first-layer", args.zo_first_layer, 0, None),
+                                   ("--zo-candidates", args.zo_candidates, 1, MAX_BATCH)):
+        if value is not None:
+            check_int(flag, value, low, high)
+    config = load_model_config(args.model)
+    shape = model_shape(config)
+    kind = args.zo_kind or "lowrank"
+    rank = args.zo_rank if kind != "fullrank" else None
+    first_layer = args.zo_first_layer or 0
+    widths = [n for lin in layer_linears(shape) for n in (lin.out, lin.inp)]
+    refuse(dict(zo_first_layer=first_layer, layers=shape.layers, zo_rank=rank, min_width=min(widths)), PLAN)
+    gpu_mem = args.gpu_mem if args.gpu_mem is not None else RECIPES[args.recipe]
+    search = dict(tokens_per_step=args.tokens_per_step, kind=kind, rank=rank, directions=args.zo_directions,
+                  batch_sizes=(args.batch_size,) if args.batch_size else None, loss=args.zo_loss or "causal-lm",
+                  candidates=args.zo_candidates or 2, dtype=args.dtype, kernels=not args.no_kernels, name=args.model)
+    result = zo_plan(config, gpu_mem, args.seq_len, first_layer=first_layer, **search)
+    if not result.fits:
+        result.fitting_first_layer = lowest_fitting_first_layer(config, gpu_mem, args.seq_len, first_layer, **search)
+        if result.fitting_first_layer is None:
+            last = zo_plan(config, gpu_mem, args.seq_len, first_layer=shape.layers - 1, **search)
+            result.last_layer_peak = last.estimate.peak
+    result.train_model = args.model if trainable_model(args.model) else None
+    print(json.dumps(result.as_dict(), indent=2, default=str) if args.json else result.describe())
+    return 0 if result.fits else 1
