@@ -11,6 +11,7 @@ Both paths run the same fp32 code on the same inputs, so the weights are compare
 """
 
 import dataclasses
+import inspect
 import json
 import os
 import random
@@ -57,11 +58,17 @@ def collate(examples):
     return collate_classification(examples, PAD)
 
 
+# The flag for file-order batches (newer transformers than the oldest admitted, 5.0).
+SAMPLING_FLAG = "train_sampling_strategy" in inspect.signature(TrainingArguments.__init__).parameters
+
+
 def training_args(output_dir, steps=STEPS, **overrides):
     kw = dict(output_dir=str(output_dir), report_to=[], use_cpu=True, max_steps=steps,
               per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION, learning_rate=LR,
-              lr_scheduler_type="linear", weight_decay=WD, train_sampling_strategy="sequential",
-              logging_steps=1, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0)
+              lr_scheduler_type="linear", weight_decay=WD, logging_steps=1, save_strategy="no", disable_tqdm=True,
+              dataloader_num_workers=0, seed=0)
+    if SAMPLING_FLAG:
+        kw["train_sampling_strategy"] = "sequential"
     return TrainingArguments(**{**kw, **overrides})
 
 
@@ -106,6 +113,8 @@ def classification_run(tmp_path_factory):
     return dict(trainer=trainer, model=model, examples=examples, before=before, root=root)
 
 
+@pytest.mark.skipif(not SAMPLING_FLAG, reason="the batch order of transformers without train_sampling_strategy "
+                    "(5.0) is not reproduced here; checked on the versions that have it")
 def test_trainer_weights_equal_engine_steps_over_the_same_batches(classification_run):
     """(a) With gradient accumulation 2 and a linear schedule: the same weights, bit for bit, as ZOEngine.step
     over the same micro-batches; the logged loss and learning rate are the engine's step loss and the
