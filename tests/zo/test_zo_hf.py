@@ -305,3 +305,43 @@ def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
             assert ZO_STATE_FILE in os.listdir(tmp_path / "full" / "checkpoint-2")
     assert_same_weights(*models)
     assert trainer.engine.next_step == STEPS
+
+
+@pytest.mark.skipif(not SAMPLING_FLAG, reason="as above: checked on the transformers versions with the sampling flag")
+def test_trainer_weights_equal_lopt_train_method_zo(tmp_path, monkeypatch):
+    """The HF Trainer path and ``lopt train --method zo`` on the same model, rows and seed, the Trainer given
+    lopt's step order through its sampler, at a constant rate: the same final weights."""
+    from safetensors.torch import load_file
+
+    from lopt.config import TrainConfig
+    from lopt.data.sft import StepSchedule
+    from lopt.training.trainer import train
+
+    seed, model_dir = 7, tmp_path / "model"
+    fresh_model().save_pretrained(model_dir)
+    TOKENIZER.save_pretrained(model_dir)
+    rows = write_rows(tmp_path / "rows.jsonl")
+    train(TrainConfig(method="zo", model=str(model_dir), data=str(rows), output_dir=str(tmp_path / "cli"),
+                      eval_split=0, batch_size=BATCH, grad_accum=ACCUMULATION, max_steps=STEPS, lr=LR,
+                      warmup_steps=0, min_lr_ratio=1.0, zo_kind="lowrank", zo_eps=SETTINGS.eps, zo_rank=2,
+                      zo_interval=3, seed=seed, retention=False, save_every=0))
+
+    examples = tokenize_classification(load_classification(rows), TOKENIZER)
+    schedule = StepSchedule(len(examples), BATCH, ACCUMULATION, seed)
+    order = schedule.order(0)
+    indices = [i for step in range(STEPS) for mb in schedule.micro_batches(0, step, order) for i in mb]
+    monkeypatch.setattr(ZOTrainer, "_get_train_sampler", lambda self, *args, **kwargs: indices)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    settings = ZOSettings(kind="lowrank", eps=SETTINGS.eps, rank=2, interval=3, seed=seed)
+    trainer = ZOTrainer(model, training_args(tmp_path / "hf", lr_scheduler_type="constant", weight_decay=0.0,
+                                             seed=seed), zo=settings, kernels=False, data_collator=collate,
+                        train_dataset=examples)
+    trainer.train()
+    cli = load_file(str(tmp_path / "cli" / "final" / "model.safetensors"))
+    hf = {k: v for k, v in model.state_dict().items() if k in cli}
+    assert hf.keys() == cli.keys()
+    start = fresh_model().state_dict()
+    moved = [k for k in cli if not torch.equal(cli[k], start[k])]
+    assert moved  # the run trained something
+    for name in cli:
+        assert torch.equal(hf[name], cli[name]), name
