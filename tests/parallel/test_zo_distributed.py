@@ -3,10 +3,13 @@
 process's run (losses and weights to float round-off), resume across rank counts, and send a few bytes a step."""
 
 import pytest
-from ranks import argv, assert_same_run, metrics, run_ranks
+import signal
+import time
+
+from ranks import argv, assert_same_run, kill_rank_1_after, metrics, run_ranks
 
 import lopt.training.trainer  # noqa: F401  (imported before the forks, so the ranks start at once)
-from lopt.cli import main
+from lopt.cli import EXIT_USAGE, main
 from lopt.models.shapes import build_model, tiny_config
 from lopt.models.tokenizer import byte_tokenizer
 
@@ -59,3 +62,16 @@ def test_resume_across_rank_counts(tmp_path, model_dir, data):
     assert main(argv(zo_flags(model_dir, data, out, max_steps=6, resume=True, **constant))) == 0
     assert [r["step"] for r in metrics(out)] == list(range(1, 7))
     assert_same_run(out, reference, model_dir)
+
+
+def test_a_killed_rank_ends_the_job_with_one_clear_line(tmp_path, model_dir, data):
+    """Rank 1 killed mid-run: rank 0's next exchange of losses fails at once, and it exits 2 in one line that
+    names the lost peer and the last complete checkpoint, as for LoPT."""
+    out = tmp_path / "run"
+    ranks = kill_rank_1_after(zo_flags(model_dir, data, out, max_steps=10_000, save_every=1, dist_timeout=60),
+                              tmp_path)
+    killed = time.monotonic()
+    assert ranks.wait(timeout=30) == [EXIT_USAGE, -signal.SIGKILL], ranks.output()
+    assert time.monotonic() - killed < 15
+    lines = [line for line in ranks.output(0).splitlines() if line.startswith("lopt: error:")]
+    assert len(lines) == 1 and "failed: another rank exited" in lines[0] and "checkpoint" in lines[0], lines
