@@ -234,7 +234,8 @@ def classification_data(cfg: TrainConfig, tokenizer, notes: bool = True):
     if cfg.data is None:
         words = BYTE_LABEL_WORDS if cfg.embedded_model else SST2_LABEL_WORDS  # the toy's tokens are bytes
         train_rows = parse_rows(sentiment_rows("train", SENTIMENT_TRAIN_ROWS, seed=cfg.seed), label_words=words)
-        held_rows = parse_rows(sentiment_rows("eval", cfg.eval_max_examples, seed=cfg.seed), label_words=words)
+        held_rows = (parse_rows(sentiment_rows("eval", cfg.eval_max_examples, seed=cfg.seed), label_words=words)
+                     if cfg.eval_max_examples else None)  # --eval-max-examples 0: no held-out evaluation
     else:
         train_rows, held_rows = split_rows(load_classification(cfg.data), cfg.eval_split, cfg.seed)
         if held_rows is not None and notes:
@@ -242,7 +243,7 @@ def classification_data(cfg: TrainConfig, tokenizer, notes: bool = True):
                   f"for the evaluation (--eval-split {cfg.eval_split:g})", file=sys.stderr)
     if cfg.eval_data is not None:
         held_rows = load_classification(cfg.eval_data)
-    held_out = None if not held_rows else tokenize_classification(held_rows[: cfg.eval_max_examples], tokenizer,
+    held_out = None if not held_rows or not cfg.eval_max_examples else tokenize_classification(held_rows[: cfg.eval_max_examples], tokenizer,
                                                                    cfg.seq_len)
     return tokenize_classification(train_rows, tokenizer, cfg.seq_len), held_out
 

@@ -121,3 +121,8 @@ def test_lopt_eval_on_a_zo_run_says_where_its_scores_are(tmp_path, capsys):
     assert main(["eval", "--model", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lopt eval does not score yet" in err[0] and "eval.json" in err[0]
+
+
+def test_no_held_out_evaluation_with_eval_max_examples_0(tmp_path):
+    summary = train(zo_config(tmp_path, "run", max_steps=2, eval_max_examples=0))
+    assert summary["status"] == "completed" and "eval" not in summary
